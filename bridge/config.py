@@ -1,0 +1,328 @@
+"""The TOML config, loaded into one typed model and checked before anything runs.
+
+Every problem is collected with its key path (`brokers[0].url: ...`) so an operator fixes
+the whole file in one pass. Unknown keys are errors: a typo must not silently fall back to a
+default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bridge.errors import ConfigError
+from bridge.routing import KEY_STRATEGIES, FilterError, RouteFilter
+
+_REQUIRED: Any = object()
+_CLIENT_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+# Producer properties the at-least-once promise depends on: the bridge sets them itself.
+_OWNED_KAFKA = {
+    "acks": "all",
+    "enable.idempotence": True,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    instance: str
+    shutdown_timeout: float = 30.0
+    log_format: str = "auto"
+    stats_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    url: str
+    client_id: str
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    session_expiry: int = 7 * 24 * 3600
+    receive_max: int = 1000
+    subscribe_qos: int = 2
+    share_group: str | None = None
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+
+    @property
+    def name(self) -> str:
+        """How logs, metrics and envelopes name this broker."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    inline_max_bytes: int = 262144
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    filter: RouteFilter
+    kafka_topic: str
+    key: str = "arrival_millis"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    bridge: BridgeSettings
+    brokers: tuple[BrokerConfig, ...]
+    kafka: dict[str, Any]
+    dead_letter_topic: str
+    routes: tuple[Route, ...]
+    s3: S3Config | None = None
+    version: str = field(default="")
+
+    def producer_config(self) -> dict[str, Any]:
+        """librdkafka properties: the user's, then the ones at-least-once needs."""
+        return {**self.kafka, **_OWNED_KAFKA}
+
+
+class _Table:
+    """Reads one TOML table, recording problems under its key path instead of raising."""
+
+    def __init__(self, data: Any, path: str, problems: list[str]) -> None:
+        self.path, self.problems = path, problems
+        if not isinstance(data, dict):
+            self.fail("", "must be a table")
+            data = {}
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, reason: str) -> None:
+        where = self.key(name) if name else self.path
+        self.problems.append(f"{where}: {reason}")
+
+    def get(
+        self,
+        name: str,
+        kind: type | tuple[type, ...],
+        default: Any = _REQUIRED,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if default is _REQUIRED:
+                self.fail(name, "missing")
+            return None if default is _REQUIRED else default
+        value = self.data[name]
+        if isinstance(value, bool) and bool not in _as_tuple(kind) or not isinstance(value, kind):
+            self.fail(name, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+            return None if default is _REQUIRED else default
+        problem = check(value) if check else None
+        if problem:
+            self.fail(name, problem)
+        return value
+
+    def finish(self) -> None:
+        for name in sorted(set(self.data) - self.seen):
+            self.fail(name, "unknown key")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}, got {v}"
+
+
+def _kafka_topic(value: str) -> str | None:
+    if _KAFKA_TOPIC.match(value) and value not in {".", ".."}:
+        return None
+    return f"{value!r} is not a valid Kafka topic name (1-249 of [A-Za-z0-9._-])"
+
+
+def _existing_file(value: str) -> str | None:
+    return None if Path(value).is_file() else f"file {value!r} does not exist"
+
+
+def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
+    t = _Table(data, path, problems)
+    url = t.get("url", str)
+    client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.match(v) else
+                      "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)")
+    options = {
+        "username": t.get("username", str, None),
+        "password_file": t.get("password_file", str, None, _existing_file),
+        "ca_file": t.get("ca_file", str, None, _existing_file),
+        "cert_file": t.get("cert_file", str, None, _existing_file),
+        "key_file": t.get("key_file", str, None, _existing_file),
+        "keepalive": t.get("keepalive", int, 30, _between(5, 65535)),
+        "session_expiry": t.get("session_expiry", int, 7 * 24 * 3600, _between(1, 2**32 - 1)),
+        "receive_max": t.get("receive_max", int, 1000, _between(1, 65535)),
+        "subscribe_qos": t.get("subscribe_qos", int, 2, _between(0, 2)),
+        "share_group": t.get("share_group", str, None, lambda v: None if re.fullmatch(
+            r"[^/+#]+", v) else "must be non-empty without '/', '+' or '#'"),
+        "reconnect_min": float(t.get("reconnect_min", (int, float), 0.5, _between(0.01, 3600))),
+        "reconnect_max": float(t.get("reconnect_max", (int, float), 30.0, _between(0.01, 3600))),
+    }
+    t.finish()
+    if options["password_file"] and not options["username"]:
+        t.fail("password_file", "requires username")
+    if bool(options["cert_file"]) != bool(options["key_file"]):
+        t.fail("cert_file", "cert_file and key_file must be given together")
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in {"mqtt", "mqtts"}:
+        t.fail("url", f"scheme must be mqtt or mqtts, got {parts.scheme or 'none'!r}")
+        return None
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError:
+        t.fail("url", "port must be a number between 0 and 65535")
+        return None
+    if not parts.hostname:
+        t.fail("url", "must name a host, e.g. mqtt://127.0.0.1:1883")
+        return None
+    tls = parts.scheme == "mqtts"
+    if not tls and any(options[k] for k in ("ca_file", "cert_file", "key_file")):
+        t.fail("url", "ca_file, cert_file and key_file need an mqtts:// url")
+    if client_id is None:
+        return None
+    return BrokerConfig(url=url, client_id=client_id, host=parts.hostname, port=port, tls=tls,
+                        **options)
+
+
+def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | None:
+    t = _Table(data, path, problems)
+    pattern = t.get("filter", str)
+    topic = t.get("kafka_topic", str, check=_kafka_topic)
+    key = t.get("key", str, "arrival_millis", lambda v: None if v in KEY_STRATEGIES else
+                f"unknown strategy {v!r}, expected one of {', '.join(KEY_STRATEGIES)}")
+    name = t.get("name", str, f"route-{index}")
+    t.finish()
+    if pattern is None:
+        return None
+    try:
+        route_filter = RouteFilter.parse(pattern)
+    except FilterError as exc:
+        t.fail("filter", str(exc))
+        return None
+    if key == "device_id" and "device_id" not in route_filter.placeholders:
+        t.fail("key", "'device_id' needs a {device_id} placeholder in the filter")
+    if topic is None or key is None:
+        return None
+    return Route(name=name, filter=route_filter, kafka_topic=topic, key=key)
+
+
+def _kafka(data: Any, problems: list[str]) -> dict[str, Any]:
+    t = _Table(data, "kafka", problems)
+    properties: dict[str, Any] = {}
+    for name in list(t.data):
+        value = t.get(name, (str, int, float, bool))
+        if name in _OWNED_KAFKA and value is not None and str(value).lower() not in {
+                str(_OWNED_KAFKA[name]).lower(), "-1"}:
+            t.fail(f'"{name}"', f"must be {_OWNED_KAFKA[name]!r}: MQTT is acked only after "
+                   "Kafka has the record with acks=all and idempotence")
+        elif value is not None:
+            properties[name] = value
+    if "bootstrap.servers" not in properties:
+        t.fail('"bootstrap.servers"', "missing")
+    return properties
+
+
+def parse(data: dict[str, Any], source: str = "") -> Config:
+    """Build the model from parsed TOML, or raise ConfigError with every problem."""
+    problems: list[str] = []
+    top = _Table(data, "", problems)
+    b = _Table(top.get("bridge", dict, {}), "bridge", problems)
+    bridge = BridgeSettings(
+        instance=b.get("instance", str, check=lambda v: None if v.strip() else "must not be empty"),
+        shutdown_timeout=float(b.get("shutdown_timeout", (int, float), 30.0, _between(0, 3600))),
+        log_format=b.get("log_format", str, "auto", lambda v: None if v in {
+            "auto", "json", "console"} else "must be auto, json or console"),
+        stats_interval=float(b.get("stats_interval", (int, float), 60.0, _between(1, 86400))),
+    )
+    b.finish()
+
+    broker_list = top.get("brokers", list, [])
+    if "brokers" in data and not broker_list:
+        top.fail("brokers", "needs at least one [[brokers]] entry")
+    elif "brokers" not in data:
+        top.fail("brokers", "missing: add at least one [[brokers]] entry")
+    brokers = [_broker(entry, f"brokers[{i}]", problems) for i, entry in enumerate(broker_list)]
+    ids = [x.client_id for x in brokers if x]
+    for i, broker in enumerate(brokers):
+        if broker and ids.count(broker.client_id) > 1 and ids.index(broker.client_id) != i and \
+                broker.share_group is None:
+            problems.append(f"brokers[{i}].client_id: {broker.client_id!r} is used twice")
+
+    kafka = _kafka(top.get("kafka", dict, {}), problems)
+
+    s3 = None
+    if "s3" in data:
+        s = _Table(top.get("s3", dict, {}), "s3", problems)
+        s3 = S3Config(
+            bucket=s.get("bucket", str, check=lambda v: None if re.fullmatch(
+                r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", v) else "is not a valid S3 bucket name"),
+            endpoint_url=s.get("endpoint_url", str, None, lambda v: None if urlsplit(v).scheme in {
+                "http", "https"} else "must be an http:// or https:// url"),
+            region=s.get("region", str, None),
+            inline_max_bytes=s.get("inline_max_bytes", int, 262144, _between(0, 64 * 2**20)),
+        )
+        s.finish()
+
+    d = _Table(top.get("dead_letter", dict, {}), "dead_letter", problems)
+    dead_letter_topic = d.get("kafka_topic", str, check=_kafka_topic)
+    d.finish()
+
+    route_list = top.get("routes", list, [])
+    if not route_list:
+        top.fail("routes", "missing: add at least one [[routes]] entry")
+    routes = [_route(entry, f"routes[{i}]", i, problems) for i, entry in enumerate(route_list)]
+    names = [r.name for r in routes if r]
+    for i, route in enumerate(routes):
+        if route and names.count(route.name) > 1 and names.index(route.name) != i:
+            problems.append(f"routes[{i}].name: {route.name!r} is used twice")
+    top.finish()
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        bridge=bridge,
+        brokers=tuple(x for x in brokers if x),
+        kafka=kafka,
+        dead_letter_topic=dead_letter_topic,
+        routes=tuple(r for r in routes if r),
+        s3=s3,
+        version=source,
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Read and check a config file. The version is a content hash, recorded in lineage."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    return parse(data, source=hashlib.sha256(raw).hexdigest()[:12])

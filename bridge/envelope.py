@@ -1,0 +1,89 @@
+"""Envelope v1: the msgpack map a Kafka record carries, and its lineage headers.
+
+Readers ignore keys they do not know, so keys may be added without a version bump. A
+dead-letter record is the same envelope plus `error: {code, reason}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from bridge.message import Message
+
+VERSION = 1
+# A dead-letter record keeps at most this much of the body: it must fit Kafka even when the
+# reason it is dead-lettered is that the body did not.
+DEAD_LETTER_BODY_MAX = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """Who bridged a message, under which route and map version."""
+
+    instance: str
+    route: str
+    map_version: str
+
+
+def encode(message: Message, device_id: str, lineage: Lineage) -> bytes:
+    """The envelope of a message whose body travels inline."""
+    return msgpack.packb(_fields(message, device_id, lineage, body=message.payload))
+
+
+def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code: str,
+                       reason: str) -> bytes:
+    """A dead-letter record: the envelope plus the reason; the body is cut to fit Kafka."""
+    payload = message.payload
+    fields = _fields(message, device_id, lineage, body=payload[:DEAD_LETTER_BODY_MAX])
+    fields["size"] = len(payload)
+    fields["sha256"] = hashlib.sha256(payload).hexdigest()
+    if len(payload) > DEAD_LETTER_BODY_MAX:
+        fields["truncated"] = True
+    fields["error"] = {"code": code, "reason": reason}
+    return msgpack.packb(fields)
+
+
+def headers(message: Message, device_id: str, lineage: Lineage) -> list[tuple[str, bytes]]:
+    """Lineage as Kafka headers, so tools can filter without decoding the value."""
+    return [
+        ("mqtt.topic", message.topic.encode()),
+        ("device_id", device_id.encode()),
+        ("mqtt.broker", message.broker.encode()),
+        ("bridge.instance", lineage.instance.encode()),
+    ]
+
+
+def decode(value: bytes) -> dict[str, Any]:
+    """Read an envelope; raises ValueError if it is not one."""
+    try:
+        envelope = msgpack.unpackb(value, raw=False)
+    except (msgpack.UnpackException, ValueError) as exc:
+        raise ValueError(f"not an envelope: {exc}") from exc
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("v"), int):
+        raise ValueError("not an envelope: no version key 'v'")
+    return envelope
+
+
+def _fields(message: Message, device_id: str, lineage: Lineage, body: bytes) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "device_id": device_id,
+        "arrival_time_millis": message.arrival_millis,
+        "body": body,
+        "mqtt": {
+            "topic": message.topic,
+            "qos": message.qos,
+            "broker": message.broker,
+            "retain": message.retain,
+            "dup": message.dup,
+        },
+        "bridge": {
+            "instance": lineage.instance,
+            "route": lineage.route,
+            "map_version": lineage.map_version,
+        },
+    }

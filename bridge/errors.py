@@ -1,0 +1,41 @@
+"""The bridge's error vocabulary.
+
+    BridgeError
+    ├── ConfigError          a config file is refused; carries every problem with its key path
+    ├── MqttError            an MQTT session failed; the session reconnects with backoff
+    │   └── MalformedPacket  the broker sent bytes that do not decode; disconnect and reconnect
+    └── Rejected             one message cannot be bridged; it goes to the dead-letter topic
+
+`Rejected.code` is the machine-readable reason written into the dead-letter record.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """A config that must not run. `problems` are `key.path: reason` lines, all of them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class MqttError(BridgeError):
+    """The MQTT session to one broker failed; retryable by reconnecting."""
+
+
+class MalformedPacket(MqttError):
+    """Bytes from the broker that are not a valid MQTT 5 packet."""
+
+
+class Rejected(BridgeError):
+    """One message cannot be bridged. It is dead-lettered with `code` and `reason`, then acked."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")

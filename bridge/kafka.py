@@ -1,0 +1,219 @@
+"""The Kafka adapter: produce records, and report each one durable only from its delivery report.
+
+librdkafka serves delivery reports from `poll()`, which a thread runs continuously. Reports
+are handed to the event loop in batches, so one wake-up settles many messages.
+
+Error handling follows the at-least-once rule:
+- a delivery error is "outcome unknown": the record is produced again after a backoff;
+- an error that says this record can never be written (too large, invalid) is `Rejected`;
+- `BufferError` is backpressure: the caller waits for room, nothing is dropped;
+- a fatal producer error (e.g. idempotence state lost) makes a new producer that replays
+  every record not yet reported durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from bridge.errors import Rejected
+from bridge.metrics import Metrics
+
+log = structlog.get_logger("bridge.kafka")
+
+# Bridge defaults under the user's [kafka] table: small batches, and a bounded local queue
+# (invariant 3). The user may override any of them.
+DEFAULTS: dict[str, Any] = {
+    "linger.ms": 5,
+    "queue.buffering.max.kbytes": 65536,
+    "queue.buffering.max.messages": 100000,
+}
+# Errors after which this record will never be accepted: dead-letter it rather than loop.
+_PERMANENT = {
+    KafkaError.MSG_SIZE_TOO_LARGE: "record_too_large",
+    KafkaError.INVALID_RECORD: "invalid_record",
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "topic_not_authorized",
+    KafkaError.TOPIC_EXCEPTION: "invalid_topic",
+}
+_RETRY_MIN, _RETRY_MAX = 0.1, 5.0
+
+
+class Delivery:
+    """One record on its way to Kafka, and what to call once Kafka has it durably.
+
+    It is its own delivery callback, so producing allocates nothing more per message.
+    """
+
+    __slots__ = ("attempts", "headers", "key", "on_durable", "on_rejected", "reports", "topic",
+                 "value")
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, bytes]],
+                 on_durable: Callable[[], None] | None,
+                 on_rejected: Callable[[Delivery, Rejected], None]) -> None:
+        self.topic, self.key, self.value, self.headers = topic, key, value, headers
+        self.on_durable, self.on_rejected = on_durable, on_rejected
+        self.attempts = 0
+        self.reports: list[tuple[Delivery, KafkaError | None]] = []
+
+    def __call__(self, err: KafkaError | None, _msg: Any) -> None:
+        self.reports.append((self, err))  # on the poll thread, which alone empties the list
+
+
+class KafkaSink:
+    """Owns the producer and its poll thread; settles deliveries on the event loop."""
+
+    def __init__(self, properties: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                 metrics: Metrics) -> None:
+        self._properties = {**DEFAULTS, **properties}
+        self._loop, self._metrics = loop, metrics
+        self._pending: dict[Delivery, None] = {}  # produced, not settled; ordered for replay
+        self._waiting: set[Delivery] = set()  # failed, waiting to be produced again
+        self._reports: list[tuple[Delivery, KafkaError | None]] = []
+        self._generation = 0
+        self._producer = self._new_producer()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _new_producer(self) -> Producer:
+        generation = self._generation
+
+        def on_error(err: KafkaError) -> None:
+            if err.fatal():
+                self._loop.call_soon_threadsafe(self._replace_producer, err.str(), generation)
+            elif err.code() != KafkaError._TRANSPORT:
+                log.warning("kafka_error", error=err.str())
+
+        return Producer({**self._properties, "error_cb": on_error})
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + len(self._waiting)
+
+    def try_send(self, delivery: Delivery) -> bool:
+        """Produce now; False means the local queue is full and the caller must wait."""
+        delivery.reports = self._reports
+        try:
+            self._producer.produce(delivery.topic, delivery.value, delivery.key,
+                                   headers=delivery.headers, on_delivery=delivery)
+        except BufferError:
+            self._metrics.inc("kafka_backpressure")
+            return False
+        except KafkaException as exc:
+            self._reject_or_retry(delivery, exc.args[0])
+            return True
+        self._pending[delivery] = None
+        self._idle.clear()
+        return True
+
+    def submit(self, delivery: Delivery) -> None:
+        """Produce from a callback that cannot wait: waits in a task when the queue is full."""
+        if not self.try_send(delivery):
+            self._resend(delivery)
+
+    async def send(self, delivery: Delivery) -> None:
+        """Produce, waiting for room as long as it takes: backpressure, never a drop."""
+        while not self.try_send(delivery):
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), 0.05)
+            except TimeoutError:
+                pass
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every produced record is settled; False if the deadline passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the poll thread; records not yet durable were never acked, so nothing is lost."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _poll_loop(self) -> None:
+        while not self._stopping.is_set():
+            producer, generation = self._producer, self._generation
+            producer.poll(0.05)
+            if self._reports:
+                batch = self._reports.copy()
+                self._reports.clear()
+                self._loop.call_soon_threadsafe(self._settle, batch, generation)
+
+    def _settle(self, batch: list[tuple[Delivery, KafkaError | None]], generation: int) -> None:
+        """Runs on the loop: ack what is durable, retry or reject what is not."""
+        durable = 0
+        for delivery, err in batch:
+            if delivery not in self._pending:
+                continue  # settled already, e.g. by an older producer before a replay
+            if err is None:
+                del self._pending[delivery]
+                durable += 1
+                if delivery.on_durable is not None:
+                    delivery.on_durable()
+            elif generation == self._generation:
+                del self._pending[delivery]
+                self._reject_or_retry(delivery, err)
+        self._metrics.inc("kafka_delivered", durable)
+        self._room.set()
+        if not self._pending and not self._waiting:
+            self._idle.set()
+
+    def _reject_or_retry(self, delivery: Delivery, err: KafkaError) -> None:
+        code = _PERMANENT.get(err.code())
+        if code is not None:
+            self._metrics.inc("kafka_rejected")
+            delivery.on_rejected(delivery, Rejected(code, f"Kafka refused the record: {err.str()}"))
+            return
+        if err.fatal():
+            self._pending[delivery] = None  # the new producer replays it
+            self._replace_producer(err.str(), self._generation)
+            return
+        log.warning("kafka_delivery_failed", topic=delivery.topic, error=err.str(),
+                    attempt=delivery.attempts + 1)
+        self.retry_later(delivery)
+
+    def retry_later(self, delivery: Delivery) -> None:
+        """Produce again after an exponential backoff; the record stays owed until then."""
+        delivery.attempts += 1
+        delay = min(_RETRY_MAX, _RETRY_MIN * 2 ** min(delivery.attempts, 10))
+        self._metrics.inc("kafka_retries")
+        self._waiting.add(delivery)
+        self._idle.clear()
+        self._loop.call_later(delay, self._resend, delivery)
+
+    def _resend(self, delivery: Delivery) -> None:
+        """Produce a waiting record again; it counts as pending until the producer has it."""
+        self._waiting.add(delivery)
+        self._idle.clear()
+        task = self._loop.create_task(self.send(delivery))
+        task.add_done_callback(lambda _: self._waiting.discard(delivery))
+
+    def _replace_producer(self, reason: str, generation: int) -> None:
+        """Idempotence state is gone: start over with a new producer and replay the rest."""
+        if self._stopping.is_set() or generation != self._generation:
+            return  # already replaced for this failure
+        old = self._producer
+        self._generation += 1
+        self._producer = self._new_producer()
+        self._metrics.inc("kafka_producer_replaced")
+        replay = list(self._pending)
+        self._pending.clear()
+        log.error("kafka_producer_fatal", reason=reason, replaying=len(replay))
+        threading.Thread(target=old.purge, name="kafka-retire", daemon=True).start()
+        for delivery in replay:
+            self._resend(delivery)

@@ -1,0 +1,341 @@
+"""The MQTT adapter: one MQTT 5 session per broker, on asyncio streams and the mqtt5 codec.
+
+The bridge owns its session so each PUBACK / PUBREC leaves exactly when the message's outcome
+is durable, in the order the PUBLISHes arrived (MQTT 5, 4.6). `receive_max` bounds how many
+QoS 1/2 messages the broker sends before it gets an ack: when Kafka is slow the window fills
+and the broker holds the rest (invariant 3). Acks belong to one network connection: after a
+reconnect the broker reuses packet ids, so an ack owed on an older connection is dropped and
+the broker redelivers that message instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import mqtt5
+import structlog
+
+from bridge.config import BrokerConfig
+from bridge.errors import MalformedPacket, MqttError
+from bridge.message import Message
+from bridge.metrics import Metrics
+
+log = structlog.get_logger("bridge.mqtt")
+
+# Acks with reason Success and no properties may omit both (MQTT 5, 3.4.2.1): 4 bytes each.
+_ACK = {1: 0x40, 2: 0x50}  # PUBACK, PUBREC
+_PUBCOMP = 0x70
+_PACK_ACK = struct.Struct(">BBH").pack
+_PINGREQ = mqtt5.PingReqPacket().write()
+_READ_SIZE = 256 * 1024
+_CONNECT_TIMEOUT = 10.0
+# Largest packet accepted from the broker: 16 MiB payloads plus headers.
+MAX_PACKET_SIZE = 16 * 2**20 + 65536
+
+# Called for every PUBLISH; the ack handle is None for QoS 0. It may await (backpressure).
+Handler = Callable[[Message, "Inflight | None"], Awaitable[None] | None]
+
+
+class Inflight:
+    """A QoS 1/2 message owed an ack on one connection. Calling it says: durable, ack it."""
+
+    __slots__ = ("connection", "done", "packet_id", "qos")
+
+    def __init__(self, connection: Connection, packet_id: int, qos: int) -> None:
+        self.connection, self.packet_id, self.qos = connection, packet_id, qos
+        self.done = False
+
+    def __call__(self) -> None:
+        self.done = True
+        self.connection.settled()
+
+
+class Connection:
+    """One network connection: its writer and the acks it owes, in receive order."""
+
+    def __init__(self, writer: asyncio.StreamWriter, metrics: Metrics) -> None:
+        self.writer, self.metrics = writer, metrics
+        self.owed: deque[Inflight] = deque()
+        self.closed = False
+        self._flush_scheduled = False
+        self.last_received = asyncio.get_running_loop().time()
+        self.reading_paused = False
+
+    def settled(self) -> None:
+        """One more message is durable: flush the acks now due, once per loop turn."""
+        if self.closed:
+            self.metrics.inc("acks_dropped_stale_connection")
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_acks)
+
+    def flush_acks(self) -> None:
+        """Write the acks of the longest durable prefix of what was received, in one write."""
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        owed, out = self.owed, bytearray()
+        while owed and owed[0].done:
+            inflight = owed.popleft()
+            out += _PACK_ACK(_ACK[inflight.qos], 2, inflight.packet_id)
+        if out:
+            self.metrics.inc("acked", len(out) // 4)
+            self.writer.write(out)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.writer.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        self.writer.close()
+
+
+def packet_length(buffer: memoryview | bytes | bytearray, start: int) -> int | None:
+    """Total length of the packet starting at `start`, or None until enough bytes arrived."""
+    multiplier, remaining, index = 1, 0, start + 1
+    while True:
+        if index >= len(buffer):
+            return None
+        byte = buffer[index]
+        remaining += (byte & 0x7F) * multiplier
+        index += 1
+        if not byte & 0x80:
+            return index - start + remaining
+        multiplier *= 128
+        if multiplier > 128**3:
+            raise MalformedPacket("remaining length is longer than 4 bytes")
+
+
+class BrokerSession:
+    """The persistent session with one broker: connect, subscribe, read, ack, keep alive,
+    and reconnect with exponential backoff and full jitter."""
+
+    def __init__(self, config: BrokerConfig, subscriptions: list[str], handler: Handler,
+                 metrics: Metrics) -> None:
+        self.config, self.subscriptions, self.handler = config, subscriptions, handler
+        self.metrics = metrics
+        self.name = config.name
+        self.log = log.bind(broker=self.name, client_id=config.client_id)
+        self.connection: Connection | None = None
+        self.connected = asyncio.Event()
+        self._stopping = False
+        self._packet_id = 0
+
+    async def run(self) -> None:
+        """Keep a connection up until `stop_reading`; each failure is logged and retried."""
+        attempt = 0
+        while not self._stopping:
+            try:
+                await self._connect_and_read()
+                attempt = 0
+            except (OSError, MqttError, TimeoutError, ssl.SSLError) as exc:
+                self.metrics.inc("mqtt_connection_errors")
+                self.log.warning("mqtt_disconnected", error=str(exc) or type(exc).__name__)
+            except Exception:  # a bug must cost a reconnect (and redelivery), not the daemon
+                self.metrics.inc("mqtt_session_crashes")
+                self.log.exception("mqtt_session_crashed")
+            finally:
+                self._drop_connection()
+            if self._stopping:
+                break
+            attempt += 1
+            cap = min(self.config.reconnect_max, self.config.reconnect_min * 2 ** min(attempt, 20))
+            await asyncio.sleep(random.uniform(0, cap))
+
+    def stop_reading(self) -> None:
+        """Stop taking messages; the connection stays open so owed acks can still go out."""
+        self._stopping = True
+
+    async def close(self) -> None:
+        """Send the acks now due, then DISCONNECT; the session and unacked messages stay."""
+        connection = self.connection
+        if connection is None or connection.closed:
+            return
+        connection.flush_acks()
+        connection.write(mqtt5.DisconnectPacket().write())
+        try:
+            await asyncio.wait_for(connection.writer.drain(), 5)
+        except (OSError, TimeoutError):
+            pass
+        connection.close()
+        self.log.info("mqtt_closed", acks_owed=len(connection.owed))
+
+    def _drop_connection(self) -> None:
+        self.connected.clear()
+        if self.connection is not None and not self._stopping:
+            owed = sum(1 for i in self.connection.owed if not i.done)
+            if owed:
+                self.log.info("mqtt_acks_abandoned", count=owed, why="broker redelivers them")
+            self.connection.close()
+
+    async def _connect_and_read(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.config.host, self.config.port, ssl=self._tls(),
+                                    limit=_READ_SIZE), _CONNECT_TIMEOUT)
+        connection = Connection(writer, self.metrics)
+        self.connection = connection
+        writer.write(self._connect_packet())
+        buffer = bytearray()
+        connack = await asyncio.wait_for(self._read_connack(reader, buffer), _CONNECT_TIMEOUT)
+        keepalive = connack.server_keep_alive or self.config.keepalive
+        self.log.info("mqtt_connected", session_present=connack.session_present,
+                      keepalive=keepalive, receive_max=self.config.receive_max)
+        self.metrics.inc("mqtt_connects")
+        if not connack.session_present:
+            self._subscribe(connection)
+        self.connected.set()
+        pinger = asyncio.create_task(self._keepalive(connection, keepalive))
+        try:
+            await self._read_loop(reader, connection, buffer)
+        finally:
+            pinger.cancel()
+        if pinger.done() and not pinger.cancelled() and pinger.exception():
+            raise pinger.exception()  # type: ignore[misc]
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self.config.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.config.ca_file)
+        if self.config.cert_file and self.config.key_file:
+            context.load_cert_chain(self.config.cert_file, self.config.key_file)
+        return context
+
+    def _connect_packet(self) -> bytes:
+        password = None
+        if self.config.password_file:
+            password = Path(self.config.password_file).read_bytes().rstrip(b"\r\n")
+        return mqtt5.ConnectPacket(
+            self.config.client_id,
+            username=self.config.username,
+            password=password,
+            clean_start=False,
+            keep_alive=self.config.keepalive,
+            session_expiry_interval=self.config.session_expiry,
+            receive_max=self.config.receive_max,
+            max_packet_size=MAX_PACKET_SIZE,
+        ).write()
+
+    async def _read_connack(self, reader: asyncio.StreamReader,
+                            buffer: bytearray) -> mqtt5.ConnAckPacket:
+        while True:
+            length = packet_length(buffer, 0)
+            if length is not None and len(buffer) >= length:
+                packet, _ = _decode(memoryview(buffer)[:length])
+                del buffer[:length]
+                if not isinstance(packet, mqtt5.ConnAckPacket):
+                    raise MqttError(f"expected CONNACK, got {type(packet).__name__}")
+                if packet.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+                    raise MqttError(f"connection refused: {packet.reason_code.name}"
+                                    + (f" ({packet.reason_str})" if packet.reason_str else ""))
+                return packet
+            chunk = await reader.read(_READ_SIZE)
+            if not chunk:
+                raise MqttError("connection closed before CONNACK")
+            buffer += chunk
+
+    def _subscribe(self, connection: Connection) -> None:
+        """Subscribe every route filter; done on each connect where the session is new."""
+        qos = mqtt5.QoS(self.config.subscribe_qos)
+        group = self.config.share_group
+        filters = [mqtt5.TopicFilter(f"$share/{group}/{f}" if group else f, max_qos=qos)
+                   for f in self.subscriptions]
+        connection.write(mqtt5.SubscribePacket(self._next_packet_id(), filters).write())
+        self.log.info("mqtt_subscribing", filters=[f.pattern for f in filters])
+
+    def _next_packet_id(self) -> int:
+        self._packet_id = self._packet_id % 65535 + 1
+        return self._packet_id
+
+    async def _keepalive(self, connection: Connection, keepalive: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(keepalive / 2)
+            silent = loop.time() - connection.last_received
+            if silent > keepalive * 1.5 and not connection.reading_paused:
+                connection.writer.transport.abort()
+                raise MqttError(f"keepalive timeout: nothing from the broker for {silent:.0f} s")
+            connection.write(_PINGREQ)
+
+    async def _read_loop(self, reader: asyncio.StreamReader, connection: Connection,
+                         buffer: bytearray) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            start = 0
+            view = memoryview(buffer)
+            try:
+                while not self._stopping:
+                    length = packet_length(view, start)
+                    if length is None or start + length > len(view):
+                        break
+                    if length > MAX_PACKET_SIZE:
+                        raise MalformedPacket(f"packet of {length} bytes exceeds the maximum")
+                    packet, _ = _decode(view[start:start + length])
+                    start += length
+                    if isinstance(packet, mqtt5.PublishPacket):
+                        await self._on_publish(connection, packet)
+                    else:
+                        self._on_control(connection, packet)
+            except MalformedPacket as exc:
+                self.metrics.inc("mqtt_malformed_packets")
+                self.log.error("mqtt_malformed_packet", error=str(exc))
+                connection.write(mqtt5.DisconnectPacket(
+                    reason_code=mqtt5.DisconnectReasonCode.MALFORMED_PACKET).write())
+                raise
+            finally:
+                view.release()
+            del buffer[:start]
+            connection.flush_acks()
+            if self._stopping:
+                return
+            chunk = await reader.read(_READ_SIZE)
+            if not chunk:
+                raise MqttError("connection closed by the broker")
+            connection.last_received = loop.time()
+            buffer += chunk
+
+    async def _on_publish(self, connection: Connection, packet: mqtt5.PublishPacket) -> None:
+        message = Message.from_publish(self.name, packet)
+        inflight = None
+        if message.qos:  # mqtt5's QoS enum is always truthy: test the int
+            if packet.packet_id is None:
+                raise MalformedPacket("QoS 1/2 PUBLISH without a packet id")
+            inflight = Inflight(connection, packet.packet_id, message.qos)
+            connection.owed.append(inflight)
+        waiting = self.handler(message, inflight)
+        if waiting is not None:
+            connection.reading_paused = True
+            try:
+                await waiting
+            finally:
+                connection.reading_paused = False
+
+    def _on_control(self, connection: Connection, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, mqtt5.PubRelPacket):
+            connection.write(_PACK_ACK(_PUBCOMP, 2, packet.packet_id))
+        elif isinstance(packet, mqtt5.SubAckPacket):
+            failed = [(f, c.name) for f, c in zip(self.subscriptions, packet.reason_codes,
+                                                   strict=False) if c.value >= 0x80]
+            if failed:
+                self.metrics.inc("mqtt_subscribe_failures", len(failed))
+                self.log.error("mqtt_subscribe_failed", filters=failed)
+            else:
+                self.log.info("mqtt_subscribed", count=len(packet.reason_codes))
+        elif isinstance(packet, mqtt5.DisconnectPacket):
+            raise MqttError(f"broker sent DISCONNECT {packet.reason_code.name}"
+                            + (f" ({packet.reason_str})" if packet.reason_str else ""))
+        elif not isinstance(packet, mqtt5.PingRespPacket | mqtt5.UnsubAckPacket):
+            raise MalformedPacket(f"unexpected {type(packet).__name__} from the broker")
+
+
+def _decode(data: memoryview) -> tuple[mqtt5.Packet, int]:
+    try:
+        return mqtt5.read(data)
+    except (ValueError, IndexError) as exc:
+        raise MalformedPacket(str(exc)) from exc

@@ -1,0 +1,129 @@
+"""Topic maps: route filters with `{name}` placeholders, and the Kafka key each route uses.
+
+A filter such as `devices/{device_id}/telemetry` is subscribed as `devices/+/telemetry` and
+binds the placeholder to the topic level it matched. The first route that matches wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from bridge.errors import Rejected
+
+if TYPE_CHECKING:
+    from bridge.config import Route
+
+_PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_DEVICE_ID_MAX = 128
+
+# What each key strategy gives consumers, see README "Keys".
+KEY_STRATEGIES = ("arrival_millis", "device_id")
+
+
+class FilterError(ValueError):
+    """A route filter that cannot be subscribed or matched."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFilter:
+    """One parsed route filter: literal levels, named one-level placeholders, a final `#`."""
+
+    pattern: str
+    levels: tuple[str | None, ...]  # a literal level, or None where a placeholder/+ binds
+    names: tuple[str | None, ...]  # the placeholder name per level (None for literals and +)
+    multi: bool  # ends with '#'
+
+    @classmethod
+    def parse(cls, pattern: str) -> RouteFilter:
+        if not pattern or pattern.startswith("$"):
+            raise FilterError("must be a non-empty MQTT topic filter not starting with '$'")
+        parts = pattern.split("/")
+        multi = parts[-1] == "#"
+        if multi:
+            parts = parts[:-1]
+        levels: list[str | None] = []
+        names: list[str | None] = []
+        for part in parts:
+            placeholder = _PLACEHOLDER.match(part)
+            if placeholder:
+                if placeholder[1] in names:
+                    raise FilterError(f"placeholder {part} appears twice")
+                levels.append(None)
+                names.append(placeholder[1])
+            elif part == "+":
+                levels.append(None)
+                names.append(None)
+            elif any(c in part for c in "+#{}"):
+                raise FilterError(f"level {part!r}: '+', '#' and '{{name}}' must fill a whole "
+                                  "level, and '#' may only come last")
+            else:
+                levels.append(part)
+                names.append(None)
+        if "device_id" not in names:
+            raise FilterError("needs a {device_id} placeholder: envelopes name their device")
+        return cls(pattern, tuple(levels), tuple(names), multi)
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        return tuple(n for n in self.names if n)
+
+    @property
+    def subscription(self) -> str:
+        """The MQTT filter the bridge subscribes to for this route."""
+        levels = ["+" if lv is None else lv for lv in self.levels]
+        return "/".join([*levels, "#"] if self.multi else levels)
+
+    def match(self, topic: str) -> dict[str, str] | None:
+        """The placeholder bindings if `topic` matches, else None."""
+        parts = topic.split("/")
+        count = len(self.levels)
+        if len(parts) < count or (not self.multi and len(parts) != count):
+            return None
+        bound: dict[str, str] = {}
+        for part, literal, name in zip(parts, self.levels, self.names, strict=False):
+            if literal is not None:
+                if part != literal:
+                    return None
+            elif name:
+                bound[name] = part
+        return bound
+
+
+class Router:
+    """The first route whose filter matches a topic, with its bindings; cached per topic."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+        self.match = lru_cache(maxsize=65536)(self._match)
+
+    def _match(self, topic: str) -> tuple[Route, str]:
+        for route in self.routes:
+            bound = route.filter.match(topic)
+            if bound is not None:
+                return route, checked_device_id(bound["device_id"])
+        raise Rejected("no_route", f"no route matches topic {topic!r}")
+
+    def subscriptions(self) -> list[str]:
+        """The distinct MQTT filters to subscribe, in route order."""
+        return list(dict.fromkeys(r.filter.subscription for r in self.routes))
+
+
+def checked_device_id(device_id: str) -> str:
+    """A device id safe to use in keys, headers and object names, or Rejected."""
+    if not device_id:
+        raise Rejected("no_device_id", "the {device_id} topic level is empty")
+    if len(device_id) > _DEVICE_ID_MAX or not device_id.isprintable():
+        raise Rejected("invalid_device_id",
+                       f"device id must be 1-{_DEVICE_ID_MAX} printable characters")
+    return device_id
+
+
+def kafka_key(strategy: str, device_id: str, arrival_millis: int) -> bytes:
+    """The record key: spread a herd over partitions, or keep one device's order."""
+    if strategy == "device_id":
+        return device_id.encode()
+    return str(arrival_millis).encode()

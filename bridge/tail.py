@@ -1,0 +1,60 @@
+"""Read a Kafka topic as decoded envelopes: `mqtt-kafka-bridge tail`, and the tests' reader.
+
+It assigns every partition from the beginning instead of joining a consumer group, which
+starts at once and counts what the topic really holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from bridge import envelope
+
+
+def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
+            deadline: float | None = None) -> Iterator[tuple[bytes | None, dict[str, Any]]]:
+    """Yield (key, envelope) from the start of `topic` until `idle` seconds bring nothing
+    (or forever with `follow`), or until the absolute `deadline` (time.monotonic)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mqtt-kafka-bridge-tail",
+                         "enable.auto.commit": False, "enable.partition.eof": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        info = metadata.topics[topic]
+        if info.error is not None:
+            raise KafkaException(info.error)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in info.partitions])
+        last = time.monotonic()
+        while follow or time.monotonic() - last < idle:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            batch = consumer.consume(1000, 0.5)
+            for record in batch:
+                if record.error():
+                    raise KafkaException(record.error())
+                last = time.monotonic()
+                yield record.key(), envelope.decode(record.value())
+    finally:
+        consumer.close()
+
+
+def printable(value: Any) -> Any:
+    """An envelope as JSON-friendly data: bodies as UTF-8 text when they are, else hex."""
+    if isinstance(value, dict):
+        return {k: printable(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"hex": value.hex()}
+    return value
+
+
+def tail(bootstrap: str, topic: str, follow: bool) -> int:
+    for key, env in records(bootstrap, topic, follow=follow):
+        print(json.dumps({"key": key.decode() if key else None, **printable(env)}), flush=True)
+    return 0

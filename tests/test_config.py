@@ -1,0 +1,114 @@
+"""Config validation: every problem is reported with its key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge import config
+from bridge.errors import ConfigError
+
+GOOD = """
+[bridge]
+instance = "edge-1"
+[[brokers]]
+url = "mqtt://127.0.0.1:1883"
+client_id = "mkb-1"
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9092"
+[dead_letter]
+kafka_topic = "iot.deadletter"
+[[routes]]
+filter = "devices/{device_id}/telemetry"
+kafka_topic = "iot.telemetry"
+"""
+
+
+def problems_of(text: str) -> list[str]:
+    import tomllib
+
+    with pytest.raises(ConfigError) as caught:
+        config.parse(tomllib.loads(text))
+    return caught.value.problems
+
+
+def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD)
+    loaded = config.load(path)
+    broker = loaded.brokers[0]
+    assert (broker.host, broker.port, broker.tls) == ("127.0.0.1", 1883, False)
+    assert broker.receive_max == 1000
+    assert loaded.routes[0].key == "arrival_millis"
+    assert loaded.routes[0].filter.subscription == "devices/+/telemetry"
+    assert len(loaded.version) == 12
+    assert loaded.producer_config()["acks"] == "all"
+    assert loaded.producer_config()["enable.idempotence"] is True
+
+
+def test_every_problem_is_reported_with_its_key_path() -> None:
+    bad = GOOD.replace("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883")
+    bad = bad.replace('kafka_topic = "iot.telemetry"', 'key = "bogus"')
+    bad += "\n[extra]\nx = 1\n"
+    found = problems_of(bad)
+    assert "brokers[0].url: scheme must be mqtt or mqtts, got 'http'" in found
+    assert "routes[0].kafka_topic: missing" in found
+    assert any(p.startswith("routes[0].key: unknown strategy 'bogus'") for p in found)
+    assert "extra: unknown key" in found
+
+
+def test_unknown_and_mistyped_keys_are_errors() -> None:
+    bad = GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1"\nrecieve_max = 5\nkeepalive = "x"')
+    found = problems_of(bad)
+    assert "brokers[0].recieve_max: unknown key" in found
+    assert "brokers[0].keepalive: must be an integer, got str" in found
+
+
+def test_safety_properties_cannot_be_turned_off() -> None:
+    found = problems_of(GOOD.replace('"bootstrap.servers"', 'acks = "1"\n"bootstrap.servers"'))
+    assert any(p.startswith('kafka."acks": must be \'all\'') for p in found)
+
+
+def test_route_filter_needs_a_device_id_and_whole_level_wildcards() -> None:
+    found = problems_of(GOOD.replace("devices/{device_id}/telemetry", "devices/+/tele#"))
+    assert any(p.startswith("routes[0].filter: level 'tele#'") for p in found)
+    found = problems_of(GOOD.replace("devices/{device_id}/telemetry", "devices/+/telemetry"))
+    assert any(p.startswith("routes[0].filter: needs a {device_id}") for p in found)
+
+
+def test_tls_files_need_mqtts_and_must_exist() -> None:
+    found = problems_of(GOOD.replace('client_id = "mkb-1"',
+                                     'client_id = "mkb-1"\nca_file = "/nonexistent/ca.pem"'))
+    assert "brokers[0].ca_file: file '/nonexistent/ca.pem' does not exist" in found
+
+
+def test_missing_sections_are_named() -> None:
+    found = problems_of('[bridge]\ninstance = "x"\n')
+    assert "brokers: missing: add at least one [[brokers]] entry" in found
+    assert "routes: missing: add at least one [[routes]] entry" in found
+    assert "dead_letter.kafka_topic: missing" in found
+    assert 'kafka."bootstrap.servers": missing' in found
+
+
+def test_check_config_command_exit_codes(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(GOOD)
+    bad.write_text(GOOD.replace("mqtt://", "ftp://"))
+    ok = subprocess.run([sys.executable, "-m", "bridge", "check-config", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run([sys.executable, "-m", "bridge", "check-config", str(bad)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "brokers[0].url: scheme must be mqtt or mqtts, got 'ftp'" in refused.stderr
+    run = subprocess.run([sys.executable, "-m", "bridge", "run", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert "brokers[0].url" in run.stderr
+
+
+def test_example_config_is_valid() -> None:
+    assert config.load(Path(__file__).parent.parent / "examples" / "bridge.toml").routes

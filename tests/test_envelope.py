@@ -1,0 +1,53 @@
+"""Envelope v1: the DESIGN.md table, msgpack, round trip."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+import pytest
+
+from bridge import envelope
+from bridge.message import Message
+
+MSG = Message(broker="127.0.0.1:1883", topic="devices/d1/telemetry", payload=b"\x00\x01hello",
+              qos=1, retain=False, dup=True, arrival_millis=1700000000123)
+LINEAGE = envelope.Lineage("edge-1", "telemetry", "abc123")
+
+
+def test_round_trip_has_exactly_the_contract_keys() -> None:
+    decoded = envelope.decode(envelope.encode(MSG, "d1", LINEAGE))
+    assert decoded == {
+        "v": 1,
+        "device_id": "d1",
+        "arrival_time_millis": 1700000000123,
+        "body": b"\x00\x01hello",
+        "mqtt": {"topic": "devices/d1/telemetry", "qos": 1, "broker": "127.0.0.1:1883",
+                 "retain": False, "dup": True},
+        "bridge": {"instance": "edge-1", "route": "telemetry", "map_version": "abc123"},
+    }
+    assert "reference" not in decoded
+
+
+def test_dead_letter_adds_error_and_cuts_huge_bodies() -> None:
+    big = Message(**{**{s: getattr(MSG, s) for s in Message.__slots__},
+                     "payload": b"x" * (envelope.DEAD_LETTER_BODY_MAX + 10)})
+    decoded = envelope.decode(envelope.encode_dead_letter(big, "d1", LINEAGE, "record_too_large",
+                                                          "too big"))
+    assert decoded["error"] == {"code": "record_too_large", "reason": "too big"}
+    assert len(decoded["body"]) == envelope.DEAD_LETTER_BODY_MAX
+    assert decoded["truncated"] is True
+    assert decoded["size"] == envelope.DEAD_LETTER_BODY_MAX + 10
+    assert decoded["sha256"] == hashlib.sha256(big.payload).hexdigest()
+
+
+def test_headers_carry_lineage() -> None:
+    assert dict(envelope.headers(MSG, "d1", LINEAGE)) == {
+        "mqtt.topic": b"devices/d1/telemetry", "device_id": b"d1",
+        "mqtt.broker": b"127.0.0.1:1883", "bridge.instance": b"edge-1"}
+
+
+@pytest.mark.parametrize("value", [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"x": 1})])
+def test_decode_refuses_what_is_not_an_envelope(value: bytes) -> None:
+    with pytest.raises(ValueError):
+        envelope.decode(value)

@@ -1,0 +1,63 @@
+"""Routing: filters, bindings, first match wins, keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.config import Route
+from bridge.errors import Rejected
+from bridge.routing import FilterError, Router, RouteFilter, kafka_key
+
+
+def route(name: str, pattern: str, key: str = "arrival_millis") -> Route:
+    return Route(name=name, filter=RouteFilter.parse(pattern), kafka_topic=f"t.{name}", key=key)
+
+
+def test_placeholders_bind_one_level_and_derive_the_subscription() -> None:
+    f = RouteFilter.parse("sites/{site}/devices/{device_id}/telemetry")
+    assert f.subscription == "sites/+/devices/+/telemetry"
+    assert f.match("sites/berlin/devices/d1/telemetry") == {"site": "berlin", "device_id": "d1"}
+    assert f.match("sites/berlin/devices/d1/alerts") is None
+    assert f.match("sites/berlin/devices/d1/telemetry/extra") is None
+
+
+def test_hash_matches_the_rest() -> None:
+    f = RouteFilter.parse("devices/{device_id}/alerts/#")
+    assert f.subscription == "devices/+/alerts/#"
+    assert f.match("devices/d1/alerts/fire/now") == {"device_id": "d1"}
+    assert f.match("devices/d1/alerts") == {"device_id": "d1"}
+    assert f.match("devices/d1") is None
+
+
+@pytest.mark.parametrize("pattern", ["", "$SYS/{device_id}", "a/#/{device_id}", "a/b+/{device_id}",
+                                     "{device_id}/{device_id}", "a/{x}"])
+def test_bad_filters_are_refused(pattern: str) -> None:
+    with pytest.raises(FilterError):
+        RouteFilter.parse(pattern)
+
+
+def test_first_matching_route_wins_and_subscriptions_are_distinct() -> None:
+    router = Router([route("special", "devices/{device_id}/telemetry"),
+                     route("catchall", "devices/{device_id}/#"),
+                     route("again", "devices/{device_id}/telemetry")])
+    assert router.match("devices/d7/telemetry")[0].name == "special"
+    assert router.match("devices/d7/other/x") == (router.routes[1], "d7")
+    assert router.subscriptions() == ["devices/+/telemetry", "devices/+/#"]
+
+
+def test_unroutable_and_empty_device_ids_are_rejected_with_codes() -> None:
+    router = Router([route("r", "devices/{device_id}/telemetry")])
+    with pytest.raises(Rejected) as no_route:
+        router.match("elsewhere/x")
+    assert no_route.value.code == "no_route"
+    with pytest.raises(Rejected) as empty:
+        router.match("devices//telemetry")
+    assert empty.value.code == "no_device_id"
+    with pytest.raises(Rejected) as bad:
+        router.match("devices/a\x00b/telemetry")
+    assert bad.value.code == "invalid_device_id"
+
+
+def test_keys() -> None:
+    assert kafka_key("arrival_millis", "d1", 1700000000123) == b"1700000000123"
+    assert kafka_key("device_id", "d1", 1700000000123) == b"d1"
