@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,10 +204,35 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
     tls = parts.scheme == "mqtts"
     if not tls and any(options[k] for k in ("ca_file", "cert_file", "key_file")):
         t.fail("url", "ca_file, cert_file and key_file need an mqtts:// url")
+    if tls:
+        _check_tls(t, options)
     if client_id is None:
         return None
     return BrokerConfig(url=url, client_id=client_id, host=parts.hostname, port=port, tls=tls,
                         **options)
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the key is encrypted; give the bridge an unencrypted key_file")
+
+
+def _check_tls(t: _Table, options: dict[str, Any]) -> None:
+    """Load the CA and the client key pair now, as each connect will: a bad or mismatched
+    file is a config error with its key path, not an endless reconnect loop."""
+    files = [options[k] for k in ("ca_file", "cert_file", "key_file") if options[k]]
+    if not all(Path(f).is_file() for f in files):
+        return  # already reported as missing
+    try:
+        context = ssl.create_default_context(cafile=options["ca_file"])
+    except (ssl.SSLError, OSError) as exc:
+        t.fail("ca_file", f"cannot load CA certificates: {exc}")
+        return
+    if options["cert_file"] and options["key_file"]:
+        try:
+            context.load_cert_chain(options["cert_file"], options["key_file"],
+                                    password=_no_passphrase)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            t.fail("key_file", f"cannot use cert_file and key_file: {exc}")
 
 
 def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | None:

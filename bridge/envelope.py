@@ -15,8 +15,8 @@ import msgpack
 from bridge.message import Message
 
 VERSION = 1
-# A dead-letter record keeps at most this much of the body: it must fit Kafka even when the
-# reason it is dead-lettered is that the body did not.
+# A dead-letter record keeps at most this much of the body by default: it must fit Kafka even
+# when the reason it is dead-lettered is that the body did not.
 DEAD_LETTER_BODY_MAX = 256 * 1024
 
 
@@ -35,13 +35,14 @@ def encode(message: Message, device_id: str, lineage: Lineage) -> bytes:
 
 
 def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code: str,
-                       reason: str) -> bytes:
-    """A dead-letter record: the envelope plus the reason; the body is cut to fit Kafka."""
+                       reason: str, body_max: int = DEAD_LETTER_BODY_MAX) -> bytes:
+    """A dead-letter record: the envelope plus the reason. The body is cut to `body_max`;
+    `size` and `sha256` always describe the whole payload."""
     payload = message.payload
-    fields = _fields(message, device_id, lineage, body=payload[:DEAD_LETTER_BODY_MAX])
+    fields = _fields(message, device_id, lineage, body=payload[:body_max])
     fields["size"] = len(payload)
     fields["sha256"] = hashlib.sha256(payload).hexdigest()
-    if len(payload) > DEAD_LETTER_BODY_MAX:
+    if len(payload) > body_max:
         fields["truncated"] = True
     fields["error"] = {"code": code, "reason": reason}
     return msgpack.packb(fields)

@@ -29,7 +29,12 @@ class MqttError(BridgeError):
 
 
 class MalformedPacket(MqttError):
-    """Bytes from the broker that are not a valid MQTT 5 packet."""
+    """Bytes from the broker that are not a valid MQTT 5 packet, or break the protocol.
+
+    `reason` is the DISCONNECT reason code the bridge sends before it closes.
+    """
+
+    reason: int = 0x81  # Malformed Packet
 
 
 class Rejected(BridgeError):

@@ -134,7 +134,6 @@ class BrokerSession:
         while not self._stopping:
             try:
                 await self._connect_and_read()
-                attempt = 0
             except (OSError, MqttError, TimeoutError, ssl.SSLError) as exc:
                 self.metrics.inc("mqtt_connection_errors")
                 self.log.warning("mqtt_disconnected", error=str(exc) or type(exc).__name__)
@@ -142,6 +141,8 @@ class BrokerSession:
                 self.metrics.inc("mqtt_session_crashes")
                 self.log.exception("mqtt_session_crashed")
             finally:
+                if self.connected.is_set():  # the broker accepted us: backoff starts over
+                    attempt = 0
                 self._drop_connection()
             if self._stopping:
                 break
@@ -184,27 +185,36 @@ class BrokerSession:
         writer.write(self._connect_packet())
         buffer = bytearray()
         connack = await asyncio.wait_for(self._read_connack(reader, buffer), _CONNECT_TIMEOUT)
-        keepalive = connack.server_keep_alive or self.config.keepalive
+        connection.last_received = asyncio.get_running_loop().time()
+        # A Server Keep Alive replaces ours (MQTT 5, 3.2.2.3.14); 0 turns keepalive off.
+        keepalive = self.config.keepalive if connack.server_keep_alive is None \
+            else connack.server_keep_alive
         self.log.info("mqtt_connected", session_present=connack.session_present,
                       keepalive=keepalive, receive_max=self.config.receive_max)
         self.metrics.inc("mqtt_connects")
         if not connack.session_present:
             self._subscribe(connection)
         self.connected.set()
-        pinger = asyncio.create_task(self._keepalive(connection, keepalive))
+        reading = asyncio.create_task(self._read_loop(reader, connection, buffer))
+        tasks = {reading}
+        if keepalive:
+            tasks.add(asyncio.create_task(self._keepalive(connection, keepalive)))
         try:
-            await self._read_loop(reader, connection, buffer)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            pinger.cancel()
-        if pinger.done() and not pinger.cancelled() and pinger.exception():
-            raise pinger.exception()  # type: ignore[misc]
+            for task in tasks:
+                task.cancel()
+        # The keepalive's reason wins: its abort is what made the read fail.
+        for task in sorted(done, key=lambda t: t is reading):
+            task.result()
 
     def _tls(self) -> ssl.SSLContext | None:
         if not self.config.tls:
             return None
         context = ssl.create_default_context(cafile=self.config.ca_file)
         if self.config.cert_file and self.config.key_file:
-            context.load_cert_chain(self.config.cert_file, self.config.key_file)
+            context.load_cert_chain(self.config.cert_file, self.config.key_file,
+                                    password=lambda: b"")  # fail, never prompt on a tty
         return context
 
     def _connect_packet(self) -> bytes:
@@ -272,10 +282,10 @@ class BrokerSession:
             try:
                 while not self._stopping:
                     length = packet_length(view, start)
+                    if length is not None and length > MAX_PACKET_SIZE:
+                        raise PacketTooLarge(f"packet of {length} bytes exceeds the maximum")
                     if length is None or start + length > len(view):
                         break
-                    if length > MAX_PACKET_SIZE:
-                        raise MalformedPacket(f"packet of {length} bytes exceeds the maximum")
                     packet, _ = _decode(view[start:start + length])
                     start += length
                     if isinstance(packet, mqtt5.PublishPacket):
@@ -286,7 +296,7 @@ class BrokerSession:
                 self.metrics.inc("mqtt_malformed_packets")
                 self.log.error("mqtt_malformed_packet", error=str(exc))
                 connection.write(mqtt5.DisconnectPacket(
-                    reason_code=mqtt5.DisconnectReasonCode.MALFORMED_PACKET).write())
+                    reason_code=mqtt5.DisconnectReasonCode(exc.reason)).write())
                 raise
             finally:
                 view.release()
@@ -305,9 +315,12 @@ class BrokerSession:
         inflight = None
         if message.qos:  # mqtt5's QoS enum is always truthy: test the int
             if packet.packet_id is None:
-                raise MalformedPacket("QoS 1/2 PUBLISH without a packet id")
+                raise ProtocolError("QoS 1/2 PUBLISH without a packet id")
             inflight = Inflight(connection, packet.packet_id, message.qos)
             connection.owed.append(inflight)
+            if len(connection.owed) > self.config.receive_max:
+                raise ReceiveMaxExceeded(f"broker sent more than receive_max="
+                                         f"{self.config.receive_max} unacknowledged messages")
         waiting = self.handler(message, inflight)
         if waiting is not None:
             connection.reading_paused = True
@@ -331,7 +344,19 @@ class BrokerSession:
             raise MqttError(f"broker sent DISCONNECT {packet.reason_code.name}"
                             + (f" ({packet.reason_str})" if packet.reason_str else ""))
         elif not isinstance(packet, mqtt5.PingRespPacket | mqtt5.UnsubAckPacket):
-            raise MalformedPacket(f"unexpected {type(packet).__name__} from the broker")
+            raise ProtocolError(f"unexpected {type(packet).__name__} from the broker")
+
+
+class ProtocolError(MalformedPacket):
+    reason = 0x82
+
+
+class ReceiveMaxExceeded(MalformedPacket):
+    reason = 0x93
+
+
+class PacketTooLarge(MalformedPacket):
+    reason = 0x95
 
 
 def _decode(data: memoryview) -> tuple[mqtt5.Packet, int]:
@@ -339,3 +364,8 @@ def _decode(data: memoryview) -> tuple[mqtt5.Packet, int]:
         return mqtt5.read(data)
     except (ValueError, IndexError) as exc:
         raise MalformedPacket(str(exc)) from exc
+    except BaseException as exc:
+        # mqtt5 0.8 panics on invalid UTF-8; pyo3's PanicException derives from BaseException.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise MalformedPacket(f"undecodable packet: {exc}") from exc

@@ -34,6 +34,9 @@ class Pipeline:
             for route in config.routes
         }
         self._no_route = envelope.Lineage(config.bridge.instance, "", config.version)
+        # Half the producer's record limit leaves room for the envelope around the body.
+        record_max = int(config.kafka.get("message.max.bytes", 1_000_000))
+        self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX, record_max // 2)
 
     def prepare(self, message: Message, on_durable: Callable[[], None] | None) -> Delivery:
         """The Delivery for one message: its envelope, or its dead-letter record."""
@@ -68,7 +71,7 @@ class Pipeline:
             self.dead_letter_topic,
             str(message.arrival_millis).encode(),
             envelope.encode_dead_letter(message, device_id, lineage, rejected.code,
-                                        rejected.reason),
+                                        rejected.reason, self._dead_letter_body_max),
             [*envelope.headers(message, device_id, lineage),
              ("error.code", rejected.code.encode())],
             on_durable,

@@ -32,7 +32,7 @@ def device_client(url: str, client_id: str, username: str | None = None,
     """A connected paho client with its network loop running."""
     parts = urlsplit(url)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-    client.max_inflight_messages_set(1000)
+    client.max_inflight_messages_set(20)  # Mosquitto's default Receive Maximum
     client.max_queued_messages_set(0)
     if username is not None:
         client.username_pw_set(username, password)

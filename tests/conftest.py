@@ -1,0 +1,173 @@
+"""Fixtures: one real local stack per session, a bridge process per test, unique topics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.localstack import LocalStack
+from bridge.tail import records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("stack")) as local:
+        yield local
+
+
+class Bridge:
+    """The bridge as a child process, as systemd would run it: kill -9 and SIGTERM are real."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Bridge:
+        """Start and wait until the session is ready: resumed, or new and subscribed."""
+        before = self.events_count()
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config",
+                                      str(self.config)], stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        connected = self.wait_for("mqtt_connected", after=before)
+        if not connected["session_present"]:
+            self.wait_for("mqtt_subscribed", after=before)
+        return self
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": "raw", "line": line})
+        return out
+
+    def events_count(self) -> int:
+        return len(self.events())
+
+    def wait_for(self, event: str, timeout: float = 30, after: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events()[after:]:
+                if e.get("event") == event:
+                    return e
+            assert self.proc is None or self.proc.poll() is None, \
+                f"bridge exited:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} within {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == "bridge_stats"]
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Case:
+    """One test's own MQTT prefix, Kafka topics and bridge session id on the shared stack."""
+
+    def __init__(self, stack: LocalStack, tmp: Path) -> None:
+        self.stack, self.tmp = stack, tmp
+        tag = uuid.uuid4().hex[:10]
+        self.prefix = f"t{tag}"
+        self.topic = f"data.{tag}"
+        self.dead_letter = f"dl.{tag}"
+        self.client_id = f"mkb-{tag}"
+        stack.create_topics([self.topic, self.dead_letter])
+        self.bridges: list[Bridge] = []
+
+    def config(self, extra_broker: str = "", extra_kafka: str = "", extra_bridge: str = "",
+               routes: str | None = None, name: str = "bridge.toml") -> Path:
+        routes = routes if routes is not None else f"""
+[[routes]]
+name = "telemetry"
+filter = "{self.prefix}/{{device_id}}/telemetry"
+kafka_topic = "{self.topic}"
+"""
+        path = self.tmp / name
+        path.write_text(f"""
+[bridge]
+instance = "test-{self.client_id}"
+shutdown_timeout = 30
+log_format = "json"
+stats_interval = 1
+{extra_bridge}
+[[brokers]]
+url = "{self.stack.mqtt_url}"
+client_id = "{self.client_id}"
+keepalive = 10
+reconnect_max = 2
+{extra_broker}
+[kafka]
+"bootstrap.servers" = "{self.stack.bootstrap}"
+{extra_kafka}
+[dead_letter]
+kafka_topic = "{self.dead_letter}"
+{routes}
+""")
+        return path
+
+    def bridge(self, config: Path | None = None, start: bool = True) -> Bridge:
+        bridge = Bridge(config or self.config(), self.tmp / f"bridge-{len(self.bridges)}.log")
+        self.bridges.append(bridge)
+        return bridge.start() if start else bridge
+
+    def read(self, topic: str | None = None, expect: int | None = None,
+             timeout: float = 120) -> list[tuple[bytes | None, dict[str, Any]]]:
+        """Every record of the topic; with `expect`, keep reading until that many distinct
+        (device, seq) payloads are in or the timeout passes."""
+        topic = topic or self.topic
+        deadline = time.monotonic() + timeout
+        while True:
+            got = list(records(self.stack.bootstrap, topic, idle=2.0, deadline=deadline))
+            if expect is None or len(distinct(got)) >= expect or time.monotonic() > deadline:
+                return got
+            time.sleep(1)
+
+
+def distinct(got: list[tuple[bytes | None, dict[str, Any]]]) -> set[tuple[str, int]]:
+    """The (device, seq) pairs in the payloads of the envelopes read."""
+    out = set()
+    for _key, env in got:
+        body = json.loads(env["body"])
+        out.add((body["device"], body["seq"]))
+    return out
+
+
+@pytest.fixture
+def case(stack: LocalStack, tmp_path: Path) -> Iterator[Case]:
+    c = Case(stack, tmp_path)
+    yield c
+    for bridge in c.bridges:
+        bridge.stop()
+    for service in (stack.kafka, stack.mqtt):
+        if service.alive:
+            service.resume()
+        else:
+            service.start()
+
