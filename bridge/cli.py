@@ -126,5 +126,5 @@ def _tail(args: argparse.Namespace) -> int:
 
     try:
         return tail(args.bootstrap, args.topic, args.follow)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or piped into `head`
         return 0

@@ -122,3 +122,19 @@ def herd(url: str, devices: int = 200, messages: int = 5, qos: int = 1, size: in
         c.disconnect()
         c.loop_stop()
     return FleetResult(devices * messages, time.monotonic() - start)
+
+
+def trickle(url: str, stop: threading.Event, rate: float = 5.0, devices: int = 10,
+            prefix: str = "devices") -> int:
+    """Telemetry at `rate` msg/s until `stop` is set, for `dev`; returns how many were sent."""
+    client = device_client(url, f"sim-trickle-{time.time_ns()}")
+    sent = 0
+    try:
+        while not stop.wait(1 / rate):
+            device = f"dev-{sent % devices:05d}"
+            client.publish(f"{prefix}/{device}/telemetry", payload(device, sent, 64), qos=1)
+            sent += 1
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return sent

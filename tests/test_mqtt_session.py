@@ -378,6 +378,30 @@ def test_qos1_puback_only_after_durable_and_in_receive_order() -> None:
     run(body)
 
 
+def test_a_full_window_stops_reading_even_when_the_broker_overshoots() -> None:
+    """Mosquitto 2.0 sends past the client's Receive Maximum; the bound must hold anyway."""
+    async def body() -> None:
+        recorder = Recorder()
+        async with ScriptedBroker() as broker, client(broker, recorder, receive_max=3) as c:
+            conn = await broker.connection(0)
+            conn.send(b"".join(publish(i, payload=b"%d" % i) for i in range(1, 6)))
+            await recorder.wait(3)
+            await asyncio.sleep(0.2)
+            assert len(recorder.received) == 3, "read past a full window"
+            assert c.count("mqtt_window_full") == 1
+
+            recorder.inflight(1)()  # message 2 durable, 1 still owed: the window stays full
+            await asyncio.sleep(0.2)
+            assert len(recorder.received) == 3
+
+            recorder.inflight(0)()  # 1 and 2 acked: two slots free
+            await recorder.wait(5)
+            assert [m.payload for m in recorder.messages] == [b"1", b"2", b"3", b"4", b"5"]
+            await until(lambda: conn.pubacks() == [1, 2], "PUBACK 1, 2")
+
+    run(body)
+
+
 def test_qos2_pubrec_after_durable_and_pubrel_answered_with_pubcomp() -> None:
     async def body() -> None:
         recorder = Recorder()

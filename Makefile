@@ -1,0 +1,37 @@
+# mqtt-kafka-bridge: `make dev` runs the bridge on a local stack, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help dev test unit check bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients openssl; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+dev: $(STAMP)  ## run the bridge on a local Mosquitto, Tansu (Kafka) and S3, with a simulated fleet
+	$(BIN)/mqtt-kafka-bridge dev
+
+test: $(STAMP)  ## run every test (unit and integration, on real local servers)
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)  ## run the tests that need no servers
+	$(BIN)/python -m pytest -q -m 'not integration'
+
+check: $(STAMP)  ## lint and type-check
+	$(BIN)/python -m ruff check bridge tests bench
+	$(BIN)/python -m mypy bridge
+
+bench: $(STAMP)  ## throughput benchmark: 100k QoS 1 messages through the bridge
+	$(BIN)/python bench/throughput.py
+
+clean:  ## remove the virtual environment and local state
+	rm -rf $(VENV) .dev *.egg-info

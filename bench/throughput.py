@@ -1,0 +1,135 @@
+"""Throughput: 100,000 QoS 1 messages of 200 B preloaded into a session, drained two ways.
+
+1. `mosquitto_sub` drains its own preloaded session (the broker's delivery speed, no Kafka);
+2. the bridge drains its preloaded session into Kafka, acking each message after Kafka has it.
+
+Both run in the same process tree on the same local stack, one after the other, so the ratio
+is what to read on a shared, noisy machine. Prints figures; it is not a pass/fail test.
+
+    .venv/bin/python bench/throughput.py [--messages 100000] [--size 200] [--storage memory|s3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bridge import config as config_module  # noqa: E402
+from bridge import logs, simulate  # noqa: E402
+from bridge.daemon import Daemon  # noqa: E402
+from bridge.localstack import LocalStack, kafka_service  # noqa: E402
+from bridge.tail import records  # noqa: E402
+
+TOPIC_FILTER = "bench/+/telemetry"
+
+
+def open_session(url: str, client_id: str) -> None:
+    """Create a persistent session subscribed at QoS 1, then leave it offline."""
+    client = simulate.device_client(url, client_id)
+    client.disconnect()
+    client.loop_stop()
+    client = paho.Client(simulate.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=paho.MQTTv5)
+    props = paho.Properties(paho.PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    client.connect("127.0.0.1", int(url.rsplit(":", 1)[1]), clean_start=False, properties=props)
+    client.loop_start()
+    result, _ = client.subscribe(TOPIC_FILTER, qos=1)
+    time.sleep(0.5)
+    client.disconnect()
+    client.loop_stop()
+
+
+def preload(url: str, messages: int, size: int) -> float:
+    result = simulate.telemetry(url, devices=100, messages=messages // 100, qos=1, size=size,
+                                prefix="bench", connections=4)
+    return result.rate
+
+
+def drain_with_mosquitto_sub(port: int, client_id: str, messages: int) -> float:
+    start = time.monotonic()
+    subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-V", "5", "-c",
+                    "-x", "3600", "-i", client_id, "-q", "1", "-t", TOPIC_FILTER,
+                    "-C", str(messages)], stdout=subprocess.DEVNULL, check=True, timeout=600)
+    return time.monotonic() - start
+
+
+def bridge_config(stack: LocalStack, client_id: str) -> config_module.Config:
+    return config_module.parse({
+        "bridge": {"instance": "bench", "log_format": "json", "stats_interval": 3600},
+        "brokers": [{"url": stack.mqtt_url, "client_id": client_id}],
+        "kafka": {"bootstrap.servers": stack.bootstrap},
+        "dead_letter": {"kafka_topic": "bench.deadletter"},
+        "routes": [{"filter": "bench/{device_id}/telemetry", "kafka_topic": "bench.telemetry"}],
+    }, source="bench")
+
+
+async def drain_with_bridge(config: config_module.Config, messages: int) -> tuple[float, Daemon]:
+    daemon = Daemon(config)
+    running = asyncio.create_task(daemon.run())
+    start = time.monotonic()
+    while daemon_metric(daemon, "acked") < messages:
+        if running.done():
+            running.result()
+        await asyncio.sleep(0.005)
+    elapsed = time.monotonic() - start
+    daemon.stop()
+    await running
+    return elapsed, daemon
+
+
+def daemon_metric(daemon: Daemon, name: str) -> int:
+    metrics = getattr(daemon, "metrics", None)
+    return metrics.counts[name] if metrics else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--size", type=int, default=200)
+    parser.add_argument("--storage", choices=("memory", "s3"), default="memory")
+    args = parser.parse_args()
+    logs.configure("json", level=30)
+    with tempfile.TemporaryDirectory() as work, LocalStack(Path(work)) as stack:
+        if args.storage == "memory":  # swap the S3-backed Tansu for the in-memory one
+            stack.kafka.stop()
+            stack.kafka = kafka_service(Path(work), port=stack.kafka.port)
+            stack.kafka.start()
+        stack.create_topics(["bench.telemetry", "bench.deadletter"])
+        port = int(stack.mqtt_url.rsplit(":", 1)[1])
+
+        open_session(stack.mqtt_url, "bench-sub")
+        open_session(stack.mqtt_url, "bench-bridge")
+        publish_rate = preload(stack.mqtt_url, args.messages, args.size)
+        sub_seconds = drain_with_mosquitto_sub(port, "bench-sub", args.messages)
+
+        config = bridge_config(stack, "bench-bridge")
+        bridge_seconds, daemon = asyncio.run(drain_with_bridge(config, args.messages))
+        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        in_kafka = sum(1 for _ in records(stack.bootstrap, "bench.telemetry", idle=3))
+
+    n = args.messages
+    print(f"machine: {platform.machine()}, {platform.python_implementation()} "
+          f"{platform.python_version()}, Kafka: Tansu ({args.storage} storage)")
+    print(f"preload: {n} QoS 1 messages of {args.size} B at {publish_rate:,.0f} msg/s")
+    print(f"mosquitto_sub drain:      {n / sub_seconds:>10,.0f} msg/s  ({sub_seconds:.2f} s)")
+    print(f"bridge drain into Kafka:  {n / bridge_seconds:>10,.0f} msg/s  ({bridge_seconds:.2f} s,"
+          f" acked after Kafka acks=all)")
+    print(f"ratio bridge / mosquitto_sub: {sub_seconds / bridge_seconds:.2f}")
+    print(f"records in Kafka: {in_kafka} (duplicates {in_kafka - n}); "
+          f"bench process peak RSS {rss_mib:.0f} MiB; counters {daemon.metrics.snapshot()}")
+
+
+if __name__ == "__main__":
+    main()
