@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import resource
 import subprocess
@@ -65,11 +66,12 @@ def drain_with_mosquitto_sub(port: int, client_id: str, messages: int) -> float:
     return time.monotonic() - start
 
 
-def bridge_config(stack: LocalStack, client_id: str) -> config_module.Config:
+def bridge_config(stack: LocalStack, client_id: str, receive_max: int,
+                  kafka: dict[str, str]) -> config_module.Config:
     return config_module.parse({
         "bridge": {"instance": "bench", "log_format": "json", "stats_interval": 3600},
-        "brokers": [{"url": stack.mqtt_url, "client_id": client_id}],
-        "kafka": {"bootstrap.servers": stack.bootstrap},
+        "brokers": [{"url": stack.mqtt_url, "client_id": client_id, "receive_max": receive_max}],
+        "kafka": {"bootstrap.servers": stack.bootstrap, **kafka},
         "dead_letter": {"kafka_topic": "bench.deadletter"},
         "routes": [{"filter": "bench/{device_id}/telemetry", "kafka_topic": "bench.telemetry"}],
     }, source="bench")
@@ -89,6 +91,12 @@ async def drain_with_bridge(config: config_module.Config, messages: int) -> tupl
     return elapsed, daemon
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def daemon_metric(daemon: Daemon, name: str) -> int:
     metrics = getattr(daemon, "metrics", None)
     return metrics.counts[name] if metrics else 0
@@ -99,6 +107,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--size", type=int, default=200)
     parser.add_argument("--storage", choices=("memory", "s3"), default="memory")
+    parser.add_argument("--receive-max", type=int, default=1000)
+    parser.add_argument("--kafka", action="append", default=[], metavar="PROP=VALUE",
+                        help="extra librdkafka producer property, e.g. linger.ms=1")
     args = parser.parse_args()
     logs.configure("json", level=30)
     with tempfile.TemporaryDirectory() as work, LocalStack(Path(work)) as stack:
@@ -114,19 +125,29 @@ def main() -> None:
         publish_rate = preload(stack.mqtt_url, args.messages, args.size)
         sub_seconds = drain_with_mosquitto_sub(port, "bench-sub", args.messages)
 
-        config = bridge_config(stack, "bench-bridge")
+        kafka = dict(p.split("=", 1) for p in args.kafka)
+        config = bridge_config(stack, "bench-bridge", args.receive_max, kafka)
+        servers = {"tansu": stack.kafka.pid, "mosquitto": stack.mqtt.pid}
+        before = {name: cpu_seconds(pid) for name, pid in servers.items()}
+        own_before = time.process_time()
         bridge_seconds, daemon = asyncio.run(drain_with_bridge(config, args.messages))
+        own_cpu = time.process_time() - own_before
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in servers.items()}
         rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         in_kafka = sum(1 for _ in records(stack.bootstrap, "bench.telemetry", idle=3))
 
     n = args.messages
     print(f"machine: {platform.machine()}, {platform.python_implementation()} "
-          f"{platform.python_version()}, Kafka: Tansu ({args.storage} storage)")
+          f"{platform.python_version()}, Kafka: Tansu ({args.storage} storage), "
+          f"receive_max {args.receive_max}, producer {kafka or 'defaults'}")
     print(f"preload: {n} QoS 1 messages of {args.size} B at {publish_rate:,.0f} msg/s")
     print(f"mosquitto_sub drain:      {n / sub_seconds:>10,.0f} msg/s  ({sub_seconds:.2f} s)")
     print(f"bridge drain into Kafka:  {n / bridge_seconds:>10,.0f} msg/s  ({bridge_seconds:.2f} s,"
           f" acked after Kafka acks=all)")
     print(f"ratio bridge / mosquitto_sub: {sub_seconds / bridge_seconds:.2f}")
+    print(f"CPU during the bridge drain: bridge {own_cpu:.2f} s ({own_cpu / n * 1e6:.1f} us/msg), "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items())
+          + f"; wall {bridge_seconds:.2f} s on {os.cpu_count()} cores")
     print(f"records in Kafka: {in_kafka} (duplicates {in_kafka - n}); "
           f"bench process peak RSS {rss_mib:.0f} MiB; counters {daemon.metrics.snapshot()}")
 

@@ -293,11 +293,12 @@ def parse(data: dict[str, Any], source: str = "") -> Config:
     elif "brokers" not in data:
         top.fail("brokers", "missing: add at least one [[brokers]] entry")
     brokers = [_broker(entry, f"brokers[{i}]", problems) for i, entry in enumerate(broker_list)]
-    ids = [x.client_id for x in brokers if x]
-    for i, broker in enumerate(brokers):
-        if broker and ids.count(broker.client_id) > 1 and ids.index(broker.client_id) != i and \
-                broker.share_group is None:
-            problems.append(f"brokers[{i}].client_id: {broker.client_id!r} is used twice")
+    # One session per (broker, client id): two entries sharing one would take it over in turns.
+    sessions = [(x.host, x.port, x.client_id) if x else None for x in brokers]
+    for i, session in enumerate(sessions):
+        if session and sessions.index(session) != i:
+            problems.append(f"brokers[{i}].client_id: {session[2]!r} is used twice for "
+                            f"{session[0]}:{session[1]}")
 
     kafka = _kafka(top.get("kafka", dict, {}), problems)
 

@@ -50,6 +50,13 @@ class Daemon:
         log.info("bridge_started", instance=self.config.bridge.instance,
                  brokers=[s.name for s in self.sessions], map_version=self.config.version,
                  subscriptions=self.pipeline.router.subscriptions())
+        topics = sorted({r.kafka_topic for r in self.config.routes}
+                        | {self.config.dead_letter_topic})
+        missing = await loop.run_in_executor(None, self.sink.missing_topics, topics)
+        if missing:
+            log.error("kafka_topics_missing", topics=missing,
+                      why="records for them go to the dead-letter topic (or wait, if it is "
+                          "the dead-letter topic) until they are created")
         try:
             await self._stop.wait()
         finally:

@@ -39,8 +39,13 @@ _PERMANENT = {
     KafkaError.INVALID_RECORD: "invalid_record",
     KafkaError.TOPIC_AUTHORIZATION_FAILED: "topic_not_authorized",
     KafkaError.TOPIC_EXCEPTION: "invalid_topic",
+    KafkaError.UNKNOWN_TOPIC_OR_PART: "kafka_topic_missing",
+    KafkaError._UNKNOWN_TOPIC: "kafka_topic_missing",
 }
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
+
+
+_NO_REPORTS: list[Any] = []  # replaced by the sink's list when produced
 
 
 class Delivery:
@@ -49,17 +54,19 @@ class Delivery:
     It is its own delivery callback, so producing allocates nothing more per message.
     """
 
-    __slots__ = ("attempts", "headers", "key", "on_durable", "on_rejected", "reports", "topic",
-                 "value")
+    __slots__ = ("attempts", "headers", "key", "on_durable", "on_rejected", "origin", "reports",
+                 "topic", "value")
 
     def __init__(self, topic: str, key: bytes | None, value: bytes,
                  headers: list[tuple[str, bytes]],
                  on_durable: Callable[[], None] | None,
-                 on_rejected: Callable[[Delivery, Rejected], None]) -> None:
+                 on_rejected: Callable[[Delivery, Rejected], None],
+                 origin: Any = None) -> None:
         self.topic, self.key, self.value, self.headers = topic, key, value, headers
         self.on_durable, self.on_rejected = on_durable, on_rejected
+        self.origin = origin  # what on_rejected needs to build a dead-letter record
         self.attempts = 0
-        self.reports: list[tuple[Delivery, KafkaError | None]] = []
+        self.reports: list[tuple[Delivery, KafkaError | None]] = _NO_REPORTS
 
     def __call__(self, err: KafkaError | None, _msg: Any) -> None:
         self.reports.append((self, err))  # on the poll thread, which alone empties the list
@@ -96,6 +103,15 @@ class KafkaSink:
                 log.warning("kafka_error", error=err.str())
 
         return Producer({**self._properties, "error_cb": on_error})
+
+    def missing_topics(self, topics: list[str], timeout: float = 10) -> list[str]:
+        """Topics the cluster does not have (blocking: run it in an executor)."""
+        try:
+            known = self._producer.list_topics(timeout=timeout).topics
+        except KafkaException as exc:
+            log.warning("kafka_metadata_unavailable", error=str(exc))
+            return []
+        return [t for t in topics if t not in known or known[t].error is not None]
 
     @property
     def pending(self) -> int:

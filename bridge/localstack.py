@@ -87,6 +87,10 @@ class Service:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> None:
         """Spawn in a new session (a terminal ^C reaches only us) and wait until it serves."""
         if self.alive:

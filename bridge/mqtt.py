@@ -103,6 +103,8 @@ class Connection:
 
 def packet_length(buffer: memoryview | bytes | bytearray, start: int) -> int | None:
     """Total length of the packet starting at `start`, or None until enough bytes arrived."""
+    if start + 1 < len(buffer) and buffer[start + 1] < 0x80:  # one length byte: most packets
+        return 2 + buffer[start + 1]
     multiplier, remaining, index = 1, 0, start + 1
     while True:
         if index >= len(buffer):
@@ -280,8 +282,9 @@ class BrokerSession:
     async def _read_loop(self, reader: asyncio.StreamReader, connection: Connection,
                          buffer: bytearray) -> None:
         loop = asyncio.get_running_loop()
+        publish_type = mqtt5.PublishPacket
         while not self._stopping:
-            start = 0
+            start = published = 0
             view = memoryview(buffer)
             try:
                 while not self._stopping:
@@ -292,8 +295,11 @@ class BrokerSession:
                         break
                     packet, _ = _decode(view[start:start + length])
                     start += length
-                    if isinstance(packet, mqtt5.PublishPacket):
-                        await self._on_publish(connection, packet)
+                    if type(packet) is publish_type:
+                        published += 1
+                        waiting = self._on_publish(connection, packet)
+                        if waiting is not None:
+                            await self._paused(connection, waiting)
                     else:
                         self._on_control(connection, packet)
             except MalformedPacket as exc:
@@ -304,6 +310,7 @@ class BrokerSession:
                 raise
             finally:
                 view.release()
+                self.metrics.inc("received", published)
             del buffer[:start]
             connection.flush_acks()
             if self._stopping:
@@ -314,7 +321,9 @@ class BrokerSession:
             connection.last_received = loop.time()
             buffer += chunk
 
-    async def _on_publish(self, connection: Connection, packet: mqtt5.PublishPacket) -> None:
+    def _on_publish(self, connection: Connection,
+                    packet: mqtt5.PublishPacket) -> Awaitable[object] | None:
+        """Hand one PUBLISH on; returns what to wait for before reading on, if anything."""
         message = Message.from_publish(self.name, packet)
         inflight = None
         if message.qos:  # mqtt5's QoS enum is always truthy: test the int
@@ -323,15 +332,15 @@ class BrokerSession:
             inflight = Inflight(connection, packet.packet_id, message.qos)
             connection.owed.append(inflight)
         waiting = self.handler(message, inflight)
-        if waiting is not None:
-            await self._paused(connection, waiting)
-        if len(connection.owed) >= connection.window:
-            # The window is full. Brokers should not send more (Mosquitto 2.0 does, measured:
-            # 257 unacked with receive_max 100), so stop reading until acks free a slot: the
-            # bound holds whatever the broker does, and TCP pushes back on it.
-            self.metrics.inc("mqtt_window_full")
-            connection.window_open.clear()
-            await self._paused(connection, connection.window_open.wait())
+        if len(connection.owed) < connection.window:
+            return waiting
+        # The window is full. Brokers should not send more (Mosquitto 2.0 does, measured: 257
+        # unacked with receive_max 100), so stop reading until acks free a slot: the bound
+        # holds whatever the broker does, and TCP pushes back on it.
+        self.metrics.inc("mqtt_window_full")
+        connection.window_open.clear()
+        window = connection.window_open.wait()
+        return window if waiting is None else asyncio.gather(waiting, window)
 
     @staticmethod
     async def _paused(connection: Connection, waiting: Awaitable[object]) -> None:

@@ -8,11 +8,12 @@ so nothing is acked before its outcome is in Kafka (invariants 1 and 2).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import structlog
 
 from bridge import envelope
-from bridge.config import Config
+from bridge.config import Config, Route
 from bridge.errors import Rejected
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
@@ -20,6 +21,17 @@ from bridge.metrics import Metrics
 from bridge.routing import Router, kafka_key
 
 log = structlog.get_logger("bridge.pipeline")
+_PLANS_MAX = 65536  # distinct (broker, topic) pairs remembered; a device fleet's worth
+
+
+class Plan(NamedTuple):
+    """What every message on one topic of one broker shares: found once, then reused."""
+
+    route: Route
+    device_id: str
+    headers: list[tuple[str, bytes]]
+    template: envelope.Template
+    lineage: envelope.Lineage
 
 
 class Pipeline:
@@ -37,30 +49,40 @@ class Pipeline:
         # Half the producer's record limit leaves room for the envelope around the body.
         record_max = int(config.kafka.get("message.max.bytes", 1_000_000))
         self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX, record_max // 2)
+        self._plans: dict[tuple[str, str], Plan] = {}
 
     def prepare(self, message: Message, on_durable: Callable[[], None] | None) -> Delivery:
         """The Delivery for one message: its envelope, or its dead-letter record."""
-        self.metrics.inc("received")
-        try:
-            route, device_id = self.router.match(message.topic)
-        except Rejected as rejected:
-            return self._dead_letter(message, "", self._no_route, rejected, on_durable)
-        lineage = self._lineage[route.name]
+        plan = self._plans.get((message.broker, message.topic))
+        if plan is None:
+            try:
+                plan = self._plan(message)
+            except Rejected as rejected:
+                return self._dead_letter(message, "", self._no_route, rejected, on_durable)
         return Delivery(
-            route.kafka_topic,
-            kafka_key(route.key, device_id, message.arrival_millis),
-            envelope.encode(message, device_id, lineage),
-            envelope.headers(message, device_id, lineage),
+            plan.route.kafka_topic,
+            kafka_key(plan.route.key, plan.device_id, message.arrival_millis),
+            plan.template.encode(message),
+            plan.headers,
             on_durable,
-            self._rejected_by_kafka(message, device_id, lineage),
+            self._rejected_by_kafka,
+            (message, plan),
         )
 
-    def _rejected_by_kafka(self, message: Message, device_id: str,
-                           lineage: envelope.Lineage) -> Callable[[Delivery, Rejected], None]:
-        def reject(delivery: Delivery, rejected: Rejected) -> None:
-            self.sink.submit(
-                self._dead_letter(message, device_id, lineage, rejected, delivery.on_durable))
-        return reject
+    def _plan(self, message: Message) -> Plan:
+        route, device_id = self.router.match(message.topic)
+        lineage = self._lineage[route.name]
+        if len(self._plans) >= _PLANS_MAX:
+            self._plans.clear()
+        plan = self._plans[(message.broker, message.topic)] = Plan(
+            route, device_id, envelope.headers(message, device_id, lineage),
+            envelope.Template(message.topic, message.broker, device_id, lineage), lineage)
+        return plan
+
+    def _rejected_by_kafka(self, delivery: Delivery, rejected: Rejected) -> None:
+        message, plan = delivery.origin
+        self.sink.submit(self._dead_letter(message, plan.device_id, plan.lineage, rejected,
+                                           delivery.on_durable))
 
     def _dead_letter(self, message: Message, device_id: str, lineage: envelope.Lineage,
                      rejected: Rejected, on_durable: Callable[[], None] | None) -> Delivery:
@@ -76,6 +98,7 @@ class Pipeline:
              ("error.code", rejected.code.encode())],
             on_durable,
             self._dead_letter_refused,
+            (message, None),
         )
 
     def _dead_letter_refused(self, delivery: Delivery, rejected: Rejected) -> None:

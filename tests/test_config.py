@@ -112,3 +112,13 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
 
 def test_example_config_is_valid() -> None:
     assert config.load(Path(__file__).parent.parent / "examples" / "bridge.toml").routes
+
+
+def test_one_session_per_broker_and_client_id() -> None:
+    twice = GOOD.replace('[kafka]', '[[brokers]]\nurl = "mqtt://127.0.0.1:1883"\n'
+                         'client_id = "mkb-1"\n[kafka]')
+    assert "brokers[1].client_id: 'mkb-1' is used twice for 127.0.0.1:1883" in problems_of(twice)
+    elsewhere = twice.replace('url = "mqtt://127.0.0.1:1883"\nclient_id = "mkb-1"\n[kafka]',
+                              'url = "mqtt://10.0.0.2:1883"\nclient_id = "mkb-1"\n[kafka]')
+    import tomllib
+    assert len(config.parse(tomllib.loads(elsewhere)).brokers) == 2

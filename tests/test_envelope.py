@@ -30,8 +30,7 @@ def test_round_trip_has_exactly_the_contract_keys() -> None:
 
 
 def test_dead_letter_adds_error_and_cuts_huge_bodies() -> None:
-    big = Message(**{**{s: getattr(MSG, s) for s in Message.__slots__},
-                     "payload": b"x" * (envelope.DEAD_LETTER_BODY_MAX + 10)})
+    big = MSG._replace(payload=b"x" * (envelope.DEAD_LETTER_BODY_MAX + 10))
     decoded = envelope.decode(envelope.encode_dead_letter(big, "d1", LINEAGE, "record_too_large",
                                                           "too big"))
     assert decoded["error"] == {"code": "record_too_large", "reason": "too big"}
@@ -39,6 +38,15 @@ def test_dead_letter_adds_error_and_cuts_huge_bodies() -> None:
     assert decoded["truncated"] is True
     assert decoded["size"] == envelope.DEAD_LETTER_BODY_MAX + 10
     assert decoded["sha256"] == hashlib.sha256(big.payload).hexdigest()
+
+
+@pytest.mark.parametrize("flags", [(0, False, False), (1, True, False), (2, False, True)])
+def test_template_encodes_exactly_what_encode_does(flags: tuple[int, bool, bool]) -> None:
+    template = envelope.Template(MSG.topic, MSG.broker, "d1", LINEAGE)
+    for payload in (b"", b"x" * 40, b"y" * 70_000):
+        message = MSG._replace(qos=flags[0], retain=flags[1], dup=flags[2], payload=payload)
+        assert envelope.decode(template.encode(message)) == \
+            envelope.decode(envelope.encode(message, "d1", LINEAGE))
 
 
 def test_headers_carry_lineage() -> None:
