@@ -26,11 +26,11 @@ import paho.mqtt.client as paho
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridge import config as config_module  # noqa: E402
-from bridge import logs, simulate  # noqa: E402
-from bridge.daemon import Daemon  # noqa: E402
-from bridge.localstack import LocalStack, kafka_service  # noqa: E402
-from bridge.tail import records  # noqa: E402
+from bridge import config as config_module
+from bridge import logs, simulate
+from bridge.daemon import Daemon
+from bridge.localstack import LocalStack, kafka_service
+from bridge.tail import records
 
 TOPIC_FILTER = "bench/+/telemetry"
 
@@ -46,7 +46,7 @@ def open_session(url: str, client_id: str) -> None:
     props.SessionExpiryInterval = 3600
     client.connect("127.0.0.1", int(url.rsplit(":", 1)[1]), clean_start=False, properties=props)
     client.loop_start()
-    result, _ = client.subscribe(TOPIC_FILTER, qos=1)
+    client.subscribe(TOPIC_FILTER, qos=1)
     time.sleep(0.5)
     client.disconnect()
     client.loop_stop()

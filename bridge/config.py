@@ -126,7 +126,7 @@ class _Table:
                 self.fail(name, "missing")
             return None if default is _REQUIRED else default
         value = self.data[name]
-        if isinstance(value, bool) and bool not in _as_tuple(kind) or not isinstance(value, kind):
+        if (isinstance(value, bool) and bool not in _as_tuple(kind)) or not isinstance(value, kind):
             self.fail(name, f"must be {_kind_name(kind)}, got {type(value).__name__}")
             return None if default is _REQUIRED else default
         problem = check(value) if check else None

@@ -31,7 +31,8 @@ class Lineage:
 
 def encode(message: Message, device_id: str, lineage: Lineage) -> bytes:
     """The envelope of a message whose body travels inline."""
-    return msgpack.packb(_fields(message, device_id, lineage, body=message.payload))
+    packed: bytes = msgpack.packb(_fields(message, device_id, lineage, body=message.payload))
+    return packed
 
 
 class Template:
@@ -42,7 +43,7 @@ class Template:
     output decodes to exactly what `encode` gives.
     """
 
-    __slots__ = ("_device_id", "_flags", "_head", "_topic", "_broker")
+    __slots__ = ("_broker", "_device_id", "_flags", "_head", "_topic")
 
     def __init__(self, topic: str, broker: str, device_id: str, lineage: Lineage) -> None:
         self._topic, self._broker, self._device_id = topic, broker, device_id
@@ -95,10 +96,14 @@ def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code:
     if len(payload) > body_max:
         fields["truncated"] = True
     fields["error"] = {"code": code, "reason": reason}
-    return msgpack.packb(fields)
+    packed: bytes = msgpack.packb(fields)
+    return packed
 
 
-def headers(message: Message, device_id: str, lineage: Lineage) -> list[tuple[str, bytes]]:
+Headers = list[tuple[str, str | bytes | None]]  # what confluent-kafka's produce() takes
+
+
+def headers(message: Message, device_id: str, lineage: Lineage) -> Headers:
     """Lineage as Kafka headers, so tools can filter without decoding the value."""
     return [
         ("mqtt.topic", message.topic.encode()),

@@ -14,6 +14,7 @@ Error handling follows the at-least-once rule:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from bridge.envelope import Headers
 from bridge.errors import Rejected
 from bridge.metrics import Metrics
 
@@ -58,7 +60,7 @@ class Delivery:
                  "topic", "value")
 
     def __init__(self, topic: str, key: bytes | None, value: bytes,
-                 headers: list[tuple[str, bytes]],
+                 headers: Headers,
                  on_durable: Callable[[], None] | None,
                  on_rejected: Callable[[Delivery, Rejected], None],
                  origin: Any = None) -> None:
@@ -142,10 +144,8 @@ class KafkaSink:
         """Produce, waiting for room as long as it takes: backpressure, never a drop."""
         while not self.try_send(delivery):
             self._room.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), 0.05)
-            except TimeoutError:
-                pass
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every produced record is settled; False if the deadline passed first."""

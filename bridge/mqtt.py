@@ -11,6 +11,7 @@ the broker redelivers that message instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import struct
@@ -167,10 +168,8 @@ class BrokerSession:
             return
         connection.flush_acks()
         connection.write(mqtt5.DisconnectPacket().write())
-        try:
+        with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(connection.writer.drain(), 5)
-        except (OSError, TimeoutError):
-            pass
         connection.close()
         self.log.info("mqtt_closed", acks_owed=len(connection.owed))
 

@@ -29,7 +29,7 @@ class Plan(NamedTuple):
 
     route: Route
     device_id: str
-    headers: list[tuple[str, bytes]]
+    headers: envelope.Headers
     template: envelope.Template
     lineage: envelope.Lineage
 

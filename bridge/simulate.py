@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 
 @dataclass
@@ -28,7 +28,8 @@ class FleetResult:
 
 
 def device_client(url: str, client_id: str, username: str | None = None,
-                  password: str | None = None, protocol: int = paho.MQTTv5) -> paho.Client:
+                  password: str | None = None,
+                  protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> paho.Client:
     """A connected paho client with its network loop running."""
     parts = urlsplit(url)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)

@@ -37,7 +37,7 @@ def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
                 if record.error():
                     raise KafkaException(record.error())
                 last = time.monotonic()
-                yield record.key(), envelope.decode(record.value())
+                yield record.key(), envelope.decode(record.value() or b"")
     finally:
         consumer.close()
 

@@ -61,7 +61,8 @@ def test_every_problem_is_reported_with_its_key_path() -> None:
 
 
 def test_unknown_and_mistyped_keys_are_errors() -> None:
-    bad = GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1"\nrecieve_max = 5\nkeepalive = "x"')
+    bad = GOOD.replace('client_id = "mkb-1"',
+                       'client_id = "mkb-1"\nrecieve_max = 5\nkeepalive = "x"')
     found = problems_of(bad)
     assert "brokers[0].recieve_max: unknown key" in found
     assert "brokers[0].keepalive: must be an integer, got str" in found

@@ -6,7 +6,7 @@ import pytest
 
 from bridge.config import Route
 from bridge.errors import Rejected
-from bridge.routing import FilterError, Router, RouteFilter, kafka_key
+from bridge.routing import FilterError, RouteFilter, Router, kafka_key
 
 
 def route(name: str, pattern: str, key: str = "arrival_millis") -> Route:
