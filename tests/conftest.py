@@ -101,7 +101,7 @@ class Case:
         stack.create_topics([self.topic, self.dead_letter])
         self.bridges: list[Bridge] = []
 
-    def config(self, extra_broker: str = "", extra_kafka: str = "", extra_bridge: str = "",
+    def config(self, extra_broker: str = "", extra_kafka: str = "", shutdown_timeout: float = 30,
                routes: str | None = None, name: str = "bridge.toml") -> Path:
         routes = routes if routes is not None else f"""
 [[routes]]
@@ -113,10 +113,9 @@ kafka_topic = "{self.topic}"
         path.write_text(f"""
 [bridge]
 instance = "test-{self.client_id}"
-shutdown_timeout = 30
+shutdown_timeout = {shutdown_timeout}
 log_format = "json"
 stats_interval = 1
-{extra_bridge}
 [[brokers]]
 url = "{self.stack.mqtt_url}"
 client_id = "{self.client_id}"

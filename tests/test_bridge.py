@@ -6,6 +6,7 @@ partition with `assign()`. Duplicates are allowed; a missing (device, seq) is a 
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -191,3 +192,40 @@ def test_unbridgeable_messages_go_to_dead_letter_with_a_reason(case: Case) -> No
     stats = bridge.wait_for("bridge_stats", after=bridge.events_count())
     assert stats["dead_letter_no_device_id"] == 1
     assert stats["dead_letter_record_too_large"] == 1
+
+
+def test_sigterm_waits_for_kafka_only_until_the_deadline(case: Case) -> None:
+    bridge = case.bridge(case.config(shutdown_timeout=2))
+    case.stack.kafka.pause()
+    try:
+        simulate.telemetry(case.stack.mqtt_url, devices=5, messages=40, prefix=case.prefix)
+        time.sleep(1)
+        started = time.monotonic()
+        assert bridge.terminate(timeout=30) == 0
+        assert 1.5 < time.monotonic() - started < 15
+        stopped = bridge.wait_for("bridge_stopped")
+        assert stopped["drained"] is False and stopped["left_unacked"] > 0
+    finally:
+        case.stack.kafka.resume()
+    case.bridge()
+    assert_all_arrived(case, 5, 40)
+
+
+def test_a_second_signal_exits_at_once(case: Case) -> None:
+    bridge = case.bridge(case.config(shutdown_timeout=60))
+    case.stack.kafka.pause()
+    try:
+        simulate.telemetry(case.stack.mqtt_url, devices=5, messages=40, prefix=case.prefix)
+        time.sleep(1)
+        assert bridge.proc is not None
+        bridge.proc.send_signal(signal.SIGTERM)
+        bridge.wait_for("bridge_stopping")
+        started = time.monotonic()
+        bridge.proc.send_signal(signal.SIGINT)
+        assert bridge.proc.wait(10) == 128 + signal.SIGINT
+        assert time.monotonic() - started < 5
+        bridge.wait_for("bridge_forced_exit")
+    finally:
+        case.stack.kafka.resume()
+    case.bridge()
+    assert_all_arrived(case, 5, 40)
