@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections import Counter
 import platform
 import resource
 import subprocess
@@ -97,6 +98,19 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu() -> Counter[str]:
+    """CPU seconds per thread name of this process (librdkafka's threads are named rdk:...)."""
+    out: Counter[str] = Counter()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def daemon_metric(daemon: Daemon, name: str) -> int:
     metrics = getattr(daemon, "metrics", None)
     return metrics.counts[name] if metrics else 0
@@ -129,9 +143,11 @@ def main() -> None:
         config = bridge_config(stack, "bench-bridge", args.receive_max, kafka)
         servers = {"tansu": stack.kafka.pid, "mosquitto": stack.mqtt.pid}
         before = {name: cpu_seconds(pid) for name, pid in servers.items()}
-        own_before = time.process_time()
+        own_before, threads_before = time.process_time(), thread_cpu()
         bridge_seconds, daemon = asyncio.run(drain_with_bridge(config, args.messages))
         own_cpu = time.process_time() - own_before
+        threads = thread_cpu()
+        threads.subtract(threads_before)
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in servers.items()}
         rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         in_kafka = sum(1 for _ in records(stack.bootstrap, "bench.telemetry", idle=3))
@@ -148,6 +164,8 @@ def main() -> None:
     print(f"CPU during the bridge drain: bridge {own_cpu:.2f} s ({own_cpu / n * 1e6:.1f} us/msg), "
           + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items())
           + f"; wall {bridge_seconds:.2f} s on {os.cpu_count()} cores")
+    print("bridge CPU by thread: " + ", ".join(
+        f"{name} {cpu:.2f} s" for name, cpu in threads.most_common(4) if cpu > 0))
     print(f"records in Kafka: {in_kafka} (duplicates {in_kafka - n}); "
           f"bench process peak RSS {rss_mib:.0f} MiB; counters {daemon.metrics.snapshot()}")
 
