@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from collections import Counter
 import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as paho

@@ -50,14 +50,8 @@ class Daemon:
         log.info("bridge_started", instance=self.config.bridge.instance,
                  brokers=[s.name for s in self.sessions], map_version=self.config.version,
                  subscriptions=self.pipeline.router.subscriptions())
-        topics = sorted({r.kafka_topic for r in self.config.routes}
-                        | {self.config.dead_letter_topic})
-        missing = await loop.run_in_executor(None, self.sink.missing_topics, topics)
-        if missing:
-            log.error("kafka_topics_missing", topics=missing,
-                      why="records for them go to the dead-letter topic (or wait, if it is "
-                          "the dead-letter topic) until they are created")
         try:
+            await self._check_topics()
             await self._stop.wait()
         finally:
             await self._shutdown(tasks)
@@ -65,6 +59,17 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _check_topics(self) -> None:
+        """Say at start-up which Kafka topics are missing, rather than at the first record."""
+        topics = sorted({r.kafka_topic for r in self.config.routes}
+                        | {self.config.dead_letter_topic})
+        loop = asyncio.get_running_loop()
+        missing = await loop.run_in_executor(None, self.sink.missing_topics, topics)
+        if missing:
+            log.error("kafka_topics_missing", topics=missing,
+                      why="records for them go to the dead-letter topic (or wait, if it is "
+                          "the dead-letter topic) until they are created")
 
     def _handle(self, message: Message, inflight: Inflight | None) -> Awaitable[None] | None:
         """Source -> pipeline -> sink; returns an awaitable only when Kafka pushes back."""

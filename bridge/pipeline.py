@@ -98,7 +98,6 @@ class Pipeline:
              ("error.code", rejected.code.encode())],
             on_durable,
             self._dead_letter_refused,
-            (message, None),
         )
 
     def _dead_letter_refused(self, delivery: Delivery, rejected: Rejected) -> None:

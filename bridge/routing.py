@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from bridge.errors import Rejected
@@ -94,13 +93,12 @@ class RouteFilter:
 
 
 class Router:
-    """The first route whose filter matches a topic, with its bindings; cached per topic."""
+    """The first route whose filter matches a topic, and the device id it binds."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
-        self.match = lru_cache(maxsize=65536)(self._match)
 
-    def _match(self, topic: str) -> tuple[Route, str]:
+    def match(self, topic: str) -> tuple[Route, str]:
         for route in self.routes:
             bound = route.filter.match(topic)
             if bound is not None:
