@@ -83,7 +83,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from bridge.routing import Router, kafka_key
+    from bridge.routing import Router
 
     config = _load(args.config)
     if config is None:
@@ -97,8 +97,8 @@ def _route(args: argparse.Namespace) -> int:
     now = time.time_ns() // 1_000_000
     print(f"topic:       {args.topic}\nroute:       {route.name} ({route.filter.pattern})\n"
           f"bindings:    {route.filter.match(args.topic)}\ndevice_id:   {device_id}\n"
-          f"kafka_topic: {route.kafka_topic}\nkey:         {route.key} -> "
-          f"{kafka_key(route.key, device_id, now).decode()!r}")
+          f"kafka_topic: {route.kafka_topic}\nkey:         {route.key.strategy} -> "
+          f"{route.key.key(device_id, now)!r}")
     return 0
 
 

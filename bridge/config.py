@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError
-from bridge.routing import KEY_STRATEGIES, FilterError, RouteFilter
+from bridge.routing import KEY_STRATEGIES, FilterError, KeySpec, RouteFilter
 
 _REQUIRED: Any = object()
 _CLIENT_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
@@ -77,7 +77,7 @@ class Route:
     name: str
     filter: RouteFilter
     kafka_topic: str
-    key: str = "arrival_millis"
+    key: KeySpec = field(default_factory=KeySpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +241,11 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     topic = t.get("kafka_topic", str, check=_kafka_topic)
     key = t.get("key", str, "arrival_millis", lambda v: None if v in KEY_STRATEGIES else
                 f"unknown strategy {v!r}, expected one of {', '.join(KEY_STRATEGIES)}")
+    window = t.get("key_window", int, 60, _between(1, 86400 * 366))
+    buckets = t.get("key_buckets", int, 16, _between(1, 1_000_000))
+    for option, strategy in (("key_window", "time_bucket"), ("key_buckets", "hash_bucket")):
+        if option in t.data and key != strategy:
+            t.fail(option, f"only applies to key = {strategy!r}")
     name = t.get("name", str, f"route-{index}")
     t.finish()
     if pattern is None:
@@ -250,11 +255,10 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     except FilterError as exc:
         t.fail("filter", str(exc))
         return None
-    if key == "device_id" and "device_id" not in route_filter.placeholders:
-        t.fail("key", "'device_id' needs a {device_id} placeholder in the filter")
     if topic is None or key is None:
         return None
-    return Route(name=name, filter=route_filter, kafka_topic=topic, key=key)
+    return Route(name=name, filter=route_filter, kafka_topic=topic,
+                 key=KeySpec(key, window, buckets))
 
 
 def _kafka(data: Any, problems: list[str]) -> dict[str, Any]:

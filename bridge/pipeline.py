@@ -18,7 +18,7 @@ from bridge.errors import Rejected
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
-from bridge.routing import Router, kafka_key
+from bridge.routing import Router
 
 log = structlog.get_logger("bridge.pipeline")
 _PLANS_MAX = 65536  # distinct (broker, topic) pairs remembered; a device fleet's worth
@@ -29,6 +29,7 @@ class Plan(NamedTuple):
 
     route: Route
     device_id: str
+    key: bytes | None  # when the route's key depends on the device alone
     headers: envelope.Headers
     template: envelope.Template
     lineage: envelope.Lineage
@@ -61,7 +62,8 @@ class Pipeline:
                 return self._dead_letter(message, "", self._no_route, rejected, on_durable)
         return Delivery(
             plan.route.kafka_topic,
-            kafka_key(plan.route.key, plan.device_id, message.arrival_millis),
+            plan.key if plan.route.key.per_device() else
+            plan.route.key.key(plan.device_id, message.arrival_millis),
             plan.template.encode(message),
             plan.headers,
             on_durable,
@@ -75,7 +77,8 @@ class Pipeline:
         if len(self._plans) >= _PLANS_MAX:
             self._plans.clear()
         plan = self._plans[(message.broker, message.topic)] = Plan(
-            route, device_id, envelope.headers(message, device_id, lineage),
+            route, device_id, route.key.key(device_id, 0),
+            envelope.headers(message, device_id, lineage),
             envelope.Template(message.topic, message.broker, device_id, lineage), lineage)
         return plan
 

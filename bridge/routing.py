@@ -6,6 +6,7 @@ binds the placeholder to the topic level it matched. The first route that matche
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _DEVICE_ID_MAX = 128
 
 # What each key strategy gives consumers, see README "Keys".
-KEY_STRATEGIES = ("arrival_millis", "device_id")
+KEY_STRATEGIES = ("arrival_millis", "device_id", "time_bucket", "hash_bucket", "none")
 
 
 class FilterError(ValueError):
@@ -120,8 +121,39 @@ def checked_device_id(device_id: str) -> str:
     return device_id
 
 
-def kafka_key(strategy: str, device_id: str, arrival_millis: int) -> bytes:
-    """The record key: spread a herd over partitions, or keep one device's order."""
-    if strategy == "device_id":
-        return device_id.encode()
-    return str(arrival_millis).encode()
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """How a route keys its records, i.e. which records share a partition.
+
+    - arrival_millis: the arrival time; a herd spreads over every partition, no order.
+    - device_id: one device per key; its messages keep their order.
+    - time_bucket: device id and the start of its `window`-second window
+      (`dev-1@1700000040`); a consumer aggregating per device and window finds the whole
+      group in one partition, and no key grows hot for longer than one window.
+    - hash_bucket: the device id hashed into `buckets` groups (`"0"` .. `"N-1"`), stable
+      across restarts and bridges; bounded groups for consumers that claim buckets.
+    - none: no key; the producer's partitioner spreads records.
+    """
+
+    strategy: str = "arrival_millis"
+    window: int = 60
+    buckets: int = 16
+
+    def per_device(self) -> bool:
+        """True when the key depends on the device alone, so it can be computed once."""
+        return self.strategy in {"device_id", "hash_bucket", "none"}
+
+    def key(self, device_id: str, arrival_millis: int) -> bytes | None:
+        strategy = self.strategy
+        if strategy == "arrival_millis":
+            return str(arrival_millis).encode()
+        if strategy == "device_id":
+            return device_id.encode()
+        if strategy == "time_bucket":
+            start = arrival_millis // 1000 // self.window * self.window
+            return f"{device_id}@{start}".encode()
+        if strategy == "hash_bucket":
+            digest = hashlib.sha256(device_id.encode()).digest()
+            return str(int.from_bytes(digest[:8], "big") % self.buckets).encode()
+        return None
+

@@ -229,3 +229,45 @@ def test_a_second_signal_exits_at_once(case: Case) -> None:
         case.stack.kafka.resume()
     case.bridge()
     assert_all_arrived(case, 5, 40)
+
+
+def test_each_route_keys_records_its_own_way(case: Case) -> None:
+    routes = f"""
+[[routes]]
+name = "telemetry"
+filter = "{case.prefix}/{{device_id}}/telemetry"
+kafka_topic = "{case.topic}"
+key = "device_id"
+
+[[routes]]
+name = "status"
+filter = "{case.prefix}/{{device_id}}/status"
+kafka_topic = "{case.topic}"
+key = "hash_bucket"
+key_buckets = 4
+
+[[routes]]
+name = "windows"
+filter = "{case.prefix}/{{device_id}}/windows"
+kafka_topic = "{case.topic}"
+key = "time_bucket"
+key_window = 60
+"""
+    case.bridge(case.config(routes=routes))
+    for kind in ("telemetry", "status", "windows"):
+        simulate.telemetry(case.stack.mqtt_url, devices=10, messages=5, prefix=case.prefix,
+                           kind=kind)
+    got = case.read(expect=None)
+    deadline = time.monotonic() + 60
+    while len(got) < 150 and time.monotonic() < deadline:
+        got = case.read()
+    by_route: dict[str, set[tuple[str, bytes | None]]] = {}
+    for key, env in got:
+        by_route.setdefault(env["bridge"]["route"], set()).add((env["device_id"], key))
+    assert {k for d, k in by_route["telemetry"]} == {d.encode() for d, _ in by_route["telemetry"]}
+    status = dict(by_route["status"])
+    assert len(status) == 10 and set(status.values()) <= {b"0", b"1", b"2", b"3"}
+    assert len(by_route["status"]) == 10, "one bucket per device, whatever the arrival time"
+    for device, key in by_route["windows"]:
+        name, start = (key or b"").decode().rsplit("@", 1)
+        assert name == device and int(start) % 60 == 0

@@ -42,7 +42,7 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     broker = loaded.brokers[0]
     assert (broker.host, broker.port, broker.tls) == ("127.0.0.1", 1883, False)
     assert broker.receive_max == 1000
-    assert loaded.routes[0].key == "arrival_millis"
+    assert loaded.routes[0].key.strategy == "arrival_millis"
     assert loaded.routes[0].filter.subscription == "devices/+/telemetry"
     assert len(loaded.version) == 12
     assert loaded.producer_config()["acks"] == "all"
@@ -123,3 +123,15 @@ def test_one_session_per_broker_and_client_id() -> None:
                               'url = "mqtt://10.0.0.2:1883"\nclient_id = "mkb-1"\n[kafka]')
     import tomllib
     assert len(config.parse(tomllib.loads(elsewhere)).brokers) == 2
+
+
+def test_key_options_belong_to_their_strategy() -> None:
+    import tomllib
+
+    route = 'kafka_topic = "iot.telemetry"'
+    good = GOOD.replace(route, route + '\nkey = "time_bucket"\nkey_window = 300')
+    assert config.parse(tomllib.loads(good)).routes[0].key.window == 300
+    found = problems_of(GOOD.replace(route, route + '\nkey = "device_id"\nkey_buckets = 4'))
+    assert "routes[0].key_buckets: only applies to key = 'hash_bucket'" in found
+    found = problems_of(GOOD.replace(route, route + '\nkey = "hash_bucket"\nkey_buckets = 0'))
+    assert any(p.startswith("routes[0].key_buckets: must be between 1") for p in found)

@@ -6,11 +6,11 @@ import pytest
 
 from bridge.config import Route
 from bridge.errors import Rejected
-from bridge.routing import FilterError, RouteFilter, Router, kafka_key
+from bridge.routing import FilterError, KeySpec, RouteFilter, Router
 
 
-def route(name: str, pattern: str, key: str = "arrival_millis") -> Route:
-    return Route(name=name, filter=RouteFilter.parse(pattern), kafka_topic=f"t.{name}", key=key)
+def route(name: str, pattern: str) -> Route:
+    return Route(name=name, filter=RouteFilter.parse(pattern), kafka_topic=f"t.{name}")
 
 
 def test_placeholders_bind_one_level_and_derive_the_subscription() -> None:
@@ -58,6 +58,28 @@ def test_unroutable_and_empty_device_ids_are_rejected_with_codes() -> None:
     assert bad.value.code == "invalid_device_id"
 
 
-def test_keys() -> None:
-    assert kafka_key("arrival_millis", "d1", 1700000000123) == b"1700000000123"
-    assert kafka_key("device_id", "d1", 1700000000123) == b"d1"
+def test_arrival_millis_and_device_id_keys() -> None:
+    assert KeySpec("arrival_millis").key("d1", 1700000000123) == b"1700000000123"
+    assert KeySpec("device_id").key("d1", 1700000000123) == b"d1"
+    assert KeySpec("none").key("d1", 1700000000123) is None
+
+
+def test_time_bucket_groups_one_device_per_window() -> None:
+    spec = KeySpec("time_bucket", window=60)
+    assert spec.key("d1", 1_700_000_040_000) == b"d1@1700000040"
+    assert spec.key("d1", 1_700_000_099_999) == b"d1@1700000040"
+    assert spec.key("d1", 1_700_000_100_000) == b"d1@1700000100"
+    assert spec.key("d2", 1_700_000_040_000) == b"d2@1700000040"
+
+
+def test_hash_bucket_is_stable_and_bounded() -> None:
+    spec = KeySpec("hash_bucket", buckets=8)
+    keys = {spec.key(f"dev-{i}", 0) for i in range(1000)}
+    assert keys == {str(b).encode() for b in range(8)}
+    assert spec.key("dev-1", 0) == spec.key("dev-1", 10**12)
+    assert spec.key("dev-1", 0) == b"2"  # sha256-based: the same in every process and release
+
+
+def test_only_device_keys_are_computed_once_per_topic() -> None:
+    assert [s for s in ("arrival_millis", "device_id", "time_bucket", "hash_bucket", "none")
+            if KeySpec(s).per_device()] == ["device_id", "hash_bucket", "none"]
