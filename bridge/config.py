@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError
+from bridge.formats import FORMATS
 from bridge.routing import KEY_STRATEGIES, FilterError, KeySpec, RouteFilter
 
 _REQUIRED: Any = object()
@@ -78,6 +79,7 @@ class Route:
     filter: RouteFilter
     kafka_topic: str
     key: KeySpec = field(default_factory=KeySpec)
+    format: str = "raw"
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +248,8 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     for option, strategy in (("key_window", "time_bucket"), ("key_buckets", "hash_bucket")):
         if option in t.data and key != strategy:
             t.fail(option, f"only applies to key = {strategy!r}")
+    payload_format = t.get("format", str, "raw", lambda v: None if v in FORMATS else
+                           f"unknown format {v!r}, expected one of {', '.join(FORMATS)}")
     name = t.get("name", str, f"route-{index}")
     t.finish()
     if pattern is None:
@@ -258,7 +262,7 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     if topic is None or key is None:
         return None
     return Route(name=name, filter=route_filter, kafka_topic=topic,
-                 key=KeySpec(key, window, buckets))
+                 key=KeySpec(key, window, buckets), format=payload_format)
 
 
 def _kafka(data: Any, problems: list[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import msgpack
 from bridge.message import Message
 
 VERSION = 1
+RAW = "application/octet-stream"  # the content type of a route that checks no format
 # A dead-letter record keeps at most this much of the body by default: it must fit Kafka even
 # when the reason it is dead-lettered is that the body did not.
 DEAD_LETTER_BODY_MAX = 256 * 1024
@@ -29,9 +30,11 @@ class Lineage:
     map_version: str
 
 
-def encode(message: Message, device_id: str, lineage: Lineage) -> bytes:
+def encode(message: Message, device_id: str, lineage: Lineage,
+           content_type: str = RAW) -> bytes:
     """The envelope of a message whose body travels inline."""
-    packed: bytes = msgpack.packb(_fields(message, device_id, lineage, body=message.payload))
+    packed: bytes = msgpack.packb(_fields(message, device_id, lineage, message.payload,
+                                          content_type))
     return packed
 
 
@@ -45,10 +48,11 @@ class Template:
 
     __slots__ = ("_broker", "_device_id", "_flags", "_head", "_topic")
 
-    def __init__(self, topic: str, broker: str, device_id: str, lineage: Lineage) -> None:
+    def __init__(self, topic: str, broker: str, device_id: str, lineage: Lineage,
+                 content_type: str = RAW) -> None:
         self._topic, self._broker, self._device_id = topic, broker, device_id
         self._head = b"".join(msgpack.packb(x) for x in (
-            "v", VERSION, "device_id", device_id,
+            "v", VERSION, "device_id", device_id, "content_type", content_type,
             "bridge", {"instance": lineage.instance, "route": lineage.route,
                        "map_version": lineage.map_version}))
         self._flags: dict[tuple[int, bool, bool], bytes] = {}
@@ -61,7 +65,7 @@ class Template:
                 "topic": self._topic, "qos": flags[0], "broker": self._broker,
                 "retain": flags[1], "dup": flags[2]})
         payload = message.payload
-        return b"".join((_MAP6, self._head, mqtt, _ARRIVAL, _uint64(message.arrival_millis),
+        return b"".join((_MAP7, self._head, mqtt, _ARRIVAL, _uint64(message.arrival_millis),
                          _BODY, _bin_header(len(payload)), payload))
 
 
@@ -80,7 +84,8 @@ def _bin_header(size: int) -> bytes:
     return b"\xc6" + size.to_bytes(4, "big")
 
 
-_MAP6 = b"\x86"  # fixmap with 6 pairs: v, device_id, bridge, mqtt, arrival_time_millis, body
+# fixmap of 7 pairs: v, device_id, content_type, bridge, mqtt, arrival_time_millis, body
+_MAP7 = b"\x87"
 _ARRIVAL = msgpack.packb("arrival_time_millis")
 _BODY = msgpack.packb("body")
 
@@ -90,7 +95,7 @@ def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code:
     """A dead-letter record: the envelope plus the reason. The body is cut to `body_max`;
     `size` and `sha256` always describe the whole payload."""
     payload = message.payload
-    fields = _fields(message, device_id, lineage, body=payload[:body_max])
+    fields = _fields(message, device_id, lineage, payload[:body_max], RAW)
     fields["size"] = len(payload)
     fields["sha256"] = hashlib.sha256(payload).hexdigest()
     if len(payload) > body_max:
@@ -124,10 +129,12 @@ def decode(value: bytes) -> dict[str, Any]:
     return envelope
 
 
-def _fields(message: Message, device_id: str, lineage: Lineage, body: bytes) -> dict[str, Any]:
+def _fields(message: Message, device_id: str, lineage: Lineage, body: bytes,
+            content_type: str) -> dict[str, Any]:
     return {
         "v": VERSION,
         "device_id": device_id,
+        "content_type": content_type,
         "arrival_time_millis": message.arrival_millis,
         "body": body,
         "mqtt": {

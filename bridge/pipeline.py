@@ -15,6 +15,7 @@ import structlog
 from bridge import envelope
 from bridge.config import Config, Route
 from bridge.errors import Rejected
+from bridge.formats import FORMATS
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
@@ -33,6 +34,7 @@ class Plan(NamedTuple):
     headers: envelope.Headers
     template: envelope.Template
     lineage: envelope.Lineage
+    check: Callable[[bytes], object] | None  # the route's payload format
 
 
 class Pipeline:
@@ -60,6 +62,12 @@ class Pipeline:
                 plan = self._plan(message)
             except Rejected as rejected:
                 return self._dead_letter(message, "", self._no_route, rejected, on_durable)
+        if plan.check is not None:
+            try:
+                plan.check(message.payload)
+            except (ValueError, RecursionError) as exc:
+                bad = Rejected("bad_payload", f"not valid {plan.route.format}: {exc}")
+                return self._dead_letter(message, plan.device_id, plan.lineage, bad, on_durable)
         return Delivery(
             plan.route.kafka_topic,
             plan.key if plan.route.key.per_device() else
@@ -74,12 +82,15 @@ class Pipeline:
     def _plan(self, message: Message) -> Plan:
         route, device_id = self.router.match(message.topic)
         lineage = self._lineage[route.name]
+        payload_format = FORMATS[route.format]
         if len(self._plans) >= _PLANS_MAX:
             self._plans.clear()
         plan = self._plans[(message.broker, message.topic)] = Plan(
             route, device_id, route.key.key(device_id, 0),
             envelope.headers(message, device_id, lineage),
-            envelope.Template(message.topic, message.broker, device_id, lineage), lineage)
+            envelope.Template(message.topic, message.broker, device_id, lineage,
+                              payload_format.content_type),
+            lineage, payload_format.check)
         return plan
 
     def _rejected_by_kafka(self, delivery: Delivery, rejected: Rejected) -> None:

@@ -271,3 +271,34 @@ key_window = 60
     for device, key in by_route["windows"]:
         name, start = (key or b"").decode().rsplit("@", 1)
         assert name == device and int(start) % 60 == 0
+
+
+def test_a_json_route_dead_letters_what_does_not_parse(case: Case) -> None:
+    routes = f"""
+[[routes]]
+name = "json"
+filter = "{case.prefix}/{{device_id}}/telemetry"
+kafka_topic = "{case.topic}"
+format = "json"
+"""
+    case.bridge(case.config(routes=routes))
+    client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
+    try:
+        simulate.publish_all(client, [
+            (f"{case.prefix}/good/telemetry", simulate.payload("good", 0, 10)),
+            (f"{case.prefix}/bad/telemetry", b"{not json"),
+            (f"{case.prefix}/deep/telemetry", b"[" * 100_000 + b"]" * 100_000),
+        ], qos=1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    good = case.read(expect=1)
+    assert [env["content_type"] for _, env in good] == ["application/json"]
+    dead = case.read(case.dead_letter)
+    deadline = time.monotonic() + 30
+    while len(dead) < 2 and time.monotonic() < deadline:
+        dead = case.read(case.dead_letter)
+    reasons = {env["device_id"]: env["error"] for _, env in dead}
+    assert set(reasons) == {"bad", "deep"}
+    assert all(e["code"] == "bad_payload" for e in reasons.values())
+    assert reasons["bad"]["reason"].startswith("not valid json: ")

@@ -20,6 +20,7 @@ def test_round_trip_has_exactly_the_contract_keys() -> None:
     assert decoded == {
         "v": 1,
         "device_id": "d1",
+        "content_type": "application/octet-stream",
         "arrival_time_millis": 1700000000123,
         "body": b"\x00\x01hello",
         "mqtt": {"topic": "devices/d1/telemetry", "qos": 1, "broker": "127.0.0.1:1883",
@@ -42,11 +43,11 @@ def test_dead_letter_adds_error_and_cuts_huge_bodies() -> None:
 
 @pytest.mark.parametrize("flags", [(0, False, False), (1, True, False), (2, False, True)])
 def test_template_encodes_exactly_what_encode_does(flags: tuple[int, bool, bool]) -> None:
-    template = envelope.Template(MSG.topic, MSG.broker, "d1", LINEAGE)
+    template = envelope.Template(MSG.topic, MSG.broker, "d1", LINEAGE, "application/json")
     for payload in (b"", b"x" * 40, b"y" * 70_000):
         message = MSG._replace(qos=flags[0], retain=flags[1], dup=flags[2], payload=payload)
         assert envelope.decode(template.encode(message)) == \
-            envelope.decode(envelope.encode(message, "d1", LINEAGE))
+            envelope.decode(envelope.encode(message, "d1", LINEAGE, "application/json"))
 
 
 def test_headers_carry_lineage() -> None:
