@@ -89,15 +89,15 @@ def _route(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     try:
-        route, device_id = Router(config.routes).match(args.topic)
+        route, device_id, bindings, kafka_topic = Router(config.routes).match(args.topic)
     except Rejected as rejected:
         print(f"{args.topic}: dead letter ({rejected.code}: {rejected.reason}) "
               f"-> {config.dead_letter_topic}")
         return 1
     now = time.time_ns() // 1_000_000
     print(f"topic:       {args.topic}\nroute:       {route.name} ({route.filter.pattern})\n"
-          f"bindings:    {route.filter.match(args.topic)}\ndevice_id:   {device_id}\n"
-          f"kafka_topic: {route.kafka_topic}\nkey:         {route.key.strategy} -> "
+          f"bindings:    {bindings}\ndevice_id:   {device_id}\n"
+          f"kafka_topic: {kafka_topic}\nkey:         {route.key.strategy} -> "
           f"{route.key.key(device_id, now)!r}")
     return 0
 

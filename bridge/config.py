@@ -19,11 +19,17 @@ from urllib.parse import urlsplit
 
 from bridge.errors import ConfigError
 from bridge.formats import FORMATS
-from bridge.routing import KEY_STRATEGIES, FilterError, KeySpec, RouteFilter
+from bridge.routing import (
+    KEY_STRATEGIES,
+    FilterError,
+    KeySpec,
+    RouteFilter,
+    kafka_topic_problem,
+    template_fields,
+)
 
 _REQUIRED: Any = object()
 _CLIENT_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
-_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 # Producer properties the at-least-once promise depends on: the bridge sets them itself.
 _OWNED_KAFKA = {
     "acks": "all",
@@ -155,9 +161,8 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
 
 
 def _kafka_topic(value: str) -> str | None:
-    if _KAFKA_TOPIC.match(value) and value not in {".", ".."}:
-        return None
-    return f"{value!r} is not a valid Kafka topic name (1-249 of [A-Za-z0-9._-])"
+    """A topic name, or a template whose literal parts are legal (placeholders as 'x')."""
+    return kafka_topic_problem(re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "x", value))
 
 
 def _existing_file(value: str) -> str | None:
@@ -259,6 +264,9 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     except FilterError as exc:
         t.fail("filter", str(exc))
         return None
+    unbound = [f for f in template_fields(topic or "") if f not in route_filter.placeholders]
+    if unbound:
+        t.fail("kafka_topic", f"placeholder {{{unbound[0]}}} is not bound by the filter")
     if topic is None or key is None:
         return None
     return Route(name=name, filter=route_filter, kafka_topic=topic,
@@ -324,7 +332,7 @@ def parse(data: dict[str, Any], source: str = "") -> Config:
         s.finish()
 
     d = _Table(top.get("dead_letter", dict, {}), "dead_letter", problems)
-    dead_letter_topic = d.get("kafka_topic", str, check=_kafka_topic)
+    dead_letter_topic = d.get("kafka_topic", str, check=kafka_topic_problem)
     d.finish()
 
     route_list = top.get("routes", list, [])

@@ -62,7 +62,7 @@ class Daemon:
 
     async def _check_topics(self) -> None:
         """Say at start-up which Kafka topics are missing, rather than at the first record."""
-        topics = sorted({r.kafka_topic for r in self.config.routes}
+        topics = sorted({r.kafka_topic for r in self.config.routes if "{" not in r.kafka_topic}
                         | {self.config.dead_letter_topic})
         loop = asyncio.get_running_loop()
         missing = await loop.run_in_executor(None, self.sink.missing_topics, topics)

@@ -40,7 +40,8 @@ class MalformedPacket(MqttError):
 class Rejected(BridgeError):
     """One message cannot be bridged. It is dead-lettered with `code` and `reason`, then acked."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, device_id: str = "") -> None:
         self.code = code
         self.reason = reason
+        self.device_id = device_id  # when known: the dead-letter record names the device
         super().__init__(f"{code}: {reason}")

@@ -29,6 +29,7 @@ class Plan(NamedTuple):
     """What every message on one topic of one broker shares: found once, then reused."""
 
     route: Route
+    kafka_topic: str
     device_id: str
     key: bytes | None  # when the route's key depends on the device alone
     headers: envelope.Headers
@@ -61,7 +62,8 @@ class Pipeline:
             try:
                 plan = self._plan(message)
             except Rejected as rejected:
-                return self._dead_letter(message, "", self._no_route, rejected, on_durable)
+                return self._dead_letter(message, rejected.device_id, self._no_route, rejected,
+                                         on_durable)
         if plan.check is not None:
             try:
                 plan.check(message.payload)
@@ -69,7 +71,7 @@ class Pipeline:
                 bad = Rejected("bad_payload", f"not valid {plan.route.format}: {exc}")
                 return self._dead_letter(message, plan.device_id, plan.lineage, bad, on_durable)
         return Delivery(
-            plan.route.kafka_topic,
+            plan.kafka_topic,
             plan.key if plan.route.key.per_device() else
             plan.route.key.key(plan.device_id, message.arrival_millis),
             plan.template.encode(message),
@@ -80,13 +82,13 @@ class Pipeline:
         )
 
     def _plan(self, message: Message) -> Plan:
-        route, device_id = self.router.match(message.topic)
+        route, device_id, _, kafka_topic = self.router.match(message.topic)
         lineage = self._lineage[route.name]
         payload_format = FORMATS[route.format]
         if len(self._plans) >= _PLANS_MAX:
             self._plans.clear()
         plan = self._plans[(message.broker, message.topic)] = Plan(
-            route, device_id, route.key.key(device_id, 0),
+            route, kafka_topic, device_id, route.key.key(device_id, 0),
             envelope.headers(message, device_id, lineage),
             envelope.Template(message.topic, message.broker, device_id, lineage,
                               payload_format.content_type),

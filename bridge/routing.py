@@ -10,7 +10,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from bridge.errors import Rejected
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from bridge.config import Route
 
 _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _DEVICE_ID_MAX = 128
 
 # What each key strategy gives consumers, see README "Keys".
@@ -93,17 +95,51 @@ class RouteFilter:
         return bound
 
 
+def kafka_topic_problem(name: str) -> str | None:
+    """Why `name` is not a legal Kafka topic name, or None."""
+    if _KAFKA_TOPIC.match(name) and name not in {".", ".."}:
+        return None
+    return f"{name!r} is not a valid Kafka topic name (1-249 of [A-Za-z0-9._-])"
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{name}` placeholders a Kafka topic template uses."""
+    return _TEMPLATE_FIELD.findall(template)
+
+
+def render_topic(template: str, bindings: dict[str, str], device_id: str = "") -> str:
+    """The Kafka topic for one message; Rejected when the result breaks Kafka's rules, so a
+    strange topic level never becomes a surprising topic."""
+    if "{" not in template:
+        return template
+    topic = _TEMPLATE_FIELD.sub(lambda m: bindings[m[1]], template)
+    problem = kafka_topic_problem(topic)
+    if problem:
+        raise Rejected("invalid_topic", f"topic template {template!r} gives {problem}",
+                       device_id)
+    return topic
+
+
+class Match(NamedTuple):
+    route: Route
+    device_id: str
+    bindings: dict[str, str]
+    kafka_topic: str
+
+
 class Router:
-    """The first route whose filter matches a topic, and the device id it binds."""
+    """The first route whose filter matches a topic, what it binds, and where it goes."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
 
-    def match(self, topic: str) -> tuple[Route, str]:
+    def match(self, topic: str) -> Match:
         for route in self.routes:
             bound = route.filter.match(topic)
             if bound is not None:
-                return route, checked_device_id(bound["device_id"])
+                device_id = checked_device_id(bound["device_id"])
+                return Match(route, device_id, bound,
+                             render_topic(route.kafka_topic, bound, device_id))
         raise Rejected("no_route", f"no route matches topic {topic!r}")
 
     def subscriptions(self) -> list[str]:

@@ -302,3 +302,31 @@ format = "json"
     assert set(reasons) == {"bad", "deep"}
     assert all(e["code"] == "bad_payload" for e in reasons.values())
     assert reasons["bad"]["reason"].startswith("not valid json: ")
+
+
+def test_topic_templates_route_per_site_and_refuse_bad_names(case: Case) -> None:
+    routes = f"""
+[[routes]]
+name = "sites"
+filter = "{case.prefix}/{{site}}/{{device_id}}/telemetry"
+kafka_topic = "{case.topic}.{{site}}"
+"""
+    case.stack.create_topics([f"{case.topic}.berlin"])
+    case.bridge(case.config(routes=routes))
+    client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
+    try:
+        simulate.publish_all(client, [
+            (f"{case.prefix}/berlin/d1/telemetry", simulate.payload("d1", 0, 10)),
+            (f"{case.prefix}/no site!/d2/telemetry", simulate.payload("d2", 0, 10)),
+        ], qos=1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    berlin = case.read(f"{case.topic}.berlin", expect=1)
+    assert [env["device_id"] for _, env in berlin] == ["d1"]
+    dead = case.read(case.dead_letter)
+    deadline = time.monotonic() + 30
+    while not dead and time.monotonic() < deadline:
+        dead = case.read(case.dead_letter)
+    refused = [(env["device_id"], env["error"]["code"]) for _, env in dead]
+    assert refused == [("d2", "invalid_topic")]

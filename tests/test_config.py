@@ -135,3 +135,15 @@ def test_key_options_belong_to_their_strategy() -> None:
     assert "routes[0].key_buckets: only applies to key = 'hash_bucket'" in found
     found = problems_of(GOOD.replace(route, route + '\nkey = "hash_bucket"\nkey_buckets = 0'))
     assert any(p.startswith("routes[0].key_buckets: must be between 1") for p in found)
+
+
+def test_topic_templates_are_checked_against_the_filter() -> None:
+    import tomllib
+
+    site = GOOD.replace("devices/{device_id}/telemetry", "sites/{site}/devices/{device_id}")
+    good = site.replace('kafka_topic = "iot.telemetry"', 'kafka_topic = "iot.{site}.telemetry"')
+    assert config.parse(tomllib.loads(good)).routes[0].kafka_topic == "iot.{site}.telemetry"
+    found = problems_of(site.replace('kafka_topic = "iot.telemetry"', 'kafka_topic = "iot.{x}"'))
+    assert "routes[0].kafka_topic: placeholder {x} is not bound by the filter" in found
+    found = problems_of(site.replace('kafka_topic = "iot.telemetry"', 'kafka_topic = "a b.{site}"'))
+    assert any(p.startswith("routes[0].kafka_topic: 'a b.x' is not a valid") for p in found)
