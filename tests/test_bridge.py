@@ -6,14 +6,17 @@ partition with `assign()`. Duplicates are allowed; a missing (device, seq) is a 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from bridge import simulate
-from tests.conftest import Case, distinct
+from tests.conftest import Bridge, Case, distinct
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +37,38 @@ def assert_all_arrived(case: Case, devices: int, messages: int, first_seq: int =
     missing = expected - seen
     assert not missing, f"{len(missing)} missing, e.g. {sorted(missing)[:5]}"
     return len(got) - len(seen)
+
+
+def publish_as_device(case: Case, messages: list[tuple[str, bytes]]) -> None:
+    """Publish a few hand-made QoS 1 messages, waiting until the broker has each."""
+    client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
+    try:
+        simulate.publish_all(client, messages, qos=1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def read_dead_letters(case: Case, count: int, timeout: float = 30) -> list[Any]:
+    """The dead-letter topic's records, once it holds `count` (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    dead = case.read(case.dead_letter)
+    while len(dead) < count and time.monotonic() < deadline:
+        dead = case.read(case.dead_letter)
+    return dead
+
+
+@contextlib.contextmanager
+def kafka_stalled_with_backlog(case: Case, shutdown_timeout: float) -> Iterator[Bridge]:
+    """A running bridge holding 200 messages it cannot deliver: Kafka is stopped."""
+    bridge = case.bridge(case.config(shutdown_timeout=shutdown_timeout))
+    case.stack.kafka.pause()
+    try:
+        simulate.telemetry(case.stack.mqtt_url, devices=5, messages=40, prefix=case.prefix)
+        time.sleep(1)
+        yield bridge
+    finally:
+        case.stack.kafka.resume()
 
 
 def test_ten_thousand_messages_from_a_hundred_devices(case: Case) -> None:
@@ -168,20 +203,12 @@ def test_sigterm_under_load_exits_cleanly_and_loses_nothing(case: Case) -> None:
 
 def test_unbridgeable_messages_go_to_dead_letter_with_a_reason(case: Case) -> None:
     bridge = case.bridge(case.config(extra_kafka='"message.max.bytes" = 20000'))
-    client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
-    try:
-        simulate.publish_all(client, [
-            (f"{case.prefix}//telemetry", b"no device id"),
-            (f"{case.prefix}/big/telemetry", b"x" * 50_000),
-            (f"{case.prefix}/ok/telemetry", simulate.payload("ok", 0, 10)),
-        ], qos=1)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    dead = case.read(case.dead_letter, expect=None)
-    deadline = time.monotonic() + 30
-    while len(dead) < 2 and time.monotonic() < deadline:
-        dead = case.read(case.dead_letter)
+    publish_as_device(case, [
+        (f"{case.prefix}//telemetry", b"no device id"),
+        (f"{case.prefix}/big/telemetry", b"x" * 50_000),
+        (f"{case.prefix}/ok/telemetry", simulate.payload("ok", 0, 10)),
+    ])
+    dead = read_dead_letters(case, 2)
     codes = {env["error"]["code"]: env for _, env in dead}
     assert set(codes) == {"no_device_id", "record_too_large"}
     too_large = codes["record_too_large"]
@@ -195,28 +222,18 @@ def test_unbridgeable_messages_go_to_dead_letter_with_a_reason(case: Case) -> No
 
 
 def test_sigterm_waits_for_kafka_only_until_the_deadline(case: Case) -> None:
-    bridge = case.bridge(case.config(shutdown_timeout=2))
-    case.stack.kafka.pause()
-    try:
-        simulate.telemetry(case.stack.mqtt_url, devices=5, messages=40, prefix=case.prefix)
-        time.sleep(1)
+    with kafka_stalled_with_backlog(case, shutdown_timeout=2) as bridge:
         started = time.monotonic()
         assert bridge.terminate(timeout=30) == 0
         assert 1.5 < time.monotonic() - started < 15
         stopped = bridge.wait_for("bridge_stopped")
         assert stopped["drained"] is False and stopped["left_unacked"] > 0
-    finally:
-        case.stack.kafka.resume()
     case.bridge()
     assert_all_arrived(case, 5, 40)
 
 
 def test_a_second_signal_exits_at_once(case: Case) -> None:
-    bridge = case.bridge(case.config(shutdown_timeout=60))
-    case.stack.kafka.pause()
-    try:
-        simulate.telemetry(case.stack.mqtt_url, devices=5, messages=40, prefix=case.prefix)
-        time.sleep(1)
+    with kafka_stalled_with_backlog(case, shutdown_timeout=60) as bridge:
         assert bridge.proc is not None
         bridge.proc.send_signal(signal.SIGTERM)
         bridge.wait_for("bridge_stopping")
@@ -225,8 +242,6 @@ def test_a_second_signal_exits_at_once(case: Case) -> None:
         assert bridge.proc.wait(10) == 128 + signal.SIGINT
         assert time.monotonic() - started < 5
         bridge.wait_for("bridge_forced_exit")
-    finally:
-        case.stack.kafka.resume()
     case.bridge()
     assert_all_arrived(case, 5, 40)
 
@@ -282,22 +297,14 @@ kafka_topic = "{case.topic}"
 format = "json"
 """
     case.bridge(case.config(routes=routes))
-    client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
-    try:
-        simulate.publish_all(client, [
-            (f"{case.prefix}/good/telemetry", simulate.payload("good", 0, 10)),
-            (f"{case.prefix}/bad/telemetry", b"{not json"),
-            (f"{case.prefix}/deep/telemetry", b"[" * 100_000 + b"]" * 100_000),
-        ], qos=1)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    publish_as_device(case, [
+        (f"{case.prefix}/good/telemetry", simulate.payload("good", 0, 10)),
+        (f"{case.prefix}/bad/telemetry", b"{not json"),
+        (f"{case.prefix}/deep/telemetry", b"[" * 100_000 + b"]" * 100_000),
+    ])
     good = case.read(expect=1)
     assert [env["content_type"] for _, env in good] == ["application/json"]
-    dead = case.read(case.dead_letter)
-    deadline = time.monotonic() + 30
-    while len(dead) < 2 and time.monotonic() < deadline:
-        dead = case.read(case.dead_letter)
+    dead = read_dead_letters(case, 2)
     reasons = {env["device_id"]: env["error"] for _, env in dead}
     assert set(reasons) == {"bad", "deep"}
     assert all(e["code"] == "bad_payload" for e in reasons.values())
@@ -313,20 +320,12 @@ kafka_topic = "{case.topic}.{{site}}"
 """
     case.stack.create_topics([f"{case.topic}.berlin"])
     case.bridge(case.config(routes=routes))
-    client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
-    try:
-        simulate.publish_all(client, [
-            (f"{case.prefix}/berlin/d1/telemetry", simulate.payload("d1", 0, 10)),
-            (f"{case.prefix}/no site!/d2/telemetry", simulate.payload("d2", 0, 10)),
-        ], qos=1)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    publish_as_device(case, [
+        (f"{case.prefix}/berlin/d1/telemetry", simulate.payload("d1", 0, 10)),
+        (f"{case.prefix}/no site!/d2/telemetry", simulate.payload("d2", 0, 10)),
+    ])
     berlin = case.read(f"{case.topic}.berlin", expect=1)
     assert [env["device_id"] for _, env in berlin] == ["d1"]
-    dead = case.read(case.dead_letter)
-    deadline = time.monotonic() + 30
-    while not dead and time.monotonic() < deadline:
-        dead = case.read(case.dead_letter)
+    dead = read_dead_letters(case, 1)
     refused = [(env["device_id"], env["error"]["code"]) for _, env in dead]
     assert refused == [("d2", "invalid_topic")]
