@@ -26,6 +26,7 @@ from bridge.routing import (
     RouteFilter,
     kafka_topic_problem,
     template_fields,
+    template_problem,
 )
 
 _REQUIRED: Any = object()
@@ -98,6 +99,12 @@ class Config:
     s3: S3Config | None = None
     version: str = field(default="")
 
+    def fixed_topics(self) -> list[str]:
+        """The Kafka topics known before any message: the dead-letter topic and every route
+        topic that is not a template."""
+        return sorted({r.kafka_topic for r in self.routes if "{" not in r.kafka_topic}
+                      | {self.dead_letter_topic})
+
     def producer_config(self) -> dict[str, Any]:
         """librdkafka properties: the user's, then the ones at-least-once needs."""
         return {**self.kafka, **_OWNED_KAFKA}
@@ -160,11 +167,6 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}, got {v}"
 
 
-def _kafka_topic(value: str) -> str | None:
-    """A topic name, or a template whose literal parts are legal (placeholders as 'x')."""
-    return kafka_topic_problem(re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "x", value))
-
-
 def _existing_file(value: str) -> str | None:
     return None if Path(value).is_file() else f"file {value!r} does not exist"
 
@@ -223,6 +225,16 @@ def _no_passphrase() -> bytes:
     raise ValueError("the key is encrypted; give the bridge an unencrypted key_file")
 
 
+def tls_context(ca_file: str | None, cert_file: str | None = None,
+                key_file: str | None = None) -> ssl.SSLContext:
+    """The TLS context of one broker connection. An encrypted key fails (ValueError) rather
+    than prompting for a passphrase on a terminal."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file and key_file:
+        context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
+    return context
+
+
 def _check_tls(t: _Table, options: dict[str, Any]) -> None:
     """Load the CA and the client key pair now, as each connect will: a bad or mismatched
     file is a config error with its key path, not an endless reconnect loop."""
@@ -230,22 +242,20 @@ def _check_tls(t: _Table, options: dict[str, Any]) -> None:
     if not all(Path(f).is_file() for f in files):
         return  # already reported as missing
     try:
-        context = ssl.create_default_context(cafile=options["ca_file"])
+        tls_context(options["ca_file"])
     except (ssl.SSLError, OSError) as exc:
         t.fail("ca_file", f"cannot load CA certificates: {exc}")
         return
-    if options["cert_file"] and options["key_file"]:
-        try:
-            context.load_cert_chain(options["cert_file"], options["key_file"],
-                                    password=_no_passphrase)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            t.fail("key_file", f"cannot use cert_file and key_file: {exc}")
+    try:
+        tls_context(options["ca_file"], options["cert_file"], options["key_file"])
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        t.fail("key_file", f"cannot use cert_file and key_file: {exc}")
 
 
 def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | None:
     t = _Table(data, path, problems)
     pattern = t.get("filter", str)
-    topic = t.get("kafka_topic", str, check=_kafka_topic)
+    topic = t.get("kafka_topic", str, check=template_problem)
     key = t.get("key", str, "arrival_millis", lambda v: None if v in KEY_STRATEGIES else
                 f"unknown strategy {v!r}, expected one of {', '.join(KEY_STRATEGIES)}")
     window = t.get("key_window", int, 60, _between(1, 86400 * 366))

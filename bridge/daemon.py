@@ -62,10 +62,9 @@ class Daemon:
 
     async def _check_topics(self) -> None:
         """Say at start-up which Kafka topics are missing, rather than at the first record."""
-        topics = sorted({r.kafka_topic for r in self.config.routes if "{" not in r.kafka_topic}
-                        | {self.config.dead_letter_topic})
         loop = asyncio.get_running_loop()
-        missing = await loop.run_in_executor(None, self.sink.missing_topics, topics)
+        missing = await loop.run_in_executor(None, self.sink.missing_topics,
+                                             self.config.fixed_topics())
         if missing:
             log.error("kafka_topics_missing", topics=missing,
                       why="records for them go to the dead-letter topic (or wait, if it is "

@@ -42,8 +42,7 @@ def run_dev(config_path: str, workdir: str, rate: float) -> int:
         except ConfigError as exc:
             print("\n".join(exc.problems))
             return 2
-        topics = sorted({r.kafka_topic for r in config.routes if "{" not in r.kafka_topic}
-                        | {config.dead_letter_topic})
+        topics = config.fixed_topics()
         stack.create_topics(topics)
         if config.s3:
             stack.create_bucket(config.s3.bucket)

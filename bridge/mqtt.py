@@ -22,7 +22,7 @@ from pathlib import Path
 import mqtt5
 import structlog
 
-from bridge.config import BrokerConfig
+from bridge.config import BrokerConfig, tls_context
 from bridge.errors import MalformedPacket, MqttError
 from bridge.message import Message
 from bridge.metrics import Metrics
@@ -214,13 +214,13 @@ class BrokerSession:
             task.result()
 
     def _tls(self) -> ssl.SSLContext | None:
-        if not self.config.tls:
+        c = self.config
+        if not c.tls:
             return None
-        context = ssl.create_default_context(cafile=self.config.ca_file)
-        if self.config.cert_file and self.config.key_file:
-            context.load_cert_chain(self.config.cert_file, self.config.key_file,
-                                    password=lambda: b"")  # fail, never prompt on a tty
-        return context
+        try:
+            return tls_context(c.ca_file, c.cert_file, c.key_file)
+        except ValueError as exc:  # the key became encrypted after check-config
+            raise MqttError(str(exc)) from exc
 
     def _connect_packet(self) -> bytes:
         password = None

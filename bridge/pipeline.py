@@ -19,7 +19,7 @@ from bridge.formats import FORMATS
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
-from bridge.routing import Router
+from bridge.routing import KeySpec, Router
 
 log = structlog.get_logger("bridge.pipeline")
 _PLANS_MAX = 65536  # distinct (broker, topic) pairs remembered; a device fleet's worth
@@ -31,7 +31,8 @@ class Plan(NamedTuple):
     route: Route
     kafka_topic: str
     device_id: str
-    key: bytes | None  # when the route's key depends on the device alone
+    key: bytes | None  # the key, when the route's key depends on the device alone
+    key_per_message: KeySpec | None  # else the spec that keys each message
     headers: envelope.Headers
     template: envelope.Template
     lineage: envelope.Lineage
@@ -72,8 +73,8 @@ class Pipeline:
                 return self._dead_letter(message, plan.device_id, plan.lineage, bad, on_durable)
         return Delivery(
             plan.kafka_topic,
-            plan.key if plan.route.key.per_device() else
-            plan.route.key.key(plan.device_id, message.arrival_millis),
+            plan.key if plan.key_per_message is None else
+            plan.key_per_message.key(plan.device_id, message.arrival_millis),
             plan.template.encode(message),
             plan.headers,
             on_durable,
@@ -89,6 +90,7 @@ class Pipeline:
             self._plans.clear()
         plan = self._plans[(message.broker, message.topic)] = Plan(
             route, kafka_topic, device_id, route.key.key(device_id, 0),
+            None if route.key.per_device() else route.key,
             envelope.headers(message, device_id, lineage),
             envelope.Template(message.topic, message.broker, device_id, lineage,
                               payload_format.content_type),

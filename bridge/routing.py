@@ -102,6 +102,12 @@ def kafka_topic_problem(name: str) -> str | None:
     return f"{name!r} is not a valid Kafka topic name (1-249 of [A-Za-z0-9._-])"
 
 
+def template_problem(template: str) -> str | None:
+    """Why a topic template can never give a legal topic: its literal parts are checked with
+    each placeholder standing for one legal character."""
+    return kafka_topic_problem(_TEMPLATE_FIELD.sub("x", template))
+
+
 def template_fields(template: str) -> list[str]:
     """The `{name}` placeholders a Kafka topic template uses."""
     return _TEMPLATE_FIELD.findall(template)
