@@ -49,13 +49,13 @@ def publish_as_device(case: Case, messages: list[tuple[str, bytes]]) -> None:
         client.loop_stop()
 
 
-def read_dead_letters(case: Case, count: int, timeout: float = 30) -> list[Any]:
-    """The dead-letter topic's records, once it holds `count` (or the timeout passed)."""
+def read_until(case: Case, topic: str, count: int, timeout: float = 30) -> list[Any]:
+    """A topic's records, once it holds `count` of them (or the timeout passed)."""
     deadline = time.monotonic() + timeout
-    dead = case.read(case.dead_letter)
-    while len(dead) < count and time.monotonic() < deadline:
-        dead = case.read(case.dead_letter)
-    return dead
+    got = case.read(topic)
+    while len(got) < count and time.monotonic() < deadline:
+        got = case.read(topic)
+    return got
 
 
 @contextlib.contextmanager
@@ -208,7 +208,7 @@ def test_unbridgeable_messages_go_to_dead_letter_with_a_reason(case: Case) -> No
         (f"{case.prefix}/big/telemetry", b"x" * 50_000),
         (f"{case.prefix}/ok/telemetry", simulate.payload("ok", 0, 10)),
     ])
-    dead = read_dead_letters(case, 2)
+    dead = read_until(case, case.dead_letter, 2)
     codes = {env["error"]["code"]: env for _, env in dead}
     assert set(codes) == {"no_device_id", "record_too_large"}
     too_large = codes["record_too_large"]
@@ -272,10 +272,7 @@ key_window = 60
     for kind in ("telemetry", "status", "windows"):
         simulate.telemetry(case.stack.mqtt_url, devices=10, messages=5, prefix=case.prefix,
                            kind=kind)
-    got = case.read(expect=None)
-    deadline = time.monotonic() + 60
-    while len(got) < 150 and time.monotonic() < deadline:
-        got = case.read()
+    got = read_until(case, case.topic, 150, timeout=60)
     by_route: dict[str, set[tuple[str, bytes | None]]] = {}
     for key, env in got:
         by_route.setdefault(env["bridge"]["route"], set()).add((env["device_id"], key))
@@ -304,7 +301,7 @@ format = "json"
     ])
     good = case.read(expect=1)
     assert [env["content_type"] for _, env in good] == ["application/json"]
-    dead = read_dead_letters(case, 2)
+    dead = read_until(case, case.dead_letter, 2)
     reasons = {env["device_id"]: env["error"] for _, env in dead}
     assert set(reasons) == {"bad", "deep"}
     assert all(e["code"] == "bad_payload" for e in reasons.values())
@@ -326,6 +323,6 @@ kafka_topic = "{case.topic}.{{site}}"
     ])
     berlin = case.read(f"{case.topic}.berlin", expect=1)
     assert [env["device_id"] for _, env in berlin] == ["d1"]
-    dead = read_dead_letters(case, 1)
+    dead = read_until(case, case.dead_letter, 1)
     refused = [(env["device_id"], env["error"]["code"]) for _, env in dead]
     assert refused == [("d2", "invalid_topic")]
