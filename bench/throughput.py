@@ -75,7 +75,7 @@ def bridge_config(stack: LocalStack, client_id: str, receive_max: int,
         "kafka": {"bootstrap.servers": stack.bootstrap, **kafka},
         "dead_letter": {"kafka_topic": "bench.deadletter"},
         "routes": [{"filter": "bench/{device_id}/telemetry", "kafka_topic": "bench.telemetry"}],
-    }, source="bench")
+    }, source=b"bench")
 
 
 async def drain_with_bridge(config: config_module.Config, messages: int) -> tuple[float, Daemon]:

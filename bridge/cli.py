@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 
 from bridge import config as config_module
+from bridge import envelope
 from bridge.errors import ConfigError, Rejected
 
 
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
     route = commands.add_parser("route", help="dry run: which route a topic takes")
     route.add_argument("--config", required=True)
+    route.add_argument("--payload-file", help="check this payload's format (and signature)")
+    route.add_argument("--signature", help="the message's signature user property (hex)")
     route.add_argument("topic")
 
     dev = commands.add_parser("dev", help="run the bridge on a local Mosquitto, Tansu and S3")
@@ -69,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     from bridge.daemon import Daemon
 
     logs.configure(config.bridge.log_format)
-    asyncio.run(Daemon(config).run())
+    asyncio.run(Daemon(config, loader=lambda: config_module.load(args.config)).run())
     return 0
 
 
@@ -83,22 +87,52 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
+    """Run one message through the same pipeline the daemon uses, and say what it would do."""
+    from bridge import auth
+    from bridge.message import Message
+    from bridge.metrics import Metrics
+    from bridge.pipeline import Pipeline
     from bridge.routing import Router
 
     config = _load(args.config)
     if config is None:
         return 2
+    from bridge import logs
+
+    logs.configure(level=logging.ERROR)  # the pipeline's dead_letter warning is said below
+    payload = b""
+    if args.payload_file:
+        with open(args.payload_file, "rb") as f:
+            payload = f.read()
+    properties = (("signature", args.signature),) if args.signature else ()
+    message = Message("dry-run", args.topic, payload, 1, False, False,
+                      time.time_ns() // 1_000_000, properties)
+    print(f"topic:        {args.topic}")
     try:
-        route, device_id, bindings, kafka_topic = Router(config.routes).match(args.topic)
+        route, device_id, bindings, _ = Router(config.routes).match(args.topic)
     except Rejected as rejected:
-        print(f"{args.topic}: dead letter ({rejected.code}: {rejected.reason}) "
-              f"-> {config.dead_letter_topic}")
+        print(f"dead letter:  {rejected.code}: {rejected.reason}\n"
+              f"kafka_topic:  {config.dead_letter_topic}")
         return 1
-    now = time.time_ns() // 1_000_000
-    print(f"topic:       {args.topic}\nroute:       {route.name} ({route.filter.pattern})\n"
-          f"bindings:    {bindings}\ndevice_id:   {device_id}\n"
-          f"kafka_topic: {kafka_topic}\nkey:         {route.key.strategy} -> "
-          f"{route.key.key(device_id, now)!r}")
+    delivery = Pipeline(config, route.lane, None, Metrics()).prepare(message, None)
+    print(f"route:        {route.name} ({route.filter.pattern})\n"
+          f"bindings:     {bindings}\n"
+          f"device_id:    {device_id}\n"
+          f"lane:         {route.lane}\n"
+          f"key:          {route.key.strategy} -> "
+          f"{route.key.key(device_id, message.arrival_millis)!r}\n"
+          f"format:       {route.format}{'' if args.payload_file else ' (no --payload-file)'}")
+    device = config.registry.devices.get(device_id)
+    auth_line = route.auth
+    if route.auth == "hmac" and device is not None and device.hmac_key is not None:
+        expected = auth.sign(device.hmac_key, args.topic, payload)
+        auth_line += f" (signature for this payload: {expected})"
+    print(f"auth:         {auth_line}")
+    if delivery.topic == config.dead_letter_topic:
+        error = envelope.decode(delivery.value)["error"]
+        print(f"dead letter:  {error['code']}: {error['reason']}\nkafka_topic:  {delivery.topic}")
+        return 1
+    print(f"kafka_topic:  {delivery.topic}\nresult:       bridged")
     return 0
 
 

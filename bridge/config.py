@@ -12,14 +12,17 @@ import re
 import ssl
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
 from bridge.errors import ConfigError
 from bridge.formats import FORMATS
 from bridge.routing import (
+    DEVICE_ID,
     KEY_STRATEGIES,
     FilterError,
     KeySpec,
@@ -36,6 +39,19 @@ _OWNED_KAFKA = {
     "acks": "all",
     "enable.idempotence": True,
 }
+# Producer defaults, lowest first: the bridge's, then each lane's; the user's [kafka] table
+# goes over them and [lanes.NAME] over that. Every lane has a bounded local queue
+# (invariant 3); fast sends at once, bulk batches and compresses, fat carries references.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "queue.buffering.max.kbytes": 65536,
+    "queue.buffering.max.messages": 100000,
+}
+LANE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fast": {"linger.ms": 0},
+    "bulk": {"linger.ms": 5},
+    "fat": {"linger.ms": 5},
+}
+LANES = tuple(LANE_DEFAULTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +87,11 @@ class BrokerConfig:
         """How logs, metrics and envelopes name this broker."""
         return f"{self.host}:{self.port}"
 
+    def for_lane(self, lane: str) -> BrokerConfig:
+        """The session of one lane: each lane has its own, so a backed-up lane's unsent acks
+        never hold up another's. Bulk keeps the client id; others add `-LANE`."""
+        return self if lane == "bulk" else replace(self, client_id=f"{self.client_id}-{lane}")
+
 
 @dataclass(frozen=True, slots=True)
 class S3Config:
@@ -87,6 +108,8 @@ class Route:
     kafka_topic: str
     key: KeySpec = field(default_factory=KeySpec)
     format: str = "raw"
+    lane: str = "bulk"
+    auth: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +120,8 @@ class Config:
     dead_letter_topic: str
     routes: tuple[Route, ...]
     s3: S3Config | None = None
+    lanes: dict[str, dict[str, Any]] = field(default_factory=dict)  # [lanes.NAME] as written
+    registry: Registry = field(default_factory=Registry)
     version: str = field(default="")
 
     def fixed_topics(self) -> list[str]:
@@ -105,9 +130,15 @@ class Config:
         return sorted({r.kafka_topic for r in self.routes if "{" not in r.kafka_topic}
                       | {self.dead_letter_topic})
 
-    def producer_config(self) -> dict[str, Any]:
-        """librdkafka properties: the user's, then the ones at-least-once needs."""
-        return {**self.kafka, **_OWNED_KAFKA}
+    def lanes_in_use(self) -> list[str]:
+        """The lanes some route names, in LANES order: each gets a producer and sessions."""
+        return [lane for lane in LANES if any(r.lane == lane for r in self.routes)]
+
+    def producer_config(self, lane: str = "bulk") -> dict[str, Any]:
+        """librdkafka properties of one lane: defaults, [kafka], [lanes.NAME], then the ones
+        at-least-once needs."""
+        return {**PRODUCER_DEFAULTS, **LANE_DEFAULTS[lane], **self.kafka,
+                **self.lanes.get(lane, {}), **_OWNED_KAFKA}
 
 
 class _Table:
@@ -266,6 +297,10 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     payload_format = t.get("format", str, "raw", lambda v: None if v in FORMATS else
                            f"unknown format {v!r}, expected one of {', '.join(FORMATS)}")
     name = t.get("name", str, f"route-{index}")
+    lane = t.get("lane", str, "bulk", lambda v: None if v in LANES else
+                 f"unknown lane {v!r}, expected one of {', '.join(LANES)}")
+    auth = t.get("auth", str, "none", lambda v: None if v in AUTH_MODES else
+                 f"unknown auth {v!r}, expected one of {', '.join(AUTH_MODES)}")
     t.finish()
     if pattern is None:
         return None
@@ -280,11 +315,13 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     if topic is None or key is None:
         return None
     return Route(name=name, filter=route_filter, kafka_topic=topic,
-                 key=KeySpec(key, window, buckets), format=payload_format)
+                 key=KeySpec(key, window, buckets), format=payload_format, lane=lane,
+                 auth=auth)
 
 
-def _kafka(data: Any, problems: list[str]) -> dict[str, Any]:
-    t = _Table(data, "kafka", problems)
+def _kafka(data: Any, problems: list[str], path: str = "kafka") -> dict[str, Any]:
+    """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which)."""
+    t = _Table(data, path, problems)
     properties: dict[str, Any] = {}
     for name in list(t.data):
         value = t.get(name, (str, int, float, bool))
@@ -294,13 +331,74 @@ def _kafka(data: Any, problems: list[str]) -> dict[str, Any]:
                    "Kafka has the record with acks=all and idempotence")
         elif value is not None:
             properties[name] = value
-    if "bootstrap.servers" not in properties:
+    if path == "kafka" and "bootstrap.servers" not in properties:
         t.fail('"bootstrap.servers"', "missing")
     return properties
 
 
-def parse(data: dict[str, Any], source: str = "") -> Config:
-    """Build the model from parsed TOML, or raise ConfigError with every problem."""
+def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    t = _Table(data, "lanes", problems)
+    lanes = {}
+    for name in list(t.data):
+        if name not in LANES:
+            t.seen.add(name)
+            t.fail(name, f"unknown lane, expected one of {', '.join(LANES)}")
+            continue
+        lanes[name] = _kafka(t.get(name, dict, {}), problems, f"lanes.{name}")
+    t.finish()
+    return lanes
+
+
+def load_registry(path: str | Path) -> tuple[Registry, bytes]:
+    """Read and check a device registry file; its bytes go into the map version.
+
+    ```toml
+    [devices."sensor-0001"]
+    hmac_key = "9f86d081884c7d659a2feaa0c55ad015"   # hex, 16-64 bytes; for auth = "hmac"
+    [devices."sensor-0002"]
+    status = "revoked"                              # active (default), disabled or revoked
+    ```
+    """
+    try:
+        raw = Path(path).read_bytes()
+        data = tomllib.loads(raw.decode())
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    problems: list[str] = []
+    top = _Table(data, "", problems)
+    entries = top.get("devices", dict, {})
+    top.finish()
+    devices: dict[str, Device] = {}
+    for device_id, entry in entries.items():
+        t = _Table(entry, f"devices.{device_id}", problems)
+        if DEVICE_ID.fullmatch(device_id) is None:
+            t.fail("", "not a valid device id (1-128 letters, digits, '.', '_' or '-')")
+        status = t.get("status", str, "active", lambda v: None if v in STATUSES else
+                       f"unknown status {v!r}, expected one of {', '.join(STATUSES)}")
+        key = t.get("hmac_key", str, None, _hex_key_problem)
+        t.finish()
+        devices[device_id] = Device(status, bytes.fromhex(key) if key and not
+                                    _hex_key_problem(key) else None)
+    if problems:
+        raise ConfigError([f"{path}: {problem}" for problem in problems])
+    return Registry(MappingProxyType(devices), str(path)), raw
+
+
+def _hex_key_problem(value: str) -> str | None:
+    try:
+        size = len(bytes.fromhex(value))
+    except ValueError:
+        return "must be hex"
+    return None if 16 <= size <= 64 else f"must be 16-64 bytes (32-128 hex digits), got {size}"
+
+
+def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -> Config:
+    """Build the model from parsed TOML, or raise ConfigError with every problem.
+
+    `base` is the config file's folder: a relative registry path is read from there.
+    """
     problems: list[str] = []
     top = _Table(data, "", problems)
     b = _Table(top.get("bridge", dict, {}), "bridge", problems)
@@ -319,14 +417,9 @@ def parse(data: dict[str, Any], source: str = "") -> Config:
     elif "brokers" not in data:
         top.fail("brokers", "missing: add at least one [[brokers]] entry")
     brokers = [_broker(entry, f"brokers[{i}]", problems) for i, entry in enumerate(broker_list)]
-    # One session per (broker, client id): two entries sharing one would take it over in turns.
-    sessions = [(x.host, x.port, x.client_id) if x else None for x in brokers]
-    for i, session in enumerate(sessions):
-        if session and sessions.index(session) != i:
-            problems.append(f"brokers[{i}].client_id: {session[2]!r} is used twice for "
-                            f"{session[0]}:{session[1]}")
 
     kafka = _kafka(top.get("kafka", dict, {}), problems)
+    lanes = _lanes(top.get("lanes", dict, {}), problems)
 
     s3 = None
     if "s3" in data:
@@ -353,6 +446,32 @@ def parse(data: dict[str, Any], source: str = "") -> Config:
     for i, route in enumerate(routes):
         if route and names.count(route.name) > 1 and names.index(route.name) != i:
             problems.append(f"routes[{i}].name: {route.name!r} is used twice")
+
+    # One session per (broker, client id): two sharing one would take it over in turns.
+    lanes_used = [lane for lane in LANES if any(r and r.lane == lane for r in routes)]
+    seen: dict[tuple[str, int, str], int] = {}
+    for i, broker in enumerate(brokers):
+        for session in [broker.for_lane(lane) for lane in lanes_used] if broker else []:
+            first = seen.setdefault((session.host, session.port, session.client_id), i)
+            if first != i:
+                problems.append(f"brokers[{i}].client_id: {session.client_id!r} is used twice "
+                                f"for {session.host}:{session.port}")
+                break
+
+    registry, registry_bytes = Registry(), b""
+    r = _Table(top.get("registry", dict, {}), "registry", problems)
+    registry_file = r.get("file", str, None)
+    r.finish()
+    if registry_file is not None:
+        registry_path = Path(registry_file) if base is None else base / registry_file
+        try:
+            registry, registry_bytes = load_registry(registry_path)
+        except ConfigError as exc:
+            problems += [f"registry.file: {problem}" for problem in exc.problems]
+    else:
+        problems += [f"routes[{i}].auth: {route.auth!r} needs a device registry: add "
+                     '[registry] file = "devices.toml"'
+                     for i, route in enumerate(routes) if route and route.auth != "none"]
     top.finish()
 
     if problems:
@@ -364,12 +483,15 @@ def parse(data: dict[str, Any], source: str = "") -> Config:
         dead_letter_topic=dead_letter_topic,
         routes=tuple(r for r in routes if r),
         s3=s3,
-        version=source,
+        lanes=lanes,
+        registry=registry,
+        version=hashlib.sha256(source + registry_bytes).hexdigest()[:12],
     )
 
 
 def load(path: str | Path) -> Config:
-    """Read and check a config file. The version is a content hash, recorded in lineage."""
+    """Read and check a config file and its registry. The map version, recorded in lineage,
+    is a hash of both files' contents."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -378,4 +500,4 @@ def load(path: str | Path) -> Config:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-    return parse(data, source=hashlib.sha256(raw).hexdigest()[:12])
+    return parse(data, source=raw, base=Path(path).parent)

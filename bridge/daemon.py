@@ -3,79 +3,211 @@
 One object owns every task and thread. SIGTERM/SIGINT: stop reading, wait (up to
 `bridge.shutdown_timeout`) for outstanding delivery reports, send the acks they earned,
 DISCONNECT. Whatever was not acked stays with the broker, which redelivers it. A second
-signal exits at once.
+signal exits at once. SIGHUP reloads the config: checked in full, then applied in one step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from bridge.config import Config
-from bridge.kafka import KafkaSink
+from bridge.errors import ConfigError
+from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.mqtt import BrokerSession, Inflight
 from bridge.pipeline import Pipeline
 
 log = structlog.get_logger("bridge.daemon")
+# Config sections a reload cannot change under running sessions: they need a restart.
+_RESTART_ONLY = ("bridge", "brokers")
 
 
 class Daemon:
-    """Runs one config: a session per broker, one pipeline, one Kafka sink."""
+    """Runs one config: per lane a Kafka producer, a pipeline and a session per broker.
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    SIGHUP reloads the config through `loader`: validated first, then swapped in whole.
+    """
+
+    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
+        self.config, self._loader = config, loader
         self.metrics = Metrics()
         self._stop = asyncio.Event()
         self._signals = 0
+        self.sinks: dict[str, KafkaSink] = {}
+        self.pipelines: dict[str, Pipeline] = {}
+        self.sessions: dict[tuple[int, str], BrokerSession] = {}  # (broker index, lane)
+        self._tasks: dict[tuple[int, str], asyncio.Task[None]] = {}
+        # Sessions of lanes a reload removed, until they have handed over what was queued.
+        self._leaving: dict[tuple[int, str], tuple[BrokerSession, asyncio.Task[None],
+                                                   asyncio.Task[None]]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._retired_sinks: list[KafkaSink] = []
+        self._reloading = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.sink = KafkaSink(self.config.producer_config(), loop, self.metrics)
-        self.pipeline = Pipeline(self.config, self.sink, self.metrics)
-        self.sessions = [
-            BrokerSession(broker, self.pipeline.router.subscriptions(), self._handle, self.metrics)
-            for broker in self.config.brokers
-        ]
+        self._apply(self.config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.sink.start()
-        tasks = [asyncio.create_task(s.run(), name=f"mqtt {s.name}") for s in self.sessions]
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         stats = asyncio.create_task(self._log_stats())
         log.info("bridge_started", instance=self.config.bridge.instance,
-                 brokers=[s.name for s in self.sessions], map_version=self.config.version,
-                 subscriptions=self.pipeline.router.subscriptions())
+                 brokers=[b.name for b in self.config.brokers], map_version=self.config.version,
+                 lanes=list(self.pipelines),
+                 subscriptions={lane: p.router.subscriptions() for lane, p in
+                                self.pipelines.items()})
         try:
             await self._check_topics()
             await self._stop.wait()
         finally:
-            await self._shutdown(tasks)
+            await self._shutdown()
             stats.cancel()
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _apply(self, config: Config) -> None:
+        """Switch to `config` in one step on the loop: producers (kept when a lane's settings
+        did not change), pipelines, then subscriptions. Prepared messages keep the pipeline,
+        and so the map and producer, they started with."""
+        loop = asyncio.get_running_loop()
+        lanes = config.lanes_in_use()
+        sinks = {}
+        for lane in lanes:
+            sink = self.sinks.get(lane)
+            if sink is None or sink.properties != config.producer_config(lane):
+                sink = KafkaSink(config.producer_config(lane), loop, self.metrics, lane)
+                sink.start()
+            sinks[lane] = sink
+        for lane, old in self.sinks.items():
+            if sinks.get(lane) is not old:
+                self._retired_sinks.append(old)
+                self._retire(self._retire_sink(old))
+        self.sinks = sinks
+        self.pipelines = {lane: Pipeline(config, lane, sinks[lane], self.metrics)
+                          for lane in lanes}
+        for pipeline in self.pipelines.values():
+            pipeline.elsewhere = functools.partial(self._elsewhere, pipeline.lane)
+        self.config = config
+        for index, broker in enumerate(config.brokers):
+            for lane in lanes:
+                filters = self.pipelines[lane].router.subscriptions()
+                key = (index, lane)
+                if key in self._leaving:  # wanted again before it finished leaving
+                    session, task, leaving = self._leaving.pop(key)
+                    leaving.cancel()
+                    self.sessions[key], self._tasks[key] = session, task
+                if key in self.sessions:
+                    self.sessions[key].update_subscriptions(filters)
+                    continue
+                session = BrokerSession(broker.for_lane(lane), filters,
+                                        functools.partial(self._handle, lane), self.metrics)
+                self.sessions[key] = session
+                self._tasks[key] = asyncio.create_task(session.run(),
+                                                       name=f"mqtt {session.name} {lane}")
+        for key in [k for k in self.sessions if k[1] not in lanes]:
+            session, task = self.sessions.pop(key), self._tasks.pop(key)
+            leaving = asyncio.create_task(self._retire_session(key, session, task))
+            self._leaving[key] = (session, task, leaving)
+
+    def _retire(self, work: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire_sink(self, sink: KafkaSink) -> None:
+        """A lane's old producer finishes what it has (retries included), then closes."""
+        await sink.drain(float("inf"))
+        sink.close()
+        self._retired_sinks.remove(sink)
+        log.info("kafka_producer_retired", lane=sink.lane)
+
+    async def _retire_session(self, key: tuple[int, str], session: BrokerSession,
+                              task: asyncio.Task[None]) -> None:
+        await session.retire()
+        task.cancel()
+        del self._leaving[key]
+        log.info("mqtt_session_retired", broker=session.name, client_id=session.config.client_id)
+
+    def _on_reload_signal(self) -> None:
+        if self._loader is None:
+            log.warning("reload_unsupported", why="this daemon was not started from a file")
+        elif self._reloading:
+            log.info("reload_already_running")
+        else:
+            self._reloading = True
+            task = asyncio.create_task(self._reload())
+            task.add_done_callback(lambda _: setattr(self, "_reloading", False))
+
+    async def _reload(self) -> None:
+        """Validate the new config fully (off the loop: a registry can be large), then apply
+        it; a bad one is refused with its key paths and the running config stays."""
+        assert self._loader is not None
+        loop = asyncio.get_running_loop()
+        try:
+            config = await loop.run_in_executor(None, self._loader)
+        except ConfigError as exc:
+            self.metrics.inc("reloads_refused")
+            log.error("reload_refused", problems=exc.problems, map_version=self.config.version,
+                      why="the running config stays")
+            return
+        if config.version == self.config.version:
+            log.info("reload_unchanged", map_version=config.version)
+            return
+        kept = [name for name in _RESTART_ONLY
+                if getattr(config, name) != getattr(self.config, name)]
+        if kept:
+            log.warning("reload_needs_restart", sections=kept,
+                        why="sessions keep running with these settings until a restart")
+            config = dataclasses.replace(config, bridge=self.config.bridge,
+                                         brokers=self.config.brokers)
+        previous = self.config.version
+        self._apply(config)
+        self.metrics.inc("reloads")
+        log.info("reload_applied", map_version=config.version, previous=previous,
+                 lanes=list(self.pipelines),
+                 subscriptions={lane: p.router.subscriptions() for lane, p in
+                                self.pipelines.items()})
+
     async def _check_topics(self) -> None:
         """Say at start-up which Kafka topics are missing, rather than at the first record."""
         loop = asyncio.get_running_loop()
-        missing = await loop.run_in_executor(None, self.sink.missing_topics,
+        sink = next(iter(self.sinks.values()))
+        missing = await loop.run_in_executor(None, sink.missing_topics,
                                              self.config.fixed_topics())
         if missing:
             log.error("kafka_topics_missing", topics=missing,
                       why="records for them go to the dead-letter topic (or wait, if it is "
                           "the dead-letter topic) until they are created")
 
-    def _handle(self, message: Message, inflight: Inflight | None) -> Awaitable[None] | None:
+    def _handle(self, lane: str, message: Message,
+                inflight: Inflight | None) -> Awaitable[None] | None:
         """Source -> pipeline -> sink; returns an awaitable only when Kafka pushes back."""
-        delivery = self.pipeline.prepare(message, inflight)
-        if self.sink.try_send(delivery):
+        pipeline = self.pipelines.get(lane)
+        if pipeline is None:  # a reload removed the lane; its session is handing over
+            pipeline = next(iter(self.pipelines.values()))
+        delivery = pipeline.prepare(message, inflight)
+        sink = delivery.sink
+        assert sink is not None  # the daemon's pipelines all have one
+        if sink.try_send(delivery):
             return None
-        return self.sink.send(delivery)
+        return sink.send(delivery)
+
+    def _elsewhere(self, lane: str, message: Message,
+                   on_durable: Callable[[], None] | None) -> Delivery | None:
+        """The delivery of another lane whose routes take this topic, if one does."""
+        for other, pipeline in self.pipelines.items():
+            if other != lane and pipeline.router.takes(message.topic):
+                return pipeline.prepare(message, on_durable)
+        return None
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -86,20 +218,27 @@ class Daemon:
         log.info("bridge_stopping", signal=sig.name)
         self._stop.set()
 
-    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
-        for session in self.sessions:
+    async def _shutdown(self) -> None:
+        sessions = [*self.sessions.values(), *(s for s, _, _ in self._leaving.values())]
+        tasks = [*self._tasks.values(), *self._retiring,
+                 *(t for _, run, leaving in self._leaving.values() for t in (run, leaving))]
+        for session in sessions:
             session.stop_reading()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        drained = await self.sink.drain(self.config.bridge.shutdown_timeout)
-        for session in self.sessions:
+        sinks = [*self.sinks.values(), *self._retired_sinks]
+        drained = all(await asyncio.gather(*(
+            sink.drain(self.config.bridge.shutdown_timeout) for sink in sinks)))
+        for session in sessions:
             await session.close()
-        self.sink.close()
-        log.info("bridge_stopped", drained=drained, left_unacked=self.sink.pending,
-                 **self.metrics.snapshot())
+        for sink in sinks:
+            sink.close()
+        log.info("bridge_stopped", drained=drained,
+                 left_unacked=sum(sink.pending for sink in sinks), **self.metrics.snapshot())
 
     async def _log_stats(self) -> None:
         while True:
             await asyncio.sleep(self.config.bridge.stats_interval)
-            log.info("bridge_stats", pending=self.sink.pending, **self.metrics.snapshot())
+            log.info("bridge_stats", pending=sum(s.pending for s in self.sinks.values()),
+                     **self.metrics.snapshot())

@@ -21,7 +21,8 @@ from bridge.localstack import LocalStack
 
 def local_config(path: Path, stack: LocalStack) -> config_module.Config:
     """The config at `path`, pointed at the local stack."""
-    data = tomllib.loads(path.read_text())
+    raw = path.read_bytes()
+    data = tomllib.loads(raw.decode())
     for broker in data.get("brokers", []):
         broker.update(url=stack.mqtt_url)
         for key in ("ca_file", "cert_file", "key_file", "username", "password_file"):
@@ -29,7 +30,7 @@ def local_config(path: Path, stack: LocalStack) -> config_module.Config:
     data.setdefault("kafka", {})["bootstrap.servers"] = stack.bootstrap
     if "s3" in data:
         data["s3"]["endpoint_url"] = stack.s3_endpoint
-    return config_module.parse(data, source="dev")
+    return config_module.parse(data, source=raw, base=path.parent)
 
 
 def run_dev(config_path: str, workdir: str, rate: float) -> int:
@@ -62,7 +63,8 @@ Ctrl-C stops the bridge and everything dev started.
         fleet = threading.Thread(target=_fleet, args=(stack.mqtt_url, stop, rate), daemon=True)
         fleet.start()
         try:
-            asyncio.run(Daemon(config).run())
+            asyncio.run(Daemon(config, loader=lambda: local_config(Path(config_path),
+                                                                   stack)).run())
         finally:
             stop.set()
             fleet.join(5)

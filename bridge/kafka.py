@@ -30,13 +30,6 @@ from bridge.metrics import Metrics
 
 log = structlog.get_logger("bridge.kafka")
 
-# Bridge defaults under the user's [kafka] table: small batches, and a bounded local queue
-# (invariant 3). The user may override any of them.
-DEFAULTS: dict[str, Any] = {
-    "linger.ms": 5,
-    "queue.buffering.max.kbytes": 65536,
-    "queue.buffering.max.messages": 100000,
-}
 # Errors after which this record will never be accepted: dead-letter it rather than loop.
 _PERMANENT = {
     KafkaError.MSG_SIZE_TOO_LARGE: "record_too_large",
@@ -60,14 +53,15 @@ class Delivery:
     """
 
     __slots__ = ("attempts", "headers", "key", "on_durable", "on_rejected", "origin", "reports",
-                 "topic", "value")
+                 "sink", "topic", "value")
 
     def __init__(self, topic: str, key: bytes | None, value: bytes,
                  headers: Headers,
                  on_durable: Callable[[], None] | None,
                  on_rejected: Callable[[Delivery, Rejected], None],
-                 origin: Any = None) -> None:
+                 origin: Any = None, sink: KafkaSink | None = None) -> None:
         self.topic, self.key, self.value, self.headers = topic, key, value, headers
+        self.sink = sink  # the lane's producer it goes through
         self.on_durable, self.on_rejected = on_durable, on_rejected
         self.origin = origin  # what on_rejected needs to build a dead-letter record
         self.attempts = 0
@@ -78,11 +72,11 @@ class Delivery:
 
 
 class KafkaSink:
-    """Owns the producer and its poll thread; settles deliveries on the event loop."""
+    """Owns one lane's producer; polls it and settles deliveries on the event loop."""
 
     def __init__(self, properties: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 metrics: Metrics) -> None:
-        self._properties = {**DEFAULTS, **properties}
+                 metrics: Metrics, lane: str = "bulk") -> None:
+        self.properties, self.lane = dict(properties), lane
         self._loop, self._metrics = loop, metrics
         self._pending: dict[Delivery, None] = {}  # produced, not settled; ordered for replay
         self._waiting: set[Delivery] = set()  # failed, waiting to be produced again
@@ -105,9 +99,9 @@ class KafkaSink:
             if err.fatal():
                 self._loop.call_soon(self._replace_producer, err.str(), generation)
             elif err.code() != KafkaError._TRANSPORT:
-                log.warning("kafka_error", error=err.str())
+                log.warning("kafka_error", lane=self.lane, error=err.str())
 
-        return Producer({**self._properties, "error_cb": on_error})
+        return Producer({**self.properties, "error_cb": on_error})
 
     def missing_topics(self, topics: list[str], timeout: float = 10) -> list[str]:
         """Topics the cluster does not have (blocking: run it in an executor)."""
@@ -205,7 +199,7 @@ class KafkaSink:
             self._pending[delivery] = None  # the new producer replays it
             self._replace_producer(err.str(), self._generation)
             return
-        log.warning("kafka_delivery_failed", topic=delivery.topic, error=err.str(),
+        log.warning("kafka_delivery_failed", lane=self.lane, topic=delivery.topic, error=err.str(),
                     attempt=delivery.attempts + 1)
         self.retry_later(delivery)
 
@@ -235,7 +229,7 @@ class KafkaSink:
         self._metrics.inc("kafka_producer_replaced")
         replay = list(self._pending)
         self._pending.clear()
-        log.error("kafka_producer_fatal", reason=reason, replaying=len(replay))
+        log.error("kafka_producer_fatal", lane=self.lane, reason=reason, replaying=len(replay))
         threading.Thread(target=old.purge, name="kafka-retire", daemon=True).start()
         for delivery in replay:
             self._resend(delivery)

@@ -126,14 +126,17 @@ class BrokerSession:
 
     def __init__(self, config: BrokerConfig, subscriptions: list[str], handler: Handler,
                  metrics: Metrics) -> None:
-        self.config, self.subscriptions, self.handler = config, subscriptions, handler
-        self.metrics = metrics
+        self.config, self.handler, self.metrics = config, handler, metrics
+        self.subscriptions = list(subscriptions)
         self.name = config.name
         self.log = log.bind(broker=self.name, client_id=config.client_id)
         self.connection: Connection | None = None
         self.connected = asyncio.Event()
         self._stopping = False
         self._packet_id = 0
+        self._removed: list[str] = []  # filters to unsubscribe, until an UNSUBACK says done
+        self._requests: dict[int, list[str]] = {}  # (UN)SUBSCRIBE packet id -> its filters
+        self._unsubscribed = asyncio.Event()
 
     async def run(self) -> None:
         """Keep a connection up until `stop_reading`; each failure is logged and retried."""
@@ -161,13 +164,46 @@ class BrokerSession:
         """Stop taking messages; the connection stays open so owed acks can still go out."""
         self._stopping = True
 
-    async def close(self) -> None:
-        """Send the acks now due, then DISCONNECT; the session and unacked messages stay."""
+    def update_subscriptions(self, filters: list[str]) -> None:
+        """Change what the session subscribes without dropping it (a config reload): new
+        filters are subscribed, removed ones unsubscribed, now if connected, else on the
+        next connect."""
+        self._removed = [f for f in dict.fromkeys([*self._removed, *self.subscriptions])
+                         if f not in filters]
+        added = [f for f in filters if f not in self.subscriptions]
+        self.subscriptions = list(filters)
+        connection = self.connection
+        if connection is None or connection.closed or not self.connected.is_set():
+            return
+        if added:
+            self._subscribe(connection, added)
+        self._unsubscribe_removed(connection)
+
+    async def retire(self, quiet: float = 2.0) -> None:
+        """End a session no route needs any more: unsubscribe everything, bridge what the
+        broker still had queued until it has been quiet for `quiet` seconds with every ack
+        sent, then DISCONNECT with session expiry 0 so the broker forgets the session."""
+        self._unsubscribed.clear()
+        self.update_subscriptions([])
+        loop = asyncio.get_running_loop()
+        while True:
+            connection = self.connection
+            if connection is not None and not connection.closed and \
+                    self._unsubscribed.is_set() and not connection.owed and \
+                    loop.time() - connection.last_received >= quiet:
+                break
+            await asyncio.sleep(quiet / 4)
+        self.stop_reading()
+        await self.close(session_expiry=0)
+
+    async def close(self, session_expiry: int | None = None) -> None:
+        """Send the acks now due, then DISCONNECT; the session and unacked messages stay
+        (unless `session_expiry` is 0)."""
         connection = self.connection
         if connection is None or connection.closed:
             return
         connection.flush_acks()
-        connection.write(mqtt5.DisconnectPacket().write())
+        connection.write(mqtt5.DisconnectPacket(session_expiry_interval=session_expiry).write())
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(connection.writer.drain(), 5)
         connection.close()
@@ -197,8 +233,10 @@ class BrokerSession:
         self.log.info("mqtt_connected", session_present=connack.session_present,
                       keepalive=keepalive, receive_max=self.config.receive_max)
         self.metrics.inc("mqtt_connects")
-        if not connack.session_present:
-            self._subscribe(connection)
+        # Subscribing again on a present session is harmless (retained messages are sent
+        # only for a new subscription) and picks up filters added while the bridge was away.
+        self._subscribe(connection, self.subscriptions)
+        self._unsubscribe_removed(connection)
         self.connected.set()
         reading = asyncio.create_task(self._read_loop(reader, connection, buffer))
         tasks = {reading}
@@ -255,14 +293,31 @@ class BrokerSession:
                 raise MqttError("connection closed before CONNACK")
             buffer += chunk
 
-    def _subscribe(self, connection: Connection) -> None:
-        """Subscribe every route filter; done on each connect where the session is new."""
-        qos = mqtt5.QoS(self.config.subscribe_qos)
+    def _wire(self, topic_filter: str) -> str:
         group = self.config.share_group
-        filters = [mqtt5.TopicFilter(f"$share/{group}/{f}" if group else f, max_qos=qos)
-                   for f in self.subscriptions]
-        connection.write(mqtt5.SubscribePacket(self._next_packet_id(), filters).write())
-        self.log.info("mqtt_subscribing", filters=[f.pattern for f in filters])
+        return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+    def _subscribe(self, connection: Connection, filters: list[str]) -> None:
+        if not filters:
+            return
+        qos = mqtt5.QoS(self.config.subscribe_qos)
+        packet_id = self._next_packet_id()
+        self._requests[packet_id] = filters
+        connection.write(mqtt5.SubscribePacket(packet_id, [
+            mqtt5.TopicFilter(self._wire(f), max_qos=qos,
+                              retain_handling=mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS)
+            for f in filters]).write())
+        self.log.info("mqtt_subscribing", filters=[self._wire(f) for f in filters])
+
+    def _unsubscribe_removed(self, connection: Connection) -> None:
+        if not self._removed:
+            self._unsubscribed.set()
+            return
+        packet_id = self._next_packet_id()
+        self._requests[packet_id] = self._removed
+        connection.write(mqtt5.UnsubscribePacket(
+            packet_id, [self._wire(f) for f in self._removed]).write())
+        self.log.info("mqtt_unsubscribing", filters=[self._wire(f) for f in self._removed])
 
     def _next_packet_id(self) -> int:
         self._packet_id = self._packet_id % 65535 + 1
@@ -353,18 +408,24 @@ class BrokerSession:
     def _on_control(self, connection: Connection, packet: mqtt5.Packet) -> None:
         if isinstance(packet, mqtt5.PubRelPacket):
             connection.write(_PACK_ACK(_PUBCOMP, 2, packet.packet_id))
-        elif isinstance(packet, mqtt5.SubAckPacket):
-            failed = [(f, c.name) for f, c in zip(self.subscriptions, packet.reason_codes,
-                                                   strict=False) if c.value >= 0x80]
+        elif isinstance(packet, mqtt5.SubAckPacket | mqtt5.UnsubAckPacket):
+            filters = self._requests.pop(packet.packet_id, [])
+            failed = [(f, c.name) for f, c in zip(filters, packet.reason_codes, strict=False)
+                      if c.value >= 0x80]
+            verb = "subscribe" if isinstance(packet, mqtt5.SubAckPacket) else "unsubscribe"
             if failed:
-                self.metrics.inc("mqtt_subscribe_failures", len(failed))
-                self.log.error("mqtt_subscribe_failed", filters=failed)
+                self.metrics.inc(f"mqtt_{verb}_failures", len(failed))
+                self.log.error(f"mqtt_{verb}_failed", filters=failed)
             else:
-                self.log.info("mqtt_subscribed", count=len(packet.reason_codes))
+                self.log.info(f"mqtt_{verb}d", filters=filters)
+            if verb == "unsubscribe":
+                self._removed = [f for f in self._removed if f not in filters]
+                if not self._removed:
+                    self._unsubscribed.set()
         elif isinstance(packet, mqtt5.DisconnectPacket):
             raise MqttError(f"broker sent DISCONNECT {packet.reason_code.name}"
                             + (f" ({packet.reason_str})" if packet.reason_str else ""))
-        elif not isinstance(packet, mqtt5.PingRespPacket | mqtt5.UnsubAckPacket):
+        elif not isinstance(packet, mqtt5.PingRespPacket):
             raise ProtocolError(f"unexpected {type(packet).__name__} from the broker")
 
 

@@ -1,8 +1,11 @@
-"""The stages between the MQTT source and the Kafka sink: route, envelope, dead letter.
+"""The stages between the MQTT source and the Kafka sink: route, authenticate, check the
+payload, envelope, dead letter.
 
 `Pipeline.prepare` turns one Message into one Delivery. A message that cannot be bridged
 becomes a dead-letter Delivery instead; either way the MQTT ack rides on its `on_durable`,
-so nothing is acked before its outcome is in Kafka (invariants 1 and 2).
+so nothing is acked before its outcome is in Kafka (invariants 1 and 2). A pipeline serves
+one lane under one config: a reload builds new pipelines, and messages already prepared
+finish under the old one.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import NamedTuple
 
 import structlog
 
-from bridge import envelope
+from bridge import auth, envelope
 from bridge.config import Config, Route
 from bridge.errors import Rejected
 from bridge.formats import FORMATS
@@ -37,14 +40,24 @@ class Plan(NamedTuple):
     template: envelope.Template
     lineage: envelope.Lineage
     check: Callable[[bytes], object] | None  # the route's payload format
+    refusal: Rejected | None  # the registry refuses this device: every message dead-letters
+    hmac_key: bytes | None  # the device's key, when the route checks signatures
 
 
 class Pipeline:
-    """Routes and encodes messages under one config; the sink carries them to Kafka."""
+    """Routes and encodes one lane's messages under one config; the lane's sink carries
+    them to Kafka."""
 
-    def __init__(self, config: Config, sink: KafkaSink, metrics: Metrics) -> None:
-        self.config, self.sink, self.metrics = config, sink, metrics
-        self.router = Router(config.routes)
+    def __init__(self, config: Config, lane: str, sink: KafkaSink | None,
+                 metrics: Metrics) -> None:
+        self.config, self.lane, self.metrics = config, lane, metrics
+        self.sink = sink  # None for a dry run (`route`), which never produces
+        self.router = Router([route for route in config.routes if route.lane == lane])
+        self.registry = config.registry
+        # Another lane's pipeline for a topic no route of this lane takes: a message the
+        # broker sent on this lane's session just before a reload moved its route.
+        self.elsewhere: Callable[[Message, Callable[[], None] | None], Delivery | None] | None \
+            = None
         self.dead_letter_topic = config.dead_letter_topic
         self._lineage = {
             route.name: envelope.Lineage(config.bridge.instance, route.name, config.version)
@@ -63,7 +76,21 @@ class Pipeline:
             try:
                 plan = self._plan(message)
             except Rejected as rejected:
+                if rejected.code == "no_route" and self.elsewhere is not None:
+                    delivery = self.elsewhere(message, on_durable)
+                    if delivery is not None:
+                        return delivery
                 return self._dead_letter(message, rejected.device_id, self._no_route, rejected,
+                                         on_durable)
+        if plan.refusal is not None:
+            return self._dead_letter(message, plan.device_id, plan.lineage, plan.refusal,
+                                     on_durable)
+        if plan.hmac_key is not None:
+            try:
+                auth.verify(plan.hmac_key, plan.device_id, message.topic, message.payload,
+                            message.user_properties)
+            except Rejected as rejected:
+                return self._dead_letter(message, plan.device_id, plan.lineage, rejected,
                                          on_durable)
         if plan.check is not None:
             try:
@@ -80,12 +107,18 @@ class Pipeline:
             on_durable,
             self._rejected_by_kafka,
             (message, plan),
+            self.sink,
         )
 
     def _plan(self, message: Message) -> Plan:
         route, device_id, _, kafka_topic = self.router.match(message.topic)
         lineage = self._lineage[route.name]
         payload_format = FORMATS[route.format]
+        refusal, device = None, None
+        try:
+            device = self.registry.admit(route.auth, device_id)
+        except Rejected as rejected:
+            refusal = rejected
         if len(self._plans) >= _PLANS_MAX:
             self._plans.clear()
         plan = self._plans[(message.broker, message.topic)] = Plan(
@@ -94,13 +127,15 @@ class Pipeline:
             envelope.headers(message, device_id, lineage),
             envelope.Template(message.topic, message.broker, device_id, lineage,
                               payload_format.content_type),
-            lineage, payload_format.check)
+            lineage, payload_format.check, refusal,
+            device.hmac_key if device is not None and route.auth == "hmac" else None)
         return plan
 
     def _rejected_by_kafka(self, delivery: Delivery, rejected: Rejected) -> None:
         message, plan = delivery.origin
-        self.sink.submit(self._dead_letter(message, plan.device_id, plan.lineage, rejected,
-                                           delivery.on_durable))
+        assert delivery.sink is not None  # it was produced, so it had a sink
+        delivery.sink.submit(self._dead_letter(message, plan.device_id, plan.lineage,
+                                               rejected, delivery.on_durable))
 
     def _dead_letter(self, message: Message, device_id: str, lineage: envelope.Lineage,
                      rejected: Rejected, on_durable: Callable[[], None] | None) -> Delivery:
@@ -116,6 +151,7 @@ class Pipeline:
              ("error.code", rejected.code.encode())],
             on_durable,
             self._dead_letter_refused,
+            sink=self.sink,
         )
 
     def _dead_letter_refused(self, delivery: Delivery, rejected: Rejected) -> None:
@@ -124,4 +160,5 @@ class Pipeline:
         self.metrics.inc("dead_letter_refused")
         log.error("dead_letter_refused", topic=delivery.topic, reason=rejected.reason,
                   hint="check the dead-letter topic exists and accepts records this size")
-        self.sink.retry_later(delivery)
+        assert delivery.sink is not None
+        delivery.sink.retry_later(delivery)

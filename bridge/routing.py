@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_DEVICE_ID_MAX = 128
+# Device ids end up in Kafka keys, headers, S3 object names and Mosquitto usernames: letters,
+# digits and `._-` only (never `/`, `+`, `#`, `:`, `@` or a space), at most 128, and not `.`
+# or `..`.
+DEVICE_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]{1,128}")
 
 # What each key strategy gives consumers, see README "Keys".
 KEY_STRATEGIES = ("arrival_millis", "device_id", "time_bucket", "hash_bucket", "none")
@@ -148,6 +151,10 @@ class Router:
                              render_topic(route.kafka_topic, bound, device_id))
         raise Rejected("no_route", f"no route matches topic {topic!r}")
 
+    def takes(self, topic: str) -> bool:
+        """True if some route's filter matches the topic (whatever its device id)."""
+        return any(route.filter.match(topic) is not None for route in self.routes)
+
     def subscriptions(self) -> list[str]:
         """The distinct MQTT filters to subscribe, in route order."""
         return list(dict.fromkeys(r.filter.subscription for r in self.routes))
@@ -157,9 +164,9 @@ def checked_device_id(device_id: str) -> str:
     """A device id safe to use in keys, headers and object names, or Rejected."""
     if not device_id:
         raise Rejected("no_device_id", "the {device_id} topic level is empty")
-    if len(device_id) > _DEVICE_ID_MAX or not device_id.isprintable():
-        raise Rejected("invalid_device_id",
-                       f"device id must be 1-{_DEVICE_ID_MAX} printable characters")
+    if DEVICE_ID.fullmatch(device_id) is None:
+        raise Rejected("invalid_device_id", "a device id is 1-128 letters, digits, '.', '_' "
+                       f"or '-' (and not '.' or '..'), got {device_id[:160]!r}")
     return device_id
 
 

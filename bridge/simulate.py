@@ -15,6 +15,10 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridge import auth
 
 
 @dataclass
@@ -57,12 +61,21 @@ def payload(device: str, seq: int, size: int) -> bytes:
     return body
 
 
-def publish_all(client: paho.Client, messages: Iterable[tuple[str, bytes]], qos: int,
+def signed(key: bytes, topic: str, body: bytes) -> tuple[str, bytes, Properties]:
+    """A message with the `signature` user property an `auth = "hmac"` route checks."""
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.UserProperty = [(auth.SIGNATURE_PROPERTY, auth.sign(key, topic, body))]
+    return topic, body, properties
+
+
+def publish_all(client: paho.Client,
+                messages: Iterable[tuple[str, bytes] | tuple[str, bytes, Properties]], qos: int,
                 rate: float | None = None) -> int:
     """Publish and wait until the broker has every QoS 1/2 message (PUBACK / PUBCOMP)."""
     infos, start, count = [], time.monotonic(), 0
-    for topic, body in messages:
-        infos.append(client.publish(topic, body, qos=qos))
+    for topic, body, *properties in messages:
+        infos.append(client.publish(topic, body, qos=qos,
+                                    properties=properties[0] if properties else None))
         count += 1
         if rate:
             ahead = count / rate - (time.monotonic() - start)

@@ -147,3 +147,87 @@ def test_topic_templates_are_checked_against_the_filter() -> None:
     assert "routes[0].kafka_topic: placeholder {x} is not bound by the filter" in found
     found = problems_of(site.replace('kafka_topic = "iot.telemetry"', 'kafka_topic = "a b.{site}"'))
     assert any(p.startswith("routes[0].kafka_topic: 'a b.x' is not a valid") for p in found)
+
+
+def test_lanes_merge_over_kafka_and_routes_name_theirs() -> None:
+    import tomllib
+
+    text = GOOD.replace('[dead_letter]', '"linger.ms" = 20\n"compression.type" = "lz4"\n'
+                        '[lanes.fast]\n"linger.ms" = 0\n[lanes.fat]\n"batch.size" = 65536\n'
+                        '[dead_letter]')
+    text += 'lane = "fast"\n'
+    loaded = config.parse(tomllib.loads(text))
+    assert loaded.routes[0].lane == "fast"
+    assert loaded.lanes_in_use() == ["fast"]
+    fast, bulk, fat = (loaded.producer_config(lane) for lane in ("fast", "bulk", "fat"))
+    assert (fast["linger.ms"], fast["compression.type"]) == (0, "lz4")  # lane over [kafka]
+    assert bulk["linger.ms"] == 20  # [kafka] over the lane default
+    assert fat["batch.size"] == 65536 and "batch.size" not in bulk
+    assert {p["acks"] for p in (fast, bulk, fat)} == {"all"}
+    assert config.parse(tomllib.loads(GOOD)).routes[0].lane == "bulk"  # the default
+
+
+def test_unknown_lanes_and_unsafe_lane_settings_are_refused() -> None:
+    found = problems_of(GOOD.replace('[dead_letter]', '[lanes.slow]\n"linger.ms" = 1\n'
+                                     '[lanes.fast]\nacks = "1"\n[dead_letter]')
+                        + 'lane = "express"\n')
+    assert "lanes.slow: unknown lane, expected one of fast, bulk, fat" in found
+    assert any(p.startswith('lanes.fast."acks": must be \'all\'') for p in found)
+    assert any(p.startswith("routes[0].lane: unknown lane 'express'") for p in found)
+
+
+REGISTRY = """
+[devices.d1]
+hmac_key = "000102030405060708090a0b0c0d0e0f"
+[devices.d2]
+status = "revoked"
+"""
+
+
+def test_registry_is_read_beside_the_config_and_versioned_with_it(tmp_path: Path) -> None:
+    (tmp_path / "devices.toml").write_text(REGISTRY)
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD.replace("[dead_letter]", '[registry]\nfile = "devices.toml"\n'
+                                 '[dead_letter]') + 'auth = "hmac"\n')
+    loaded = config.load(path)
+    assert loaded.routes[0].auth == "hmac"
+    assert loaded.registry.devices["d1"].hmac_key == bytes(range(16))
+    assert loaded.registry.devices["d2"].status == "revoked"
+    (tmp_path / "devices.toml").write_text(REGISTRY.replace("revoked", "disabled"))
+    assert config.load(path).version != loaded.version  # a registry change is a new map
+
+
+def test_registry_problems_carry_the_file_and_key_path(tmp_path: Path) -> None:
+    (tmp_path / "devices.toml").write_text(
+        '[devices."a/b"]\n[devices.d1]\nhmac_key = "xyz"\nstatus = "gone"\n'
+        '[devices.d2]\nhmac_key = "00ff"\ncolour = "red"\n')
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD.replace("[dead_letter]", '[registry]\nfile = "devices.toml"\n'
+                                 '[dead_letter]'))
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    found = [p.replace(str(tmp_path / "devices.toml"), "F") for p in caught.value.problems]
+    assert any(p.startswith("registry.file: F: devices.a/b: not a valid device id") for p in found)
+    assert "registry.file: F: devices.d1.hmac_key: must be hex" in found
+    assert any(p.startswith("registry.file: F: devices.d1.status: unknown status 'gone'")
+               for p in found)
+    assert any(p.startswith("registry.file: F: devices.d2.hmac_key: must be 16-64 bytes")
+               for p in found)
+    assert "registry.file: F: devices.d2.colour: unknown key" in found
+
+
+def test_auth_needs_a_registry() -> None:
+    found = problems_of(GOOD + 'auth = "registry"\n')
+    assert any(p.startswith("routes[0].auth: 'registry' needs a device registry") for p in found)
+    found = problems_of(GOOD + 'auth = "password"\n')
+    assert any(p.startswith("routes[0].auth: unknown auth 'password'") for p in found)
+
+
+def test_lane_sessions_must_not_take_over_another_entrys_session() -> None:
+    other = GOOD.replace('[kafka]', '[[brokers]]\nurl = "mqtt://127.0.0.1:1883"\n'
+                         'client_id = "mkb-1-fast"\n[kafka]')
+    import tomllib
+    assert len(config.parse(tomllib.loads(other)).brokers) == 2  # no fast lane: no clash
+    found = problems_of(other + '[[routes]]\nfilter = "devices/{device_id}/alerts"\n'
+                        'kafka_topic = "iot.alerts"\nlane = "fast"\n')
+    assert "brokers[1].client_id: 'mkb-1-fast' is used twice for 127.0.0.1:1883" in found

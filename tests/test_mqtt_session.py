@@ -175,6 +175,9 @@ class ScriptedBroker:
                 packet.packet_id,
                 [mqtt5.SubAckReasonCode.GRANTED_QOS_EXACTLY_ONCE] * len(packet.topic_filters),
             ).write())
+        elif isinstance(packet, mqtt5.UnsubscribePacket):
+            conn.send(mqtt5.UnsubAckPacket(packet.packet_id, [
+                mqtt5.UnsubAckReasonCode.SUCCESS] * len(packet.patterns)).write())
         elif isinstance(packet, mqtt5.PingReqPacket) and self.answer_pings:
             conn.send(mqtt5.PingRespPacket().write())
 
@@ -301,17 +304,62 @@ def test_connect_asks_for_a_persistent_session_and_subscribes_a_new_one() -> Non
     run(body)
 
 
-def test_no_subscribe_when_the_broker_still_has_the_session() -> None:
+def test_a_present_session_is_subscribed_again_without_resending_retained() -> None:
+    """Filters added to the config while the bridge was away must be subscribed; asking
+    again for the ones the broker has costs nothing: retained messages are sent only for a
+    subscription that did not exist."""
     async def body() -> None:
         def resume(conn: BrokerConn, connect: mqtt5.ConnectPacket) -> None:
             conn.send(connack(session_present=True))
 
         async with ScriptedBroker(resume) as broker, client(broker) as c:
             conn = await broker.connection(0)
-            await until(c.session.connected.is_set, "session connected")
-            await broker.fence(conn)
-            assert conn.of(mqtt5.SubscribePacket) == []
+            await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE")
+            [subscribe] = conn.of(mqtt5.SubscribePacket)
+            assert [f.pattern for f in subscribe.topic_filters] == SUBSCRIPTIONS
+            assert [f.retain_handling.value for f in subscribe.topic_filters] == [
+                mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS.value] * 2
             assert c.count("mqtt_connects") == 1
+
+    run(body)
+
+
+def test_changed_filters_are_subscribed_and_unsubscribed_on_the_live_connection() -> None:
+    async def body() -> None:
+        async with ScriptedBroker() as broker, client(broker) as c:
+            conn = await broker.connection(0)
+            await until(c.session.connected.is_set, "session connected")
+            c.session.update_subscriptions(["devices/+/telemetry", "devices/+/alerts/#"])
+            await until(lambda: len(conn.of(mqtt5.SubscribePacket)) == 2, "second SUBSCRIBE")
+            await until(lambda: conn.of(mqtt5.UnsubscribePacket), "UNSUBSCRIBE")
+            added = conn.of(mqtt5.SubscribePacket)[1]
+            [removed] = conn.of(mqtt5.UnsubscribePacket)
+            assert [f.pattern for f in added.topic_filters] == ["devices/+/alerts/#"]
+            assert list(removed.patterns) == ["devices/+/files/#"]
+            assert len(broker.connections) == 1  # the session was never dropped
+            await until(c.session._unsubscribed.is_set, "UNSUBACK handled")
+            c.assert_alive()
+
+    run(body)
+
+
+def test_filters_removed_while_disconnected_are_unsubscribed_on_reconnect(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bridge.mqtt.random, "uniform", lambda low, high: 0.3)  # time to change
+
+    async def body() -> None:
+        async with ScriptedBroker() as broker, client(broker, reconnect_min=0.01) as c:
+            first = await broker.connection(0)
+            await until(c.session.connected.is_set, "session connected")
+            first.close()
+            await until(lambda: not c.session.connected.is_set(), "disconnect noticed")
+            c.session.update_subscriptions(["devices/+/telemetry"])
+            second = await broker.connection(1)
+            await until(lambda: second.of(mqtt5.UnsubscribePacket), "UNSUBSCRIBE")
+            [removed] = second.of(mqtt5.UnsubscribePacket)
+            assert list(removed.patterns) == ["devices/+/files/#"]
+            [subscribe] = second.of(mqtt5.SubscribePacket)
+            assert [f.pattern for f in subscribe.topic_filters] == ["devices/+/telemetry"]
 
     run(body)
 

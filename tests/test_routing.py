@@ -100,3 +100,18 @@ def test_a_template_that_breaks_kafka_rules_is_rejected(site: str) -> None:
     with pytest.raises(Rejected) as caught:
         Router([r]).match(f"sites/{site}/devices/d1/t")
     assert caught.value.code == "invalid_topic"
+
+
+@pytest.mark.parametrize("device_id", ["d1", "A-b_c.d", "x" * 128, "..a"])
+def test_safe_device_ids_pass(device_id: str) -> None:
+    router = Router([route("t", "devices/{device_id}/telemetry")])
+    assert router.match(f"devices/{device_id}/telemetry").device_id == device_id
+
+
+@pytest.mark.parametrize("device_id", ["x" * 129, "a b", "a@b", "a:b", ".", "..", "dév", "a\nb",
+                                       "a\\b"])
+def test_unsafe_device_ids_are_refused_before_any_use(device_id: str) -> None:
+    router = Router([route("t", "devices/{device_id}/telemetry")])
+    with pytest.raises(Rejected) as refused:
+        router.match(f"devices/{device_id}/telemetry")
+    assert refused.value.code == "invalid_device_id"
