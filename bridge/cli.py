@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     route.add_argument("--signature", help="the message's signature user property (hex)")
     route.add_argument("topic")
 
+    s3_setup = commands.add_parser("s3-setup", help="apply the S3 bucket lifecycle rules")
+    s3_setup.add_argument("--config", required=True)
+
     dev = commands.add_parser("dev", help="run the bridge on a local Mosquitto, Tansu and S3")
     dev.add_argument("--config", default="examples/bridge.toml")
     dev.add_argument("--workdir", default=".dev")
@@ -43,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--rate", type=float, help="messages per second in all (default: max)")
     sim.add_argument("--herd", action="store_true",
                      help="every device connects at once as its own client")
+    sim.add_argument("--file", help="upload this file over MQTT file transfer instead")
+    sim.add_argument("--device-id", default="dev-00000", help="the uploading device (--file)")
+    sim.add_argument("--segment-bytes", type=int, default=256 * 1024, help="with --file")
 
     tail = commands.add_parser("tail", help="print a Kafka topic as decoded envelopes")
     tail.add_argument("--bootstrap", default="127.0.0.1:9092")
@@ -50,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     tail.add_argument("topic")
 
     args = parser.parse_args(argv)
-    handler = {"run": _run, "check-config": _check, "route": _route, "dev": _dev,
-               "simulate": _simulate, "tail": _tail}[args.command]
+    handler = {"run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup,
+               "dev": _dev, "simulate": _simulate, "tail": _tail}[args.command]
     return handler(args)
 
 
@@ -89,6 +95,7 @@ def _check(args: argparse.Namespace) -> int:
 def _route(args: argparse.Namespace) -> int:
     """Run one message through the same pipeline the daemon uses, and say what it would do."""
     from bridge import auth
+    from bridge.kafka import Delivery
     from bridge.message import Message
     from bridge.metrics import Metrics
     from bridge.pipeline import Pipeline
@@ -108,13 +115,19 @@ def _route(args: argparse.Namespace) -> int:
     message = Message("dry-run", args.topic, payload, 1, False, False,
                       time.time_ns() // 1_000_000, properties)
     print(f"topic:        {args.topic}")
+    files = config.file_transfer
+    if files is not None and files.filter.match(args.topic) is not None:
+        print(f"file transfer: {files.filter.pattern} (fat lane, auth {files.auth}); a "
+              f"completed file's reference goes to {files.kafka_topic}")
+        return 0
     try:
         route, device_id, bindings, _ = Router(config.routes).match(args.topic)
     except Rejected as rejected:
         print(f"dead letter:  {rejected.code}: {rejected.reason}\n"
               f"kafka_topic:  {config.dead_letter_topic}")
         return 1
-    delivery = Pipeline(config, route.lane, None, Metrics()).prepare(message, None)
+    delivery = Pipeline(config, route.lane, Metrics()).prepare(message, None)
+    assert isinstance(delivery, Delivery)  # no object store in a dry run: nothing offloads
     print(f"route:        {route.name} ({route.filter.pattern})\n"
           f"bindings:     {bindings}\n"
           f"device_id:    {device_id}\n"
@@ -132,7 +145,36 @@ def _route(args: argparse.Namespace) -> int:
         error = envelope.decode(delivery.value)["error"]
         print(f"dead letter:  {error['code']}: {error['reason']}\nkafka_topic:  {delivery.topic}")
         return 1
+    inline_max = route.inline_max_bytes if route.inline_max_bytes is not None else \
+        config.s3.inline_max_bytes if config.s3 else None
+    if route.truncate_bytes is not None and len(payload) > route.truncate_bytes:
+        print(f"payload:      {len(payload)} bytes, truncated to {route.truncate_bytes}")
+    elif inline_max is not None and len(payload) > inline_max:
+        print(f"payload:      {len(payload)} bytes > inline_max_bytes {inline_max}: stored in "
+              "S3, a reference envelope on the fat lane")
     print(f"kafka_topic:  {delivery.topic}\nresult:       bridged")
+    return 0
+
+
+def _s3_setup(args: argparse.Namespace) -> int:
+    """Expire file-transfer staging data and abort unfinished multipart uploads."""
+    from bridge.s3 import ObjectStore, S3Error
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if config.s3 is None:
+        print(f"{args.config}: no [s3] section: nothing to set up", file=sys.stderr)
+        return 2
+    days = config.s3.staging_expiry_days
+    try:
+        rules = ObjectStore(config.s3).apply_lifecycle(days, days)["Rules"]
+    except S3Error as exc:
+        print(f"s3-setup failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"s3://{config.s3.bucket}: lifecycle rules")
+    for rule in rules:
+        print(f"  {rule.get('ID', '?')}: {rule}")
     return 0
 
 
@@ -145,6 +187,21 @@ def _dev(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from bridge import simulate
 
+    if args.file:
+        from pathlib import Path
+
+        from bridge.device import upload_file
+
+        client = simulate.device_client(args.url, args.device_id)
+        try:
+            upload = upload_file(client, args.device_id, f"f{time.time_ns()}", Path(args.file),
+                                 segment_bytes=args.segment_bytes)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        print(f"uploaded {upload.size} bytes as {upload.file_id} in {upload.segments} "
+              f"segments, {upload.seconds:.1f} s, sha256 {upload.sha256}")
+        return 0
     if args.herd:
         result = simulate.herd(args.url, args.devices, args.messages, args.qos, args.size)
     else:

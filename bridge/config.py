@@ -98,7 +98,25 @@ class S3Config:
     bucket: str
     endpoint_url: str | None = None
     region: str | None = None
-    inline_max_bytes: int = 262144
+    inline_max_bytes: int = 262144  # larger payloads go to S3; Kafka gets a reference
+    object_prefix: str = "payloads/"  # claim-check objects: PREFIX{device_id}/{sha256}
+    staging_expiry_days: int = 7  # lifecycle: file-transfer staging and unfinished uploads
+    apply_lifecycle: bool = False  # also at start-up, not only with `s3-setup`
+    concurrency: int = 8  # S3 jobs at once (offloads, segments, assemblies); bounds memory
+
+
+@dataclass(frozen=True, slots=True)
+class FileTransferConfig:
+    """File transfer over MQTT (docs/file-transfer.md): reassembled into S3, fat lane."""
+
+    filter: RouteFilter  # `PREFIX/{device_id}/files/{file_id}/#`
+    kafka_topic: str
+    auth: str = "none"
+    max_file_bytes: int = 1 << 30
+    max_segment_bytes: int = 1 << 20
+    max_transfers_per_device: int = 4
+    expiry_seconds: float = 86400.0
+    fin_grace_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +128,8 @@ class Route:
     format: str = "raw"
     lane: str = "bulk"
     auth: str = "none"
+    inline_max_bytes: int | None = None  # overrides [s3].inline_max_bytes
+    truncate_bytes: int | None = None  # keep only this head of each body, flagged `truncated`
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,18 +141,27 @@ class Config:
     routes: tuple[Route, ...]
     s3: S3Config | None = None
     lanes: dict[str, dict[str, Any]] = field(default_factory=dict)  # [lanes.NAME] as written
+    file_transfer: FileTransferConfig | None = None
     registry: Registry = field(default_factory=Registry)
     version: str = field(default="")
 
     def fixed_topics(self) -> list[str]:
         """The Kafka topics known before any message: the dead-letter topic and every route
         topic that is not a template."""
+        files = {self.file_transfer.kafka_topic} if self.file_transfer else set()
         return sorted({r.kafka_topic for r in self.routes if "{" not in r.kafka_topic}
-                      | {self.dead_letter_topic})
+                      | {self.dead_letter_topic} | files)
 
-    def lanes_in_use(self) -> list[str]:
-        """The lanes some route names, in LANES order: each gets a producer and sessions."""
-        return [lane for lane in LANES if any(r.lane == lane for r in self.routes)]
+    def session_lanes(self) -> list[str]:
+        """Lanes that subscribe something, in LANES order: each has a session per broker.
+        File transfers ride the fat lane."""
+        return [lane for lane in LANES if any(r.lane == lane for r in self.routes)
+                or (lane == "fat" and self.file_transfer is not None)]
+
+    def producer_lanes(self) -> list[str]:
+        """Lanes that produce: those with sessions, and fat wherever S3 references go."""
+        return [lane for lane in LANES
+                if lane in self.session_lanes() or (lane == "fat" and self.s3 is not None)]
 
     def producer_config(self, lane: str = "bulk") -> dict[str, Any]:
         """librdkafka properties of one lane: defaults, [kafka], [lanes.NAME], then the ones
@@ -301,6 +330,8 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
                  f"unknown lane {v!r}, expected one of {', '.join(LANES)}")
     auth = t.get("auth", str, "none", lambda v: None if v in AUTH_MODES else
                  f"unknown auth {v!r}, expected one of {', '.join(AUTH_MODES)}")
+    inline_max = t.get("inline_max_bytes", int, None, _between(0, 64 * 2**20))
+    truncate = t.get("truncate_bytes", int, None, _between(0, 64 * 2**20))
     t.finish()
     if pattern is None:
         return None
@@ -316,7 +347,37 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
         return None
     return Route(name=name, filter=route_filter, kafka_topic=topic,
                  key=KeySpec(key, window, buckets), format=payload_format, lane=lane,
-                 auth=auth)
+                 auth=auth, inline_max_bytes=inline_max, truncate_bytes=truncate)
+
+
+def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
+    t = _Table(data, "file_transfer", problems)
+    prefix = t.get("prefix", str, "devices/{device_id}/files")
+    topic = t.get("kafka_topic", str, check=kafka_topic_problem)
+    auth = t.get("auth", str, "none", lambda v: None if v in AUTH_MODES else
+                 f"unknown auth {v!r}, expected one of {', '.join(AUTH_MODES)}")
+    defaults = FileTransferConfig(RouteFilter.parse("x/{device_id}/#"), "")
+    limits = {
+        "max_file_bytes": t.get("max_file_bytes", int, defaults.max_file_bytes,
+                                _between(0, 5 * 2**40)),
+        "max_segment_bytes": t.get("max_segment_bytes", int, defaults.max_segment_bytes,
+                                   _between(1, 64 * 2**20)),
+        "max_transfers_per_device": t.get("max_transfers_per_device", int,
+                                          defaults.max_transfers_per_device, _between(1, 1000)),
+        "expiry_seconds": float(t.get("expiry_seconds", (int, float), defaults.expiry_seconds,
+                                      _between(1, 366 * 86400))),
+        "fin_grace_seconds": float(t.get("fin_grace_seconds", (int, float),
+                                         defaults.fin_grace_seconds, _between(0, 600))),
+    }
+    t.finish()
+    if prefix is None or topic is None:
+        return None
+    try:
+        route_filter = RouteFilter.parse(f"{prefix.rstrip('/')}/{{file_id}}/#")
+    except FilterError as exc:
+        t.fail("prefix", str(exc))
+        return None
+    return FileTransferConfig(route_filter, topic, auth, **limits)
 
 
 def _kafka(data: Any, problems: list[str], path: str = "kafka") -> dict[str, Any]:
@@ -431,6 +492,12 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
                 "http", "https"} else "must be an http:// or https:// url"),
             region=s.get("region", str, None),
             inline_max_bytes=s.get("inline_max_bytes", int, 262144, _between(0, 64 * 2**20)),
+            object_prefix=s.get("object_prefix", str, "payloads/", lambda v: None if (
+                v == "" or v.endswith("/")) and not v.startswith(("/", "staging/", "files/"))
+                else "must be empty or end with '/', and not be staging/ or files/"),
+            staging_expiry_days=s.get("staging_expiry_days", int, 7, _between(1, 3650)),
+            apply_lifecycle=s.get("apply_lifecycle", bool, False),
+            concurrency=s.get("concurrency", int, 8, _between(1, 256)),
         )
         s.finish()
 
@@ -448,7 +515,8 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
             problems.append(f"routes[{i}].name: {route.name!r} is used twice")
 
     # One session per (broker, client id): two sharing one would take it over in turns.
-    lanes_used = [lane for lane in LANES if any(r and r.lane == lane for r in routes)]
+    lanes_used = [lane for lane in LANES if any(r and r.lane == lane for r in routes)
+                  or (lane == "fat" and "file_transfer" in data)]
     seen: dict[tuple[str, int, str], int] = {}
     for i, broker in enumerate(brokers):
         for session in [broker.for_lane(lane) for lane in lanes_used] if broker else []:
@@ -457,6 +525,15 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
                 problems.append(f"brokers[{i}].client_id: {session.client_id!r} is used twice "
                                 f"for {session.host}:{session.port}")
                 break
+
+    file_transfer = None
+    if "file_transfer" in data:
+        file_transfer = _file_transfer(top.get("file_transfer", dict, {}), problems)
+        if s3 is None:
+            problems.append("file_transfer: needs an [s3] bucket to assemble files in")
+    if s3 is None:
+        problems += [f"routes[{i}].{key}: needs an [s3] bucket" for i, r in enumerate(routes)
+                     if r for key in ("inline_max_bytes",) if r.inline_max_bytes is not None]
 
     registry, registry_bytes = Registry(), b""
     r = _Table(top.get("registry", dict, {}), "registry", problems)
@@ -472,6 +549,9 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         problems += [f"routes[{i}].auth: {route.auth!r} needs a device registry: add "
                      '[registry] file = "devices.toml"'
                      for i, route in enumerate(routes) if route and route.auth != "none"]
+        if file_transfer is not None and file_transfer.auth != "none":
+            problems.append(f"file_transfer.auth: {file_transfer.auth!r} needs a device "
+                            'registry: add [registry] file = "devices.toml"')
     top.finish()
 
     if problems:
@@ -484,6 +564,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         routes=tuple(r for r in routes if r),
         s3=s3,
         lanes=lanes,
+        file_transfer=file_transfer,
         registry=registry,
         version=hashlib.sha256(source + registry_bytes).hexdigest()[:12],
     )

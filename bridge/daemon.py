@@ -13,17 +13,21 @@ import dataclasses
 import functools
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import structlog
 
 from bridge.config import Config
 from bridge.errors import ConfigError
+from bridge.files import FileTransfers
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.mqtt import BrokerSession, Inflight
-from bridge.pipeline import Pipeline
+from bridge.pipeline import Offload, Pipeline
+from bridge.s3 import ObjectStore, S3Error
 
 log = structlog.get_logger("bridge.daemon")
 # Config sections a reload cannot change under running sessions: they need a restart.
@@ -51,6 +55,12 @@ class Daemon:
         self._retiring: set[asyncio.Task[None]] = set()
         self._retired_sinks: list[KafkaSink] = []
         self._reloading = False
+        self.objects: ObjectStore | None = None
+        self.files: FileTransfers | None = None
+        # S3 jobs (offloads, file-transfer messages) run as tasks, at most `[s3].concurrency`
+        # at once: when all are busy the source waits, which bounds memory (invariant 3).
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._job_done = asyncio.Event()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -59,6 +69,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         stats = asyncio.create_task(self._log_stats())
+        sweeper = asyncio.create_task(self._sweep_transfers())
         log.info("bridge_started", instance=self.config.bridge.instance,
                  brokers=[b.name for b in self.config.brokers], map_version=self.config.version,
                  lanes=list(self.pipelines),
@@ -66,10 +77,12 @@ class Daemon:
                                 self.pipelines.items()})
         try:
             await self._check_topics()
+            await self._apply_lifecycle()
             await self._stop.wait()
         finally:
             await self._shutdown()
             stats.cancel()
+            sweeper.cancel()
 
     def stop(self) -> None:
         self._stop.set()
@@ -79,9 +92,9 @@ class Daemon:
         did not change), pipelines, then subscriptions. Prepared messages keep the pipeline,
         and so the map and producer, they started with."""
         loop = asyncio.get_running_loop()
-        lanes = config.lanes_in_use()
+        lanes = config.session_lanes()
         sinks = {}
-        for lane in lanes:
+        for lane in config.producer_lanes():
             sink = self.sinks.get(lane)
             if sink is None or sink.properties != config.producer_config(lane):
                 sink = KafkaSink(config.producer_config(lane), loop, self.metrics, lane)
@@ -92,14 +105,22 @@ class Daemon:
                 self._retired_sinks.append(old)
                 self._retire(self._retire_sink(old))
         self.sinks = sinks
-        self.pipelines = {lane: Pipeline(config, lane, sinks[lane], self.metrics)
+        if config.s3 is not None and (self.objects is None or config.s3 != self.config.s3):
+            self.objects = ObjectStore(config.s3, workers=config.s3.concurrency + 4)
+        self.pipelines = {lane: Pipeline(config, lane, self.metrics, sinks, self.objects)
                           for lane in lanes}
         for pipeline in self.pipelines.values():
             pipeline.elsewhere = functools.partial(self._elsewhere, pipeline.lane)
+        self.files = None
+        if config.file_transfer is not None and self.objects is not None:
+            self.files = FileTransfers(config, config.file_transfer, self.pipelines["fat"],
+                                       self.objects, self.metrics)
         self.config = config
         for index, broker in enumerate(config.brokers):
             for lane in lanes:
                 filters = self.pipelines[lane].router.subscriptions()
+                if lane == "fat" and self.files is not None:
+                    filters.append(self.files.subscription())
                 key = (index, lane)
                 if key in self._leaving:  # wanted again before it finished leaving
                     session, task, leaving = self._leaving.pop(key)
@@ -188,21 +209,85 @@ class Daemon:
                       why="records for them go to the dead-letter topic (or wait, if it is "
                           "the dead-letter topic) until they are created")
 
+    async def _apply_lifecycle(self) -> None:
+        """`[s3] apply_lifecycle`: what `s3-setup` does, at start-up; a failure is logged."""
+        s3 = self.config.s3
+        if s3 is None or not s3.apply_lifecycle or self.objects is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.objects.apply_lifecycle,
+                                       s3.staging_expiry_days, s3.staging_expiry_days)
+        except S3Error as exc:
+            log.error("s3_lifecycle_failed", error=str(exc),
+                      why="staging leftovers will not expire until `s3-setup` succeeds")
+            return
+        log.info("s3_lifecycle_applied", bucket=s3.bucket, days=s3.staging_expiry_days)
+
     def _handle(self, lane: str, message: Message,
                 inflight: Inflight | None) -> Awaitable[None] | None:
-        """Source -> pipeline -> sink; returns an awaitable only when Kafka pushes back."""
+        """Source -> pipeline -> sink; returns an awaitable only when Kafka (or S3) pushes
+        back."""
+        if lane == "fat" and self.files is not None and self.files.takes(message.topic):
+            return self._job(self.files.handle(message, inflight))
         pipeline = self.pipelines.get(lane)
         if pipeline is None:  # a reload removed the lane; its session is handing over
             pipeline = next(iter(self.pipelines.values()))
         delivery = pipeline.prepare(message, inflight)
+        if isinstance(delivery, Offload):
+            return self._job(self._offload(pipeline, delivery))
         sink = delivery.sink
         assert sink is not None  # the daemon's pipelines all have one
         if sink.try_send(delivery):
             return None
         return sink.send(delivery)
 
+    async def _offload(self, pipeline: Pipeline, job: Offload) -> None:
+        delivery = await pipeline.offload(job)
+        assert delivery.sink is not None
+        await delivery.sink.send(delivery)
+
+    def _job(self, work: Coroutine[Any, Any, None]) -> Awaitable[None] | None:
+        """Start an S3 job now if a slot is free; else the source waits for one."""
+        assert self.config.s3 is not None
+        if len(self._jobs) < self.config.s3.concurrency:
+            task = asyncio.create_task(work)
+            self._jobs.add(task)
+            task.add_done_callback(self._job_finished)
+            return None
+        return self._job_when_free(work)
+
+    async def _job_when_free(self, work: Coroutine[Any, Any, None]) -> None:
+        assert self.config.s3 is not None
+        while len(self._jobs) >= self.config.s3.concurrency:
+            self._job_done.clear()
+            await self._job_done.wait()
+        self._job(work)
+
+    def _job_finished(self, task: asyncio.Task[None]) -> None:
+        self._jobs.discard(task)
+        self._job_done.set()
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.inc("s3_job_crashes")  # a bug: the message stays unacked
+            log.error("s3_job_crashed", error=repr(task.exception()))
+
+    async def _sweep_transfers(self) -> None:
+        """Dead-letter file transfers that outlived their expiry, now and then."""
+        while True:
+            files = self.files
+            interval = 60.0 if files is None else min(60.0, files.settings.expiry_seconds / 4)
+            await asyncio.sleep(interval)
+            if self.files is not None:
+                try:
+                    expired = await self.files.sweep(time.time_ns() // 1_000_000)
+                except Exception:
+                    log.exception("file_sweep_failed")
+                    continue
+                if expired:
+                    log.info("file_transfers_expired", count=expired)
+
     def _elsewhere(self, lane: str, message: Message,
-                   on_durable: Callable[[], None] | None) -> Delivery | None:
+                   on_durable: Callable[[], None] | None) -> Delivery | Offload | None:
         """The delivery of another lane whose routes take this topic, if one does."""
         for other, pipeline in self.pipelines.items():
             if other != lane and pipeline.router.takes(message.topic):
@@ -220,6 +305,12 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         sessions = [*self.sessions.values(), *(s for s, _, _ in self._leaving.values())]
+        for session in sessions:
+            session.stop_reading()
+        if self._jobs:  # S3 jobs under way get the same deadline as Kafka
+            _, late = await asyncio.wait(self._jobs, timeout=self.config.bridge.shutdown_timeout)
+            for task in late:
+                task.cancel()
         tasks = [*self._tasks.values(), *self._retiring,
                  *(t for _, run, leaving in self._leaving.values() for t in (run, leaving))]
         for session in sessions:

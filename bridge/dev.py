@@ -1,13 +1,15 @@
 """`mqtt-kafka-bridge dev`: the bridge on a local Mosquitto, Tansu and moto S3, for newcomers.
 
 The example config is used as it is, except for the three addresses, which point at the
-local stack's ports. A simulated fleet publishes a trickle of telemetry, plus one message
-without a device id so the dead-letter topic has something to show.
+local stack's ports. A simulated fleet publishes a trickle of telemetry, one message without
+a device id so the dead-letter topic has something to show, and uploads a 3 MiB file over
+MQTT file transfer, which lands in S3 with a reference envelope in Kafka.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import tomllib
 from pathlib import Path
@@ -15,8 +17,9 @@ from pathlib import Path
 from bridge import config as config_module
 from bridge import logs, simulate
 from bridge.daemon import Daemon
+from bridge.device import sized_file, upload_file
 from bridge.errors import ConfigError
-from bridge.localstack import LocalStack
+from bridge.localstack import LocalStack, s3_environment
 
 
 def local_config(path: Path, stack: LocalStack) -> config_module.Config:
@@ -37,6 +40,8 @@ def run_dev(config_path: str, workdir: str, rate: float) -> int:
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     logs.configure("console")
+    for name, value in s3_environment().items():  # the local S3 takes any credentials
+        os.environ.setdefault(name, value)
     with LocalStack(work) as stack:
         try:
             config = local_config(Path(config_path), stack)
@@ -47,6 +52,9 @@ def run_dev(config_path: str, workdir: str, rate: float) -> int:
         stack.create_topics(topics)
         if config.s3:
             stack.create_bucket(config.s3.bucket)
+        files = "" if config.file_transfer is None else (
+            f"  .venv/bin/mqtt-kafka-bridge tail --bootstrap {stack.bootstrap} "
+            f"{config.file_transfer.kafka_topic}      (a 3 MiB upload, by reference)\n")
         print(f"""
 mqtt-kafka-bridge dev: local stack in {work}
   MQTT   {stack.mqtt_url}
@@ -55,12 +63,17 @@ mqtt-kafka-bridge dev: local stack in {work}
 Watch envelopes arrive (in another terminal):
   .venv/bin/mqtt-kafka-bridge tail --bootstrap {stack.bootstrap} -f {config.routes[0].kafka_topic}
   .venv/bin/mqtt-kafka-bridge tail --bootstrap {stack.bootstrap} {config.dead_letter_topic}
-Publish more:
+{files}Publish more:
   .venv/bin/mqtt-kafka-bridge simulate --url {stack.mqtt_url} --devices 100 --messages 100
+  .venv/bin/mqtt-kafka-bridge simulate --url {stack.mqtt_url} --file SOME_FILE
 Ctrl-C stops the bridge and everything dev started.
 """, flush=True)
         stop = threading.Event()
-        fleet = threading.Thread(target=_fleet, args=(stack.mqtt_url, stop, rate), daemon=True)
+        sample = None
+        if config.file_transfer is not None:  # a file upload lands as a reference envelope
+            sample = sized_file(work / "sample.bin", 3 * 2**20)
+        fleet = threading.Thread(target=_fleet, args=(stack.mqtt_url, stop, rate, sample),
+                                 daemon=True)
         fleet.start()
         try:
             asyncio.run(Daemon(config, loader=lambda: local_config(Path(config_path),
@@ -71,9 +84,13 @@ Ctrl-C stops the bridge and everything dev started.
     return 0
 
 
-def _fleet(url: str, stop: threading.Event, rate: float) -> None:
+def _fleet(url: str, stop: threading.Event, rate: float, sample: Path | None) -> None:
     client = simulate.device_client(url, "sim-dev-misfit")
     client.publish("devices//telemetry", b"a message without a device id", qos=1)
+    if sample is not None:
+        upload = upload_file(client, "dev-00000", "sample-1", sample)
+        print(f"dev: uploaded {sample.name} ({upload.size} bytes, sha256 {upload.sha256[:16]}..)"
+              f" over MQTT file transfer", flush=True)
     client.disconnect()
     client.loop_stop()
     simulate.trickle(url, stop, rate)

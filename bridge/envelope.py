@@ -46,11 +46,12 @@ class Template:
     output decodes to exactly what `encode` gives.
     """
 
-    __slots__ = ("_broker", "_device_id", "_flags", "_head", "_topic")
+    __slots__ = ("_broker", "_device_id", "_flags", "_head", "_topic", "content_type")
 
     def __init__(self, topic: str, broker: str, device_id: str, lineage: Lineage,
                  content_type: str = RAW) -> None:
         self._topic, self._broker, self._device_id = topic, broker, device_id
+        self.content_type = content_type
         self._head = b"".join(msgpack.packb(x) for x in (
             "v", VERSION, "device_id", device_id, "content_type", content_type,
             "bridge", {"instance": lineage.instance, "route": lineage.route,
@@ -101,6 +102,31 @@ def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code:
     if len(payload) > body_max:
         fields["truncated"] = True
     fields["error"] = {"code": code, "reason": reason}
+    packed: bytes = msgpack.packb(fields)
+    return packed
+
+
+def encode_reference(message: Message, device_id: str, lineage: Lineage, content_type: str,
+                     reference: str, size: int, sha256: str,
+                     file: dict[str, Any] | None = None) -> bytes:
+    """The envelope of a payload stored in S3: `reference`, `size` and `sha256`, no body.
+    A file transfer adds `file: {id, name, user_data}` from its init message."""
+    fields = _fields(message, device_id, lineage, b"", content_type)
+    del fields["body"]
+    fields.update(reference=reference, size=size, sha256=sha256)
+    if file is not None:
+        fields["file"] = file
+    packed: bytes = msgpack.packb(fields)
+    return packed
+
+
+def encode_truncated(message: Message, device_id: str, lineage: Lineage, content_type: str,
+                     keep: int) -> bytes:
+    """The envelope of a route that keeps only the head of each body: `truncated: true`,
+    with `size` and `sha256` of the whole payload."""
+    payload = message.payload
+    fields = _fields(message, device_id, lineage, payload[:keep], content_type)
+    fields.update(size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), truncated=True)
     packed: bytes = msgpack.packb(fields)
     return packed
 

@@ -187,6 +187,12 @@ class KafkaService(Service):
                 time.sleep(0.1)
 
 
+def s3_environment() -> dict[str, str]:
+    """Credentials for the local S3 (moto takes any), in boto3's environment variables."""
+    return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_KEY,
+            "AWS_DEFAULT_REGION": S3_REGION}
+
+
 def create_bucket(endpoint_url: str, name: str) -> None:
     """Create an S3 bucket; one that already exists is fine."""
     s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=S3_REGION,

@@ -10,7 +10,9 @@ finish under the old one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import hashlib
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import structlog
@@ -23,6 +25,7 @@ from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.routing import KeySpec, Router
+from bridge.s3 import ObjectStore, S3Error
 
 log = structlog.get_logger("bridge.pipeline")
 _PLANS_MAX = 65536  # distinct (broker, topic) pairs remembered; a device fleet's worth
@@ -42,22 +45,39 @@ class Plan(NamedTuple):
     check: Callable[[bytes], object] | None  # the route's payload format
     refusal: Rejected | None  # the registry refuses this device: every message dead-letters
     hmac_key: bytes | None  # the device's key, when the route checks signatures
+    inline_max: int | None  # larger bodies go to S3 (None: no S3, all inline)
+    truncate: int | None  # the route keeps only this head of each body
+
+
+class Offload(NamedTuple):
+    """A message whose body goes to S3 before its reference envelope goes to Kafka."""
+
+    message: Message
+    plan: Plan
+    on_durable: Callable[[], None] | None
+
+
+_S3_RETRY_MIN, _S3_RETRY_MAX = 0.5, 30.0
 
 
 class Pipeline:
     """Routes and encodes one lane's messages under one config; the lane's sink carries
     them to Kafka."""
 
-    def __init__(self, config: Config, lane: str, sink: KafkaSink | None,
-                 metrics: Metrics) -> None:
+    def __init__(self, config: Config, lane: str, metrics: Metrics,
+                 sinks: Mapping[str, KafkaSink] | None = None,
+                 objects: ObjectStore | None = None) -> None:
         self.config, self.lane, self.metrics = config, lane, metrics
-        self.sink = sink  # None for a dry run (`route`), which never produces
+        # No sinks for a dry run (`route`), which never produces.
+        self.sink = sinks[lane] if sinks else None
+        self.fat_sink = sinks.get("fat") if sinks else None  # references to S3 objects
+        self.objects = objects
         self.router = Router([route for route in config.routes if route.lane == lane])
         self.registry = config.registry
         # Another lane's pipeline for a topic no route of this lane takes: a message the
         # broker sent on this lane's session just before a reload moved its route.
-        self.elsewhere: Callable[[Message, Callable[[], None] | None], Delivery | None] | None \
-            = None
+        self.elsewhere: Callable[[Message, Callable[[], None] | None],
+                                 Delivery | Offload | None] | None = None
         self.dead_letter_topic = config.dead_letter_topic
         self._lineage = {
             route.name: envelope.Lineage(config.bridge.instance, route.name, config.version)
@@ -69,8 +89,10 @@ class Pipeline:
         self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX, record_max // 2)
         self._plans: dict[tuple[str, str], Plan] = {}
 
-    def prepare(self, message: Message, on_durable: Callable[[], None] | None) -> Delivery:
-        """The Delivery for one message: its envelope, or its dead-letter record."""
+    def prepare(self, message: Message,
+                on_durable: Callable[[], None] | None) -> Delivery | Offload:
+        """The Delivery for one message (its envelope, or its dead-letter record), or the
+        Offload of a body too large for Kafka."""
         plan = self._plans.get((message.broker, message.topic))
         if plan is None:
             try:
@@ -80,35 +102,65 @@ class Pipeline:
                     delivery = self.elsewhere(message, on_durable)
                     if delivery is not None:
                         return delivery
-                return self._dead_letter(message, rejected.device_id, self._no_route, rejected,
-                                         on_durable)
+                return self.dead_letter(message, rejected.device_id, self._no_route, rejected,
+                                        on_durable)
         if plan.refusal is not None:
-            return self._dead_letter(message, plan.device_id, plan.lineage, plan.refusal,
-                                     on_durable)
+            return self.dead_letter(message, plan.device_id, plan.lineage, plan.refusal,
+                                    on_durable)
         if plan.hmac_key is not None:
             try:
                 auth.verify(plan.hmac_key, plan.device_id, message.topic, message.payload,
                             message.user_properties)
             except Rejected as rejected:
-                return self._dead_letter(message, plan.device_id, plan.lineage, rejected,
-                                         on_durable)
+                return self.dead_letter(message, plan.device_id, plan.lineage, rejected,
+                                        on_durable)
         if plan.check is not None:
             try:
                 plan.check(message.payload)
             except (ValueError, RecursionError) as exc:
                 bad = Rejected("bad_payload", f"not valid {plan.route.format}: {exc}")
-                return self._dead_letter(message, plan.device_id, plan.lineage, bad, on_durable)
-        return Delivery(
-            plan.kafka_topic,
-            plan.key if plan.key_per_message is None else
-            plan.key_per_message.key(plan.device_id, message.arrival_millis),
-            plan.template.encode(message),
-            plan.headers,
-            on_durable,
-            self._rejected_by_kafka,
-            (message, plan),
-            self.sink,
-        )
+                return self.dead_letter(message, plan.device_id, plan.lineage, bad, on_durable)
+        size = len(message.payload)
+        if plan.truncate is not None and size > plan.truncate:
+            return self._delivery(message, plan, on_durable, envelope.encode_truncated(
+                message, plan.device_id, plan.lineage, plan.template.content_type,
+                plan.truncate), self.sink)
+        if plan.inline_max is not None and size > plan.inline_max:
+            return Offload(message, plan, on_durable)
+        return self._delivery(message, plan, on_durable, plan.template.encode(message), self.sink)
+
+    async def offload(self, job: Offload) -> Delivery:
+        """Store the body in S3 under a key derived from its content, so a redelivery after
+        a crash writes the same object again rather than an orphan; then the reference
+        envelope for the fat lane. S3 failures are retried: the message stays unacked."""
+        assert self.objects is not None and self.fat_sink is not None
+        message, plan = job.message, job.plan
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(message.payload).hexdigest())
+        prefix = self.config.s3.object_prefix if self.config.s3 else ""
+        key = f"{prefix}{plan.device_id}/{digest}"
+        delay = _S3_RETRY_MIN
+        while True:
+            try:
+                await self.objects.put(key, message.payload, {"device-id": plan.device_id,
+                                                              "sha256": digest},
+                                       plan.template.content_type)
+                break
+            except S3Error as exc:
+                self.metrics.inc("s3_retries")
+                log.warning("s3_put_failed", key=key, error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(_S3_RETRY_MAX, delay * 2)
+        self.metrics.inc("offloaded")
+        return self._delivery(message, plan, job.on_durable, envelope.encode_reference(
+            message, plan.device_id, plan.lineage, plan.template.content_type,
+            self.objects.reference(key), len(message.payload), digest), self.fat_sink)
+
+    def _delivery(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
+                  value: bytes, sink: KafkaSink | None) -> Delivery:
+        key = plan.key if plan.key_per_message is None else \
+            plan.key_per_message.key(plan.device_id, message.arrival_millis)
+        return Delivery(plan.kafka_topic, key, value, plan.headers, on_durable,
+                        self._rejected_by_kafka, (message, plan), sink)
 
     def _plan(self, message: Message) -> Plan:
         route, device_id, _, kafka_topic = self.router.match(message.topic)
@@ -128,17 +180,26 @@ class Pipeline:
             envelope.Template(message.topic, message.broker, device_id, lineage,
                               payload_format.content_type),
             lineage, payload_format.check, refusal,
-            device.hmac_key if device is not None and route.auth == "hmac" else None)
+            device.hmac_key if device is not None and route.auth == "hmac" else None,
+            self._inline_max(route), route.truncate_bytes)
         return plan
+
+    def _inline_max(self, route: Route) -> int | None:
+        s3 = self.config.s3
+        if s3 is None or self.objects is None:
+            return None
+        return route.inline_max_bytes if route.inline_max_bytes is not None \
+            else s3.inline_max_bytes
 
     def _rejected_by_kafka(self, delivery: Delivery, rejected: Rejected) -> None:
         message, plan = delivery.origin
         assert delivery.sink is not None  # it was produced, so it had a sink
-        delivery.sink.submit(self._dead_letter(message, plan.device_id, plan.lineage,
-                                               rejected, delivery.on_durable))
+        delivery.sink.submit(self.dead_letter(message, plan.device_id, plan.lineage,
+                                              rejected, delivery.on_durable))
 
-    def _dead_letter(self, message: Message, device_id: str, lineage: envelope.Lineage,
-                     rejected: Rejected, on_durable: Callable[[], None] | None) -> Delivery:
+    def dead_letter(self, message: Message, device_id: str, lineage: envelope.Lineage,
+                    rejected: Rejected, on_durable: Callable[[], None] | None) -> Delivery:
+        """The dead-letter record of a message, on this lane's producer."""
         self.metrics.inc(f"dead_letter_{rejected.code}")
         log.warning("dead_letter", code=rejected.code, reason=rejected.reason,
                     topic=message.topic, broker=message.broker)

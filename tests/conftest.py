@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge.localstack import LocalStack
+from bridge.localstack import LocalStack, s3_environment
 from bridge.tail import records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,8 @@ class Bridge:
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config",
                                       str(self.config)], stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
+                                     stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **s3_environment()})
         connected = self.wait_for("mqtt_connected", after=before)
         if not connected["session_present"]:
             self.wait_for("mqtt_subscribed", after=before)
@@ -102,7 +104,7 @@ class Case:
         self.bridges: list[Bridge] = []
 
     def config(self, extra_broker: str = "", extra_kafka: str = "", shutdown_timeout: float = 30,
-               routes: str | None = None, name: str = "bridge.toml") -> Path:
+               routes: str | None = None, name: str = "bridge.toml", extra: str = "") -> Path:
         routes = routes if routes is not None else f"""
 [[routes]]
 name = "telemetry"
@@ -125,6 +127,7 @@ reconnect_max = 2
 [kafka]
 "bootstrap.servers" = "{self.stack.bootstrap}"
 {extra_kafka}
+{extra}
 [dead_letter]
 kafka_topic = "{self.dead_letter}"
 {routes}

@@ -14,6 +14,7 @@ import pytest
 from bridge import auth, config, envelope
 from bridge.auth import Device, Registry
 from bridge.errors import Rejected
+from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
@@ -47,7 +48,7 @@ kafka_topic = "iot.telemetry"
     route = parsed.routes[0]
     parsed = dataclasses.replace(parsed, registry=REGISTRY,
                                  routes=(dataclasses.replace(route, auth=mode),))
-    return Pipeline(parsed, "bulk", None, Metrics())
+    return Pipeline(parsed, "bulk", Metrics())
 
 
 def outcome(mode: str, topic: str = TOPIC, payload: bytes = b"21.5",
@@ -55,6 +56,7 @@ def outcome(mode: str, topic: str = TOPIC, payload: bytes = b"21.5",
     """The data topic, or `dead_letter:<code>`."""
     message = Message("b", topic, payload, 1, False, False, 1, properties)
     delivery = pipeline(mode).prepare(message, None)
+    assert isinstance(delivery, Delivery)
     if delivery.topic == "iot.deadletter":
         return "dead_letter:" + envelope.decode(delivery.value)["error"]["code"]
     return delivery.topic

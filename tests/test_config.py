@@ -158,7 +158,7 @@ def test_lanes_merge_over_kafka_and_routes_name_theirs() -> None:
     text += 'lane = "fast"\n'
     loaded = config.parse(tomllib.loads(text))
     assert loaded.routes[0].lane == "fast"
-    assert loaded.lanes_in_use() == ["fast"]
+    assert loaded.session_lanes() == loaded.producer_lanes() == ["fast"]
     fast, bulk, fat = (loaded.producer_config(lane) for lane in ("fast", "bulk", "fat"))
     assert (fast["linger.ms"], fast["compression.type"]) == (0, "lz4")  # lane over [kafka]
     assert bulk["linger.ms"] == 20  # [kafka] over the lane default
@@ -231,3 +231,24 @@ def test_lane_sessions_must_not_take_over_another_entrys_session() -> None:
     found = problems_of(other + '[[routes]]\nfilter = "devices/{device_id}/alerts"\n'
                         'kafka_topic = "iot.alerts"\nlane = "fast"\n')
     assert "brokers[1].client_id: 'mkb-1-fast' is used twice for 127.0.0.1:1883" in found
+
+
+def test_large_payload_settings_need_s3_and_are_checked() -> None:
+    import tomllib
+
+    files = '\n[file_transfer]\nkafka_topic = "iot.files"\nmax_segment_bytes = 0\n'
+    found = problems_of(GOOD.replace("[dead_letter]", files + "[dead_letter]")
+                        + "inline_max_bytes = 1000\n")
+    assert "file_transfer: needs an [s3] bucket to assemble files in" in found
+    assert "routes[0].inline_max_bytes: needs an [s3] bucket" in found
+    assert any(p.startswith("file_transfer.max_segment_bytes: must be between 1") for p in found)
+    s3 = '\n[s3]\nbucket = "iot-payloads"\nobject_prefix = "staging/"\n'
+    found = problems_of(GOOD.replace("[dead_letter]", s3 + "[dead_letter]"))
+    assert any(p.startswith("s3.object_prefix: must be empty or end with '/'") for p in found)
+    good = GOOD.replace("[dead_letter]", s3.replace("staging/", "big/") + files.replace(
+        "max_segment_bytes = 0", 'prefix = "sites/{site}/{device_id}/up"') + "[dead_letter]")
+    loaded = config.parse(tomllib.loads(good))
+    assert loaded.file_transfer is not None
+    assert loaded.file_transfer.filter.subscription == "sites/+/+/up/+/#"
+    assert loaded.session_lanes() == ["bulk", "fat"]  # file transfers ride the fat lane
+    assert "iot.files" in loaded.fixed_topics()

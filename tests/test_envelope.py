@@ -60,3 +60,24 @@ def test_headers_carry_lineage() -> None:
 def test_decode_refuses_what_is_not_an_envelope(value: bytes) -> None:
     with pytest.raises(ValueError):
         envelope.decode(value)
+
+
+def test_a_reference_envelope_has_no_body_and_describes_the_object() -> None:
+    decoded = envelope.decode(envelope.encode_reference(
+        MSG, "d1", LINEAGE, "video/mp4", "s3://b/payloads/d1/abc", 7, "abc",
+        {"id": "f1", "name": "clip.mp4", "user_data": None}))
+    assert "body" not in decoded
+    assert (decoded["reference"], decoded["size"], decoded["sha256"]) == (
+        "s3://b/payloads/d1/abc", 7, "abc")
+    assert decoded["content_type"] == "video/mp4"
+    assert decoded["file"] == {"id": "f1", "name": "clip.mp4", "user_data": None}
+    assert decoded["bridge"]["route"] == "telemetry"
+
+
+def test_a_truncated_envelope_keeps_the_head_and_describes_the_whole() -> None:
+    decoded = envelope.decode(envelope.encode_truncated(MSG, "d1", LINEAGE,
+                                                        "application/octet-stream", 3))
+    assert decoded["body"] == MSG.payload[:3]
+    assert decoded["truncated"] is True
+    assert decoded["size"] == len(MSG.payload)
+    assert decoded["sha256"] == hashlib.sha256(MSG.payload).hexdigest()

@@ -1,0 +1,159 @@
+"""The S3 adapter: objects for payloads too large for Kafka, and file transfers' staging.
+
+boto3 blocks, so every call runs on a small thread pool of the adapter's own; the event loop
+never waits on S3. Credentials come from boto3's usual chain (environment, profile, instance
+role). Errors are `S3Error`: the caller retries (the MQTT message stays unacked meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from bridge.config import S3Config
+from bridge.errors import BridgeError
+
+T = TypeVar("T")
+
+STAGING_PREFIX = "staging/"  # file transfers in progress; the lifecycle rule expires them
+
+
+class S3Error(BridgeError):
+    """An S3 call failed; retryable unless the bucket or credentials are wrong."""
+
+
+class ObjectStore:
+    """One bucket, used from asyncio."""
+
+    def __init__(self, config: S3Config, workers: int = 8) -> None:
+        self.bucket = config.bucket
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=config.endpoint_url, region_name=config.region,
+            config=botocore.config.Config(max_pool_connections=workers,
+                                          retries={"mode": "standard", "max_attempts": 3}))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="s3")
+
+    def reference(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    async def _call(self, function: Callable[..., T], **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(function, **kwargs))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise S3Error(f"{function.__name__}: {exc}") from exc
+
+    async def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None,
+                  content_type: str = "application/octet-stream") -> None:
+        await self._call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body,
+                         Metadata=metadata or {}, ContentType=content_type)
+
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is none."""
+        try:
+            response = await self._call(self.client.get_object, Bucket=self.bucket, Key=key)
+        except S3Error as exc:
+            if _missing(exc):
+                return None
+            raise
+        body: bytes = await self._call(response["Body"].read)
+        return body
+
+    async def head(self, key: str) -> dict[str, Any] | None:
+        """The object's metadata (`Metadata`, `ContentLength`, ...), or None if absent."""
+        try:
+            return await self._call(self.client.head_object, Bucket=self.bucket, Key=key)
+        except S3Error as exc:
+            if _missing(exc):
+                return None
+            raise
+
+    async def list(self, prefix: str, delimiter: str | None = None) -> tuple[
+            list[dict[str, Any]], list[str]]:
+        """Objects under a prefix (every page), and the common prefixes with a delimiter."""
+        objects: list[dict[str, Any]] = []
+        prefixes: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        while True:
+            page = await self._call(self.client.list_objects_v2, **kwargs)
+            objects += page.get("Contents", [])
+            prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return objects, prefixes
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under a prefix; returns how many."""
+        objects, _ = await self.list(prefix)
+        for start in range(0, len(objects), 1000):
+            batch = [{"Key": o["Key"]} for o in objects[start:start + 1000]]
+            await self._call(self.client.delete_objects, Bucket=self.bucket,
+                             Delete={"Objects": batch, "Quiet": True})
+        return len(objects)
+
+    async def start_multipart(self, key: str, metadata: dict[str, str],
+                              content_type: str) -> str:
+        response = await self._call(self.client.create_multipart_upload, Bucket=self.bucket,
+                                    Key=key, Metadata=metadata, ContentType=content_type)
+        upload_id: str = response["UploadId"]
+        return upload_id
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        response = await self._call(self.client.upload_part, Bucket=self.bucket, Key=key,
+                                    UploadId=upload_id, PartNumber=number, Body=body)
+        etag: str = response["ETag"]
+        return etag
+
+    async def complete_multipart(self, key: str, upload_id: str,
+                                 etags: builtins.list[str]) -> None:
+        await self._call(self.client.complete_multipart_upload, Bucket=self.bucket, Key=key,
+                         UploadId=upload_id, MultipartUpload={"Parts": [
+                             {"PartNumber": i, "ETag": etag} for i, etag in enumerate(etags, 1)]})
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        await self._call(self.client.abort_multipart_upload, Bucket=self.bucket, Key=key,
+                         UploadId=upload_id)
+
+    def apply_lifecycle(self, staging_days: int, abort_days: int) -> dict[str, Any]:
+        """Expire file-transfer staging objects and abort incomplete multipart uploads
+        (blocking; `s3-setup` and start-up). Replaces the bucket's lifecycle rules of the
+        same ids and keeps any others."""
+        rules = [
+            {"ID": "mqtt-kafka-bridge-staging", "Status": "Enabled",
+             "Filter": {"Prefix": STAGING_PREFIX}, "Expiration": {"Days": staging_days}},
+            {"ID": "mqtt-kafka-bridge-multipart", "Status": "Enabled", "Filter": {"Prefix": ""},
+             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": abort_days}},
+        ]
+        try:
+            current = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
+        except botocore.exceptions.ClientError as exc:
+            if exc.response["Error"]["Code"] != "NoSuchLifecycleConfiguration":
+                raise S3Error(f"get_bucket_lifecycle_configuration: {exc}") from exc
+            current = []
+        ours = {r["ID"] for r in rules}
+        merged = [r for r in current if r.get("ID") not in ours] + rules
+        try:
+            self.client.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": merged})
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise S3Error(f"put_bucket_lifecycle_configuration: {exc}") from exc
+        return {"Rules": merged}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _missing(exc: S3Error) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, botocore.exceptions.ClientError) and \
+        cause.response["Error"]["Code"] in {"404", "NoSuchKey", "NotFound"}
