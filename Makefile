@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help dev test unit check bench clean
+.PHONY: help dev test unit check bench bench-files clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@missing=""; \
@@ -36,6 +36,9 @@ check: $(STAMP)  ## lint and type-check
 
 bench: $(STAMP)  ## throughput benchmark: 100k QoS 1 messages through the bridge
 	$(BIN)/python bench/throughput.py
+
+bench-files: $(STAMP)  ## large-file benchmark: a 200 MiB file transfer, MiB/s and peak RSS
+	$(BIN)/python bench/large_files.py
 
 clean:  ## remove the virtual environment and local state
 	rm -rf $(VENV) .dev *.egg-info

@@ -40,8 +40,9 @@ class Daemon:
     SIGHUP reloads the config through `loader`: validated first, then swapped in whole.
     """
 
-    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
-        self.config, self._loader = config, loader
+    def __init__(self, config: Config, loader: Callable[[], Config] | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.config, self._loader, self._on_ready = config, loader, on_ready
         self.metrics = Metrics()
         self._stop = asyncio.Event()
         self._signals = 0
@@ -70,6 +71,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         stats = asyncio.create_task(self._log_stats())
         sweeper = asyncio.create_task(self._sweep_transfers())
+        ready = asyncio.create_task(self._announce_ready())
         log.info("bridge_started", instance=self.config.bridge.instance,
                  brokers=[b.name for b in self.config.brokers], map_version=self.config.version,
                  lanes=list(self.pipelines),
@@ -83,9 +85,18 @@ class Daemon:
             await self._shutdown()
             stats.cancel()
             sweeper.cancel()
+            ready.cancel()
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _announce_ready(self) -> None:
+        """Once every session has connected and subscribed: `on_ready` (what `dev` waits
+        for before its fleet publishes)."""
+        await asyncio.gather(*(s.connected.wait() for s in self.sessions.values()))
+        log.info("bridge_ready")
+        if self._on_ready is not None:
+            self._on_ready()
 
     def _apply(self, config: Config) -> None:
         """Switch to `config` in one step on the loop: producers (kept when a lane's settings

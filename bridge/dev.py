@@ -68,23 +68,29 @@ Watch envelopes arrive (in another terminal):
   .venv/bin/mqtt-kafka-bridge simulate --url {stack.mqtt_url} --file SOME_FILE
 Ctrl-C stops the bridge and everything dev started.
 """, flush=True)
-        stop = threading.Event()
+        stop, ready = threading.Event(), threading.Event()
         sample = None
         if config.file_transfer is not None:  # a file upload lands as a reference envelope
             sample = sized_file(work / "sample.bin", 3 * 2**20)
-        fleet = threading.Thread(target=_fleet, args=(stack.mqtt_url, stop, rate, sample),
+        fleet = threading.Thread(target=_fleet, args=(stack.mqtt_url, stop, ready, rate, sample),
                                  daemon=True)
         fleet.start()
         try:
-            asyncio.run(Daemon(config, loader=lambda: local_config(Path(config_path),
-                                                                   stack)).run())
+            asyncio.run(Daemon(config, loader=lambda: local_config(Path(config_path), stack),
+                               on_ready=ready.set).run())
         finally:
             stop.set()
             fleet.join(5)
     return 0
 
 
-def _fleet(url: str, stop: threading.Event, rate: float, sample: Path | None) -> None:
+def _fleet(url: str, stop: threading.Event, ready: threading.Event, rate: float,
+           sample: Path | None) -> None:
+    """Publishes once the bridge has subscribed: on a first run there is no session yet
+    to hold what is published before."""
+    while not ready.wait(0.5):
+        if stop.is_set():
+            return
     client = simulate.device_client(url, "sim-dev-misfit")
     client.publish("devices//telemetry", b"a message without a device id", qos=1)
     if sample is not None:

@@ -156,6 +156,7 @@ class FileTransfers:
         waiting = list(self._in_flight.get((device_id, file_id), ()))
         if waiting:  # segments received before the fin, still being stored here
             await asyncio.gather(*waiting)
+        log.info("file_assembling", device_id=device_id, file_id=file_id, size=size)
         stored = await self._retrying(lambda: self.store.finish(
             device_id, file_id, size, message.arrival_millis))
         await self._durably(self._reference(message, device_id, file_id, stored))

@@ -38,7 +38,8 @@ _HEADER_TEXT = re.compile(r"[\x20-\x7e]{1,255}")  # a content type travels as an
 _MAX_NAME_BYTES = 255
 _MAX_USER_DATA_HEADER = 1024  # S3 allows 2 KiB of user metadata in all
 _MIN_PART_BYTES = 5 << 20
-_PREFETCH = 2  # segments fetched ahead of the one being hashed
+_PREFETCH = 4  # segments fetched ahead of the one being hashed
+_PARTS_AHEAD = 1  # parts uploading while the next is filled: memory is (1 + this) parts
 _CACHE_SIZE = 1024
 
 
@@ -258,7 +259,7 @@ class TransferStore:
         digest = hashlib.sha256()
         buffer = bytearray()
         upload_id: str | None = None
-        etags: list[str] = []
+        parts: list[asyncio.Future[str]] = []  # uploads in part order, _PARTS_AHEAD at most
         consumed, done = 0, False
         try:
             async with contextlib.aclosing(self._fetch(pieces)) as fetched:
@@ -272,10 +273,13 @@ class TransferStore:
                             upload_id = await self.store.start_multipart(
                                 key, metadata, meta.content_type)
                             await self.store.put(marker, upload_id.encode())
-                        part, buffer = bytes(buffer), bytearray()
-                        etags.append(await self.store.upload_part(
-                            key, upload_id, len(etags) + 1, part))
-                        del part
+                        # Upload while the next part is fetched; wait when too many are.
+                        parts.append(asyncio.ensure_future(self.store.upload_part(
+                            key, upload_id, len(parts) + 1, bytes(buffer))))
+                        buffer = bytearray()
+                        running = [p for p in parts if not p.done()]
+                        if len(running) > _PARTS_AHEAD:
+                            await running[0]
             sha256 = digest.hexdigest()
             if sha256 != meta.checksum:
                 raise Rejected("checksum_mismatch", f"the assembled bytes have sha256 {sha256}, "
@@ -283,11 +287,16 @@ class TransferStore:
             if upload_id is None:
                 await self.store.put(key, bytes(buffer), metadata, meta.content_type)
             else:
-                etags.append(await self.store.upload_part(key, upload_id, len(etags) + 1,
-                                                          bytes(buffer)))
+                parts.append(asyncio.ensure_future(self.store.upload_part(
+                    key, upload_id, len(parts) + 1, bytes(buffer))))
+                etags = [await part for part in parts]
                 await self.store.complete_multipart(key, upload_id, etags)
             done = True
         finally:
+            for part in parts:
+                part.cancel()
+            if parts:
+                await asyncio.gather(*parts, return_exceptions=True)
             if upload_id is not None:
                 if not done:
                     await self._abort(key, upload_id)
