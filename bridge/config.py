@@ -41,7 +41,8 @@ _OWNED_KAFKA = {
 }
 # Producer defaults, lowest first: the bridge's, then each lane's; the user's [kafka] table
 # goes over them and [lanes.NAME] over that. Every lane has a bounded local queue
-# (invariant 3); fast sends at once, bulk batches and compresses, fat carries references.
+# (invariant 3); fast sends at once, bulk batches (compression is the operator's choice, in
+# [lanes.bulk]), fat carries references to S3 objects.
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "queue.buffering.max.kbytes": 65536,
     "queue.buffering.max.messages": 100000,

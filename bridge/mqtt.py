@@ -235,6 +235,7 @@ class BrokerSession:
         self.metrics.inc("mqtt_connects")
         # Subscribing again on a present session is harmless (retained messages are sent
         # only for a new subscription) and picks up filters added while the bridge was away.
+        self._requests.clear()  # answers to an older connection's requests never come
         self._subscribe(connection, self.subscriptions)
         self._unsubscribe_removed(connection)
         self.connected.set()
