@@ -494,8 +494,9 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
             region=s.get("region", str, None),
             inline_max_bytes=s.get("inline_max_bytes", int, 262144, _between(0, 64 * 2**20)),
             object_prefix=s.get("object_prefix", str, "payloads/", lambda v: None if (
-                v == "" or v.endswith("/")) and not v.startswith(("/", "staging/", "files/"))
-                else "must be empty or end with '/', and not be staging/ or files/"),
+                v.endswith("/") and not v.startswith(("/", "staging/", "files/",
+                                                      "dead-letter/")))
+                else "must end with '/' and not be staging/, files/ or dead-letter/"),
             staging_expiry_days=s.get("staging_expiry_days", int, 7, _between(1, 3650)),
             apply_lifecycle=s.get("apply_lifecycle", bool, False),
             concurrency=s.get("concurrency", int, 8, _between(1, 256)),

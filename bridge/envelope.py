@@ -92,14 +92,19 @@ _BODY = msgpack.packb("body")
 
 
 def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code: str,
-                       reason: str, body_max: int = DEAD_LETTER_BODY_MAX) -> bytes:
-    """A dead-letter record: the envelope plus the reason. The body is cut to `body_max`;
-    `size` and `sha256` always describe the whole payload."""
+                       reason: str, body_max: int = DEAD_LETTER_BODY_MAX,
+                       reference: str | None = None, sha256: str | None = None) -> bytes:
+    """A dead-letter record: the envelope plus the reason. `size` and `sha256` always
+    describe the whole payload. The body is inline, cut to `body_max` (`truncated`), or,
+    with `reference`, stored whole in S3."""
     payload = message.payload
     fields = _fields(message, device_id, lineage, payload[:body_max], RAW)
     fields["size"] = len(payload)
-    fields["sha256"] = hashlib.sha256(payload).hexdigest()
-    if len(payload) > body_max:
+    fields["sha256"] = sha256 or hashlib.sha256(payload).hexdigest()
+    if reference is not None:
+        del fields["body"]
+        fields["reference"] = reference
+    elif len(payload) > body_max:
         fields["truncated"] = True
     fields["error"] = {"code": code, "reason": reason}
     packed: bytes = msgpack.packb(fields)

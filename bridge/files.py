@@ -28,7 +28,7 @@ from bridge.errors import Rejected
 from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
-from bridge.pipeline import Pipeline
+from bridge.pipeline import Offload, Pipeline
 from bridge.routing import checked_device_id
 from bridge.s3 import ObjectStore, S3Error
 from bridge.transfer import StoredFile, TransferLimits, TransferStore
@@ -188,8 +188,9 @@ class FileTransfers:
     async def _refuse(self, message: Message, device_id: str, file_id: str, rejected: Rejected,
                       on_durable: Callable[[], None] | None) -> None:
         """Dead letter first, then remove the transfer's staging data, then the ack."""
-        await self._durably(self.pipeline.dead_letter(message, device_id, self.lineage,
-                                                      rejected, None))
+        dead = self.pipeline.refuse(message, device_id, self.lineage, rejected, None)
+        await self._durably(await self.pipeline.offload(dead) if isinstance(dead, Offload)
+                            else dead)
         if device_id and file_id and rejected.code not in _KEEPS_STAGING:
             await self._retrying(lambda: self.store.discard(device_id, file_id))
             self._refused[(device_id, file_id)] = None

@@ -50,11 +50,18 @@ class Plan(NamedTuple):
 
 
 class Offload(NamedTuple):
-    """A message whose body goes to S3 before its reference envelope goes to Kafka."""
+    """A message whose body goes to S3 before its reference envelope (or, with `rejected`,
+    its dead-letter record) goes to Kafka."""
 
     message: Message
-    plan: Plan
+    plan: Plan | None  # None for a message dead-lettered before it had a plan
     on_durable: Callable[[], None] | None
+    rejected: Rejected | None = None
+    lineage: envelope.Lineage | None = None
+    device_id: str = ""
+
+
+DEAD_LETTER_PREFIX = "dead-letter/"  # whole bodies of dead letters too large to keep inline
 
 
 _S3_RETRY_MIN, _S3_RETRY_MAX = 0.5, 30.0
@@ -102,24 +109,22 @@ class Pipeline:
                     delivery = self.elsewhere(message, on_durable)
                     if delivery is not None:
                         return delivery
-                return self.dead_letter(message, rejected.device_id, self._no_route, rejected,
-                                        on_durable)
+                return self.refuse(message, rejected.device_id, self._no_route, rejected,
+                                   on_durable)
         if plan.refusal is not None:
-            return self.dead_letter(message, plan.device_id, plan.lineage, plan.refusal,
-                                    on_durable)
+            return self.refuse(message, plan.device_id, plan.lineage, plan.refusal, on_durable)
         if plan.hmac_key is not None:
             try:
                 auth.verify(plan.hmac_key, plan.device_id, message.topic, message.payload,
                             message.user_properties)
             except Rejected as rejected:
-                return self.dead_letter(message, plan.device_id, plan.lineage, rejected,
-                                        on_durable)
+                return self.refuse(message, plan.device_id, plan.lineage, rejected, on_durable)
         if plan.check is not None:
             try:
                 plan.check(message.payload)
             except (ValueError, RecursionError) as exc:
                 bad = Rejected("bad_payload", f"not valid {plan.route.format}: {exc}")
-                return self.dead_letter(message, plan.device_id, plan.lineage, bad, on_durable)
+                return self.refuse(message, plan.device_id, plan.lineage, bad, on_durable)
         size = len(message.payload)
         if plan.truncate is not None and size > plan.truncate:
             return self._delivery(message, plan, on_durable, envelope.encode_truncated(
@@ -129,31 +134,52 @@ class Pipeline:
             return Offload(message, plan, on_durable)
         return self._delivery(message, plan, on_durable, plan.template.encode(message), self.sink)
 
+    def refuse(self, message: Message, device_id: str, lineage: envelope.Lineage,
+               rejected: Rejected, on_durable: Callable[[], None] | None) -> Delivery | Offload:
+        """The dead letter of a message: inline, or, when its body is too large for that
+        and S3 is there, an Offload that keeps the whole body."""
+        if len(message.payload) > self._dead_letter_body_max and self.objects is not None:
+            return Offload(message, None, on_durable, rejected, lineage, device_id)
+        return self.dead_letter(message, device_id, lineage, rejected, on_durable)
+
     async def offload(self, job: Offload) -> Delivery:
         """Store the body in S3 under a key derived from its content, so a redelivery after
         a crash writes the same object again rather than an orphan; then the reference
-        envelope for the fat lane. S3 failures are retried: the message stays unacked."""
-        assert self.objects is not None and self.fat_sink is not None
+        envelope for the fat lane (or the dead-letter record, for this lane). S3 failures
+        are retried: the message stays unacked."""
+        assert self.objects is not None
         message, plan = job.message, job.plan
         digest = await asyncio.to_thread(lambda: hashlib.sha256(message.payload).hexdigest())
+        if plan is None or job.rejected is not None:
+            key = f"{DEAD_LETTER_PREFIX}{job.device_id or '_'}/{digest}"
+            await self._put(key, message.payload, job.device_id, digest, envelope.RAW)
+            assert job.rejected is not None and job.lineage is not None
+            return self.dead_letter(message, job.device_id, job.lineage, job.rejected,
+                                    job.on_durable, self.objects.reference(key), digest)
+        assert self.fat_sink is not None
         prefix = self.config.s3.object_prefix if self.config.s3 else ""
         key = f"{prefix}{plan.device_id}/{digest}"
+        await self._put(key, message.payload, plan.device_id, digest,
+                        plan.template.content_type)
+        self.metrics.inc("offloaded")
+        return self._delivery(message, plan, job.on_durable, envelope.encode_reference(
+            message, plan.device_id, plan.lineage, plan.template.content_type,
+            self.objects.reference(key), len(message.payload), digest), self.fat_sink)
+
+    async def _put(self, key: str, body: bytes, device_id: str, digest: str,
+                   content_type: str) -> None:
+        assert self.objects is not None
         delay = _S3_RETRY_MIN
         while True:
             try:
-                await self.objects.put(key, message.payload, {"device-id": plan.device_id,
-                                                              "sha256": digest},
-                                       plan.template.content_type)
-                break
+                await self.objects.put(key, body, {"device-id": device_id or "-",
+                                                   "sha256": digest}, content_type)
+                return
             except S3Error as exc:
                 self.metrics.inc("s3_retries")
                 log.warning("s3_put_failed", key=key, error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(_S3_RETRY_MAX, delay * 2)
-        self.metrics.inc("offloaded")
-        return self._delivery(message, plan, job.on_durable, envelope.encode_reference(
-            message, plan.device_id, plan.lineage, plan.template.content_type,
-            self.objects.reference(key), len(message.payload), digest), self.fat_sink)
 
     def _delivery(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
                   value: bytes, sink: KafkaSink | None) -> Delivery:
@@ -198,8 +224,10 @@ class Pipeline:
                                               rejected, delivery.on_durable))
 
     def dead_letter(self, message: Message, device_id: str, lineage: envelope.Lineage,
-                    rejected: Rejected, on_durable: Callable[[], None] | None) -> Delivery:
-        """The dead-letter record of a message, on this lane's producer."""
+                    rejected: Rejected, on_durable: Callable[[], None] | None,
+                    reference: str | None = None, sha256: str | None = None) -> Delivery:
+        """The dead-letter record of a message, on this lane's producer; its body inline
+        (cut to fit Kafka) or, with `reference`, in S3."""
         self.metrics.inc(f"dead_letter_{rejected.code}")
         log.warning("dead_letter", code=rejected.code, reason=rejected.reason,
                     topic=message.topic, broker=message.broker)
@@ -207,7 +235,8 @@ class Pipeline:
             self.dead_letter_topic,
             str(message.arrival_millis).encode(),
             envelope.encode_dead_letter(message, device_id, lineage, rejected.code,
-                                        rejected.reason, self._dead_letter_body_max),
+                                        rejected.reason, self._dead_letter_body_max,
+                                        reference, sha256),
             [*envelope.headers(message, device_id, lineage),
              ("error.code", rejected.code.encode())],
             on_durable,

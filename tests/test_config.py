@@ -244,7 +244,8 @@ def test_large_payload_settings_need_s3_and_are_checked() -> None:
     assert any(p.startswith("file_transfer.max_segment_bytes: must be between 1") for p in found)
     s3 = '\n[s3]\nbucket = "iot-payloads"\nobject_prefix = "staging/"\n'
     found = problems_of(GOOD.replace("[dead_letter]", s3 + "[dead_letter]"))
-    assert any(p.startswith("s3.object_prefix: must be empty or end with '/'") for p in found)
+    assert any(p.startswith("s3.object_prefix: must end with '/' and not be staging/")
+               for p in found)
     good = GOOD.replace("[dead_letter]", s3.replace("staging/", "big/") + files.replace(
         "max_segment_bytes = 0", 'prefix = "sites/{site}/{device_id}/up"') + "[dead_letter]")
     loaded = config.parse(tomllib.loads(good))

@@ -81,3 +81,12 @@ def test_a_truncated_envelope_keeps_the_head_and_describes_the_whole() -> None:
     assert decoded["truncated"] is True
     assert decoded["size"] == len(MSG.payload)
     assert decoded["sha256"] == hashlib.sha256(MSG.payload).hexdigest()
+
+
+def test_a_dead_letter_too_large_to_keep_inline_points_at_the_whole_body() -> None:
+    decoded = envelope.decode(envelope.encode_dead_letter(
+        MSG, "d1", LINEAGE, "bad_payload", "not json", 3, "s3://b/dead-letter/d1/x", "x"))
+    assert "body" not in decoded and "truncated" not in decoded
+    assert (decoded["reference"], decoded["size"], decoded["sha256"]) == (
+        "s3://b/dead-letter/d1/x", len(MSG.payload), "x")
+    assert decoded["error"] == {"code": "bad_payload", "reason": "not json"}

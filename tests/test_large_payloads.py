@@ -275,3 +275,25 @@ def test_the_lifecycle_can_be_applied_at_start_up(case: Case) -> None:
     rules = files.s3.get_bucket_lifecycle_configuration(Bucket=files.bucket)["Rules"]
     assert {r["ID"] for r in rules} == {"mqtt-kafka-bridge-staging",
                                         "mqtt-kafka-bridge-multipart"}
+
+
+def test_a_dead_letter_too_large_to_keep_inline_keeps_its_whole_body_in_s3(case: Case) -> None:
+    files = Files(case)
+    case.bridge(files.config(routes=f"""
+[[routes]]
+name = "readings"
+filter = "{case.prefix}/{{device_id}}/telemetry"
+kafka_topic = "{case.topic}"
+format = "json"
+inline_max_bytes = 16000000
+"""))
+    big, small = b"not json " * 70_000, b"{broken"
+    publish_as_device(case, [(f"{case.prefix}/d1/telemetry", big),
+                             (f"{case.prefix}/d1/telemetry", small)])
+    dead = {env["size"]: env for env in files.dead_letters(2)}
+    digest = hashlib.sha256(big).hexdigest()
+    assert dead[len(big)]["error"]["code"] == "bad_payload"
+    assert dead[len(big)]["reference"] == f"s3://{files.bucket}/dead-letter/d1/{digest}"
+    assert "body" not in dead[len(big)]
+    assert files.object_sha256(dead[len(big)]["reference"]) == digest
+    assert dead[len(small)]["body"] == small and "reference" not in dead[len(small)]
