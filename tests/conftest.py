@@ -74,6 +74,18 @@ class Bridge:
     def stats(self) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event") == "bridge_stats"]
 
+    def wait_stat(self, name: str, at_least: int, timeout: float = 60) -> int:
+        """Wait until the stats log says `name` >= at_least; returns the value."""
+        deadline = time.monotonic() + timeout
+        value = 0
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            value = stats[-1].get(name, 0) if stats else 0
+            if value >= at_least:
+                return int(value)
+            time.sleep(0.1)
+        raise AssertionError(f"{name} stayed at {value} < {at_least}")
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

@@ -20,7 +20,7 @@ import pytest
 from bridge import simulate
 from bridge.device import upload_file
 from bridge.localstack import S3_KEY, S3_REGION, s3_environment
-from tests.conftest import ROOT, Bridge, Case
+from tests.conftest import ROOT, Case
 from tests.test_bridge import publish_as_device, read_until
 
 pytestmark = pytest.mark.integration
@@ -83,18 +83,6 @@ kafka_topic = "{self.files_topic}"
         return [env for _, env in read_until(self.case, self.case.dead_letter, count)]
 
 
-def wait_stat(bridge: Bridge, name: str, at_least: int, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    value = 0
-    while time.monotonic() < deadline:
-        stats = bridge.stats()
-        value = stats[-1].get(name, 0) if stats else 0
-        if value >= at_least:
-            return int(value)
-        time.sleep(0.1)
-    raise AssertionError(f"{name} stayed at {value} < {at_least}")
-
-
 def test_a_10mb_message_goes_by_reference_and_a_1kb_one_inline(case: Case) -> None:
     files = Files(case)
     case.bridge(files.config(routes=f"""
@@ -142,7 +130,7 @@ def test_a_50mb_file_shuffled_with_duplicates_becomes_one_object(case: Case,
     assert reference["file"] == {"id": "video-1", "name": "video.mp4", "user_data": {"n": 1}}
     assert reference["content_type"] == "video/mp4"
     assert reference["bridge"]["route"] == "file_transfer"
-    wait_stat(bridge, "files_completed", 1)
+    bridge.wait_stat("files_completed", 1)
     assert files.keys("staging/") == []
     assert files.open_uploads() == []
     time.sleep(2)  # nothing else arrives: exactly one reference envelope
@@ -161,7 +149,7 @@ def test_kill9_in_the_middle_of_a_transfer_then_restart_completes_it(case: Case,
     uploader = threading.Thread(target=lambda: sent.append(
         files.upload("cam-2", "clip-9", source)))
     uploader.start()
-    wait_stat(bridge, "file_segments", 10)
+    bridge.wait_stat("file_segments", 10)
     bridge.kill9()
     case.bridge(config)
     uploader.join(180)
@@ -187,8 +175,8 @@ def test_two_bridges_in_one_shared_subscription_share_a_transfer(case: Case,
     [reference] = files.references(1)
     assert files.object_sha256(reference["reference"]) == upload.sha256
     # Both bridges stored segments of this one transfer.
-    assert wait_stat(first, "file_segments", 1) > 0
-    assert wait_stat(second, "file_segments", 1) > 0
+    assert first.wait_stat("file_segments", 1) > 0
+    assert second.wait_stat("file_segments", 1) > 0
 
 
 def test_each_failed_transfer_dead_letters_its_reason_and_leaves_no_staging(case: Case) -> None:

@@ -15,7 +15,7 @@ import pytest
 from bridge import simulate
 from bridge.localstack import KafkaService, kafka_service
 from bridge.tail import records
-from tests.conftest import Bridge, Case, distinct
+from tests.conftest import Case, distinct
 from tests.test_bridge import assert_all_arrived, publish_as_device, read_until
 
 pytestmark = pytest.mark.integration
@@ -32,19 +32,6 @@ def second_kafka(tmp_path: Path) -> Iterator[KafkaService]:
     if service.alive:
         service.resume()
     service.stop()
-
-
-def wait_stat(bridge: Bridge, name: str, at_least: int, timeout: float = 30) -> int:
-    """Wait until the bridge's stats log says `name` >= at_least; returns the value."""
-    deadline = time.monotonic() + timeout
-    value = 0
-    while time.monotonic() < deadline:
-        stats = bridge.stats()
-        value = stats[-1].get(name, 0) if stats else 0
-        if value >= at_least:
-            return int(value)
-        time.sleep(0.2)
-    raise AssertionError(f"{name} stayed at {value} < {at_least}")
 
 
 def test_fast_lane_keeps_flowing_while_the_bulk_lane_is_backed_up(
@@ -74,7 +61,7 @@ lane = "fast"
 
     second_kafka.pause()
     simulate.telemetry(case.stack.mqtt_url, devices=5, messages=20, prefix=case.prefix)
-    wait_stat(bridge, "mqtt_window_full", 1)  # the bulk session's window is full
+    bridge.wait_stat("mqtt_window_full", 1, timeout=30)  # the bulk session's window is full
     simulate.telemetry(case.stack.mqtt_url, devices=5, messages=10, prefix=case.prefix,
                        kind="alerts")
     fast = case.read(expect=50, timeout=60)
@@ -145,8 +132,8 @@ def test_each_authentication_failure_is_dead_lettered_and_acked(case: Case) -> N
     ]
     assert all(env["bridge"]["route"] in {"signed", "known"} for _, env in dead)
     # Each was acked once its record was in Kafka: none is redelivered forever.
-    wait_stat(bridge, "acked", 8)
-    assert wait_stat(bridge, "dead_letter_bad_signature", 2) == 2
+    bridge.wait_stat("acked", 8, timeout=30)
+    assert bridge.wait_stat("dead_letter_bad_signature", 2, timeout=30) == 2
 
 
 def map_versions(got: list[tuple[bytes | None, dict[str, Any]]]) -> set[str]:
