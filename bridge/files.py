@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -30,11 +30,10 @@ from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.pipeline import Offload, Pipeline
 from bridge.routing import checked_device_id
-from bridge.s3 import ObjectStore, S3Error
+from bridge.s3 import ObjectStore, retrying
 from bridge.transfer import StoredFile, TransferLimits, TransferStore
 
 log = structlog.get_logger("bridge.files")
-_RETRY_MIN, _RETRY_MAX = 0.5, 30.0
 _REFUSED_MAX = 4096
 ROUTE_NAME = "file_transfer"  # what lineage calls these messages
 
@@ -228,17 +227,8 @@ class FileTransfers:
         await sink.send(delivery)
         await durable
 
-    async def _retrying(self, call: Callable[[], Any]) -> Any:
-        """Run an S3 step until it succeeds; the MQTT message stays unacked meanwhile."""
-        delay = _RETRY_MIN
-        while True:
-            try:
-                return await call()
-            except S3Error as exc:
-                self.metrics.inc("s3_retries")
-                log.warning("s3_failed", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(_RETRY_MAX, delay * 2)
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        return await retrying(call, self.metrics)
 
 
 # Refusals that must not wipe a transfer another device message may still complete: a bad

@@ -25,7 +25,7 @@ from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.routing import KeySpec, Router
-from bridge.s3 import ObjectStore, S3Error
+from bridge.s3 import ObjectStore, retrying
 
 log = structlog.get_logger("bridge.pipeline")
 _PLANS_MAX = 65536  # distinct (broker, topic) pairs remembered; a device fleet's worth
@@ -63,8 +63,6 @@ class Offload(NamedTuple):
 
 DEAD_LETTER_PREFIX = "dead-letter/"  # whole bodies of dead letters too large to keep inline
 
-
-_S3_RETRY_MIN, _S3_RETRY_MAX = 0.5, 30.0
 
 
 class Pipeline:
@@ -168,18 +166,11 @@ class Pipeline:
 
     async def _put(self, key: str, body: bytes, device_id: str, digest: str,
                    content_type: str) -> None:
-        assert self.objects is not None
-        delay = _S3_RETRY_MIN
-        while True:
-            try:
-                await self.objects.put(key, body, {"device-id": device_id or "-",
-                                                   "sha256": digest}, content_type)
-                return
-            except S3Error as exc:
-                self.metrics.inc("s3_retries")
-                log.warning("s3_put_failed", key=key, error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(_S3_RETRY_MAX, delay * 2)
+        objects = self.objects
+        assert objects is not None
+        await retrying(lambda: objects.put(key, body, {"device-id": device_id or "-",
+                                                       "sha256": digest}, content_type),
+                       self.metrics, "s3_put_failed", key=key)
 
     def _delivery(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
                   value: bytes, sink: KafkaSink | None) -> Delivery:

@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import builtins
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import structlog
 
 from bridge.config import S3Config
 from bridge.errors import BridgeError
+from bridge.metrics import Metrics
 
 T = TypeVar("T")
+log = structlog.get_logger("bridge.s3")
 
 STAGING_PREFIX = "staging/"  # file transfers in progress; the lifecycle rule expires them
 
@@ -151,6 +154,24 @@ class ObjectStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_RETRY_MIN, _RETRY_MAX = 0.5, 30.0
+
+
+async def retrying(call: Callable[[], Awaitable[T]], metrics: Metrics,
+                   event: str = "s3_failed", **context: Any) -> T:
+    """Run an S3 step until it succeeds, backing off from 0.5 s to 30 s; the MQTT message
+    it serves stays unacked meanwhile, so the broker holds on to it."""
+    delay = _RETRY_MIN
+    while True:
+        try:
+            return await call()
+        except S3Error as exc:
+            metrics.inc("s3_retries")
+            log.warning(event, error=str(exc), retry_in=delay, **context)
+            await asyncio.sleep(delay)
+            delay = min(_RETRY_MAX, delay * 2)
 
 
 def _missing(exc: S3Error) -> bool:
