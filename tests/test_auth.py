@@ -18,6 +18,7 @@ from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
+from tests.test_config import GOOD
 
 KEY = bytes(range(32))
 TOPIC = "devices/d1/telemetry"
@@ -31,20 +32,7 @@ REGISTRY = Registry(MappingProxyType({
 
 
 def pipeline(mode: str) -> Pipeline:
-    parsed = config.parse(tomllib.loads("""
-[bridge]
-instance = "edge-1"
-[[brokers]]
-url = "mqtt://127.0.0.1:1883"
-client_id = "mkb-1"
-[kafka]
-"bootstrap.servers" = "127.0.0.1:9092"
-[dead_letter]
-kafka_topic = "iot.deadletter"
-[[routes]]
-filter = "devices/{device_id}/telemetry"
-kafka_topic = "iot.telemetry"
-"""))
+    parsed = config.parse(tomllib.loads(GOOD))
     route = parsed.routes[0]
     parsed = dataclasses.replace(parsed, registry=REGISTRY,
                                  routes=(dataclasses.replace(route, auth=mode),))
