@@ -53,6 +53,8 @@ LANE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fat": {"linger.ms": 5},
 }
 LANES = tuple(LANE_DEFAULTS)
+MQTT_MAX_PACKET_SIZE = 268435455  # the protocol's limit: 256 MiB
+KAFKA_RECORD_MAX = 1_000_000  # librdkafka's default message.max.bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,10 @@ class BrokerConfig:
     share_group: str | None = None
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    # What the bridge accepts from the broker. A broker drops a larger PUBLISH for this
+    # subscriber silently after acking the device, so it must be at least the broker's own
+    # limit for devices: the default is MQTT's maximum.
+    max_packet_size: int = MQTT_MAX_PACKET_SIZE
 
     @property
     def name(self) -> str:
@@ -103,7 +109,8 @@ class S3Config:
     object_prefix: str = "payloads/"  # claim-check objects: PREFIX{device_id}/{sha256}
     staging_expiry_days: int = 7  # lifecycle: file-transfer staging and unfinished uploads
     apply_lifecycle: bool = False  # also at start-up, not only with `s3-setup`
-    concurrency: int = 8  # S3 jobs at once (offloads, segments, assemblies); bounds memory
+    concurrency: int = 8  # S3 jobs at once per lane (offloads, segments, assemblies)
+    max_pending_bytes: int = 128 * 2**20  # payload bytes one lane's jobs hold at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +125,7 @@ class FileTransferConfig:
     max_transfers_per_device: int = 4
     expiry_seconds: float = 86400.0
     fin_grace_seconds: float = 10.0
+    max_segments_per_file: int = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +139,8 @@ class Route:
     auth: str = "none"
     inline_max_bytes: int | None = None  # overrides [s3].inline_max_bytes
     truncate_bytes: int | None = None  # keep only this head of each body, flagged `truncated`
+    format_max_bytes: int = 2**20  # json/msgpack routes check payloads up to this size
+    create_topics: bool = False  # a template may give a topic the cluster does not have yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +179,13 @@ class Config:
         at-least-once needs."""
         return {**PRODUCER_DEFAULTS, **LANE_DEFAULTS[lane], **self.kafka,
                 **self.lanes.get(lane, {}), **_OWNED_KAFKA}
+
+    def record_max_bytes(self, lane: str) -> int:
+        """The largest record one lane's producer sends (`message.max.bytes`)."""
+        try:
+            return int(self.producer_config(lane).get("message.max.bytes", KAFKA_RECORD_MAX))
+        except (TypeError, ValueError):
+            return KAFKA_RECORD_MAX
 
 
 class _Table:
@@ -251,6 +268,8 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
             r"[^/+#]+", v) else "must be non-empty without '/', '+' or '#'"),
         "reconnect_min": float(t.get("reconnect_min", (int, float), 0.5, _between(0.01, 3600))),
         "reconnect_max": float(t.get("reconnect_max", (int, float), 30.0, _between(0.01, 3600))),
+        "max_packet_size": t.get("max_packet_size", int, MQTT_MAX_PACKET_SIZE,
+                                 _between(4096, MQTT_MAX_PACKET_SIZE)),
     }
     t.finish()
     if options["password_file"] and not options["username"]:
@@ -333,7 +352,13 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
                  f"unknown auth {v!r}, expected one of {', '.join(AUTH_MODES)}")
     inline_max = t.get("inline_max_bytes", int, None, _between(0, 64 * 2**20))
     truncate = t.get("truncate_bytes", int, None, _between(0, 64 * 2**20))
+    format_max = t.get("format_max_bytes", int, 2**20, _between(1, 256 * 2**20))
+    create_topics = t.get("create_topics", bool, False)
     t.finish()
+    if "format_max_bytes" in t.data and payload_format == "raw":
+        t.fail("format_max_bytes", "only applies to a checked format (json, msgpack)")
+    if "create_topics" in t.data and topic is not None and not template_fields(topic):
+        t.fail("create_topics", "only applies to a kafka_topic template with {placeholders}")
     if pattern is None:
         return None
     try:
@@ -348,7 +373,8 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
         return None
     return Route(name=name, filter=route_filter, kafka_topic=topic,
                  key=KeySpec(key, window, buckets), format=payload_format, lane=lane,
-                 auth=auth, inline_max_bytes=inline_max, truncate_bytes=truncate)
+                 auth=auth, inline_max_bytes=inline_max, truncate_bytes=truncate,
+                 format_max_bytes=format_max, create_topics=create_topics)
 
 
 def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
@@ -369,6 +395,8 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
                                       _between(1, 366 * 86400))),
         "fin_grace_seconds": float(t.get("fin_grace_seconds", (int, float),
                                          defaults.fin_grace_seconds, _between(0, 600))),
+        "max_segments_per_file": t.get("max_segments_per_file", int,
+                                       defaults.max_segments_per_file, _between(1, 1_000_000)),
     }
     t.finish()
     if prefix is None or topic is None:
@@ -500,6 +528,8 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
             staging_expiry_days=s.get("staging_expiry_days", int, 7, _between(1, 3650)),
             apply_lifecycle=s.get("apply_lifecycle", bool, False),
             concurrency=s.get("concurrency", int, 8, _between(1, 256)),
+            max_pending_bytes=s.get("max_pending_bytes", int, 128 * 2**20,
+                                    _between(2**20, 64 * 2**30)),
         )
         s.finish()
 

@@ -14,20 +14,21 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import structlog
+from confluent_kafka import KafkaException
 
-from bridge.config import Config
+from bridge.config import LANES, Config
 from bridge.errors import ConfigError
 from bridge.files import FileTransfers
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.mqtt import BrokerSession, Inflight
-from bridge.pipeline import Offload, Pipeline
+from bridge.pipeline import Job, Pipeline
 from bridge.s3 import ObjectStore, S3Error
+from bridge.settle import Lane
 
 log = structlog.get_logger("bridge.daemon")
 # Config sections a reload cannot change under running sessions: they need a restart.
@@ -56,16 +57,15 @@ class Daemon:
         self._retiring: set[asyncio.Task[None]] = set()
         self._retired_sinks: list[KafkaSink] = []
         self._reloading = False
-        self.objects: ObjectStore | None = None
+        # Per lane: its job pool and guard (kept across reloads) and its own S3 client and
+        # threads, so one lane's S3 traffic never waits behind another's.
+        self.lanes: dict[str, Lane] = {}
+        self.objects: dict[str, ObjectStore] = {}
         self.files: FileTransfers | None = None
-        # S3 jobs (offloads, file-transfer messages) run as tasks, at most `[s3].concurrency`
-        # at once: when all are busy the source waits, which bounds memory (invariant 3).
-        self._jobs: set[asyncio.Task[None]] = set()
-        self._job_done = asyncio.Event()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._apply(self.config)
+        self._apply(self.config, self._new_sinks(self.config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
@@ -98,34 +98,51 @@ class Daemon:
         if self._on_ready is not None:
             self._on_ready()
 
-    def _apply(self, config: Config) -> None:
-        """Switch to `config` in one step on the loop: producers (kept when a lane's settings
-        did not change), pipelines, then subscriptions. Prepared messages keep the pipeline,
-        and so the map and producer, they started with."""
+    def _new_sinks(self, config: Config) -> dict[str, KafkaSink]:
+        """The producers `config` needs: kept where a lane's settings did not change, new
+        ones built (not yet started). Nothing is switched yet, so a producer librdkafka
+        refuses leaves the running config as it was."""
         loop = asyncio.get_running_loop()
+        sinks: dict[str, KafkaSink] = {}
+        try:
+            for lane in config.producer_lanes():
+                sink = self.sinks.get(lane)
+                if sink is None or sink.properties != config.producer_config(lane):
+                    sink = KafkaSink(config.producer_config(lane), loop, self.metrics, lane)
+                sinks[lane] = sink
+        except KafkaException as exc:
+            for sink in sinks.values():
+                if sink not in self.sinks.values():
+                    sink.close()
+            raise ConfigError([f"lanes.{lane}: librdkafka refused the producer: {exc}"]) \
+                from exc
+        return sinks
+
+    def _apply(self, config: Config, sinks: dict[str, KafkaSink]) -> None:
+        """Switch to `config` in one step on the loop: producers, pipelines, then
+        subscriptions. Prepared messages keep the pipeline, and so the map and producer, they
+        started with."""
         lanes = config.session_lanes()
-        sinks = {}
-        for lane in config.producer_lanes():
-            sink = self.sinks.get(lane)
-            if sink is None or sink.properties != config.producer_config(lane):
-                sink = KafkaSink(config.producer_config(lane), loop, self.metrics, lane)
+        for sink in sinks.values():
+            if sink not in self.sinks.values():
                 sink.start()
-            sinks[lane] = sink
         for lane, old in self.sinks.items():
             if sinks.get(lane) is not old:
                 self._retired_sinks.append(old)
                 self._retire(self._retire_sink(old))
         self.sinks = sinks
-        if config.s3 is not None and (self.objects is None or config.s3 != self.config.s3):
-            self.objects = ObjectStore(config.s3, workers=config.s3.concurrency + 4)
-        self.pipelines = {lane: Pipeline(config, lane, self.metrics, sinks, self.objects)
-                          for lane in lanes}
-        for pipeline in self.pipelines.values():
-            pipeline.elsewhere = functools.partial(self._elsewhere, pipeline.lane)
+        self._lanes_for(config)
+        self.pipelines = {}
+        for lane in lanes:
+            pipeline = Pipeline(config, lane, self.metrics, sinks, self.objects.get(lane))
+            pipeline.runner = self.lanes[lane].runner_for(pipeline)
+            pipeline.elsewhere = functools.partial(self._elsewhere, lane)
+            self.pipelines[lane] = pipeline
         self.files = None
-        if config.file_transfer is not None and self.objects is not None:
+        if config.file_transfer is not None and "fat" in self.objects:
             self.files = FileTransfers(config, config.file_transfer, self.pipelines["fat"],
-                                       self.objects, self.metrics)
+                                       self.objects["fat"], self.metrics,
+                                       self.lanes["fat"].pool)
         self.config = config
         for index, broker in enumerate(config.brokers):
             for lane in lanes:
@@ -149,6 +166,23 @@ class Daemon:
             session, task = self.sessions.pop(key), self._tasks.pop(key)
             leaving = asyncio.create_task(self._retire_session(key, session, task))
             self._leaving[key] = (session, task, leaving)
+
+    def _lanes_for(self, config: Config) -> None:
+        """Every lane's runtime (job pool and guard) and, with [s3], its own S3 client."""
+        s3 = config.s3
+        slots = s3.concurrency if s3 else 8
+        max_bytes = s3.max_pending_bytes if s3 else 128 * 2**20
+        renew = s3 is not None and (not self.objects or s3 != self.config.s3)
+        for lane in LANES:
+            runtime = self.lanes.get(lane)
+            if runtime is None:
+                runtime = self.lanes[lane] = Lane(lane, slots, max_bytes, self.metrics)
+            runtime.pool.slots, runtime.pool.max_bytes = slots, max_bytes
+            if renew:
+                assert s3 is not None
+                self.objects[lane] = ObjectStore(s3, workers=s3.concurrency + 4)
+        if s3 is None:
+            self.objects = {}
 
     def _retire(self, work: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -186,23 +220,24 @@ class Daemon:
         loop = asyncio.get_running_loop()
         try:
             config = await loop.run_in_executor(None, self._loader)
+            if config.version == self.config.version:
+                log.info("reload_unchanged", map_version=config.version)
+                return
+            kept = [name for name in _RESTART_ONLY
+                    if getattr(config, name) != getattr(self.config, name)]
+            if kept:
+                log.warning("reload_needs_restart", sections=kept,
+                            why="sessions keep running with these settings until a restart")
+                config = dataclasses.replace(config, bridge=self.config.bridge,
+                                             brokers=self.config.brokers)
+            sinks = self._new_sinks(config)
         except ConfigError as exc:
             self.metrics.inc("reloads_refused")
             log.error("reload_refused", problems=exc.problems, map_version=self.config.version,
                       why="the running config stays")
             return
-        if config.version == self.config.version:
-            log.info("reload_unchanged", map_version=config.version)
-            return
-        kept = [name for name in _RESTART_ONLY
-                if getattr(config, name) != getattr(self.config, name)]
-        if kept:
-            log.warning("reload_needs_restart", sections=kept,
-                        why="sessions keep running with these settings until a restart")
-            config = dataclasses.replace(config, bridge=self.config.bridge,
-                                         brokers=self.config.brokers)
         previous = self.config.version
-        self._apply(config)
+        self._apply(config, sinks)
         self.metrics.inc("reloads")
         log.info("reload_applied", map_version=config.version, previous=previous,
                  lanes=list(self.pipelines),
@@ -223,11 +258,12 @@ class Daemon:
     async def _apply_lifecycle(self) -> None:
         """`[s3] apply_lifecycle`: what `s3-setup` does, at start-up; a failure is logged."""
         s3 = self.config.s3
-        if s3 is None or not s3.apply_lifecycle or self.objects is None:
+        objects = next(iter(self.objects.values()), None)
+        if s3 is None or not s3.apply_lifecycle or objects is None:
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.objects.apply_lifecycle,
+            await loop.run_in_executor(None, objects.apply_lifecycle,
                                        s3.staging_expiry_days, s3.staging_expiry_days)
         except S3Error as exc:
             log.error("s3_lifecycle_failed", error=str(exc),
@@ -237,50 +273,19 @@ class Daemon:
 
     def _handle(self, lane: str, message: Message,
                 inflight: Inflight | None) -> Awaitable[None] | None:
-        """Source -> pipeline -> sink; returns an awaitable only when Kafka (or S3) pushes
-        back."""
-        if lane == "fat" and self.files is not None and self.files.takes(message.topic):
-            return self._job(self.files.handle(message, inflight))
+        """Source -> pipeline -> sink, through the lane's guard (`bridge/settle.py`), which
+        settles the message whatever a stage raises; returns an awaitable only when Kafka
+        or the lane's job pool pushes back."""
         pipeline = self.pipelines.get(lane)
         if pipeline is None:  # a reload removed the lane; its session is handing over
             pipeline = next(iter(self.pipelines.values()))
-        delivery = pipeline.prepare(message, inflight)
-        if isinstance(delivery, Offload):
-            return self._job(self._offload(pipeline, delivery))
-        sink = delivery.sink
-        assert sink is not None  # the daemon's pipelines all have one
-        if sink.try_send(delivery):
-            return None
-        return sink.send(delivery)
-
-    async def _offload(self, pipeline: Pipeline, job: Offload) -> None:
-        delivery = await pipeline.offload(job)
-        assert delivery.sink is not None
-        await delivery.sink.send(delivery)
-
-    def _job(self, work: Coroutine[Any, Any, None]) -> Awaitable[None] | None:
-        """Start an S3 job now if a slot is free; else the source waits for one."""
-        assert self.config.s3 is not None
-        if len(self._jobs) < self.config.s3.concurrency:
-            task = asyncio.create_task(work)
-            self._jobs.add(task)
-            task.add_done_callback(self._job_finished)
-            return None
-        return self._job_when_free(work)
-
-    async def _job_when_free(self, work: Coroutine[Any, Any, None]) -> None:
-        assert self.config.s3 is not None
-        while len(self._jobs) >= self.config.s3.concurrency:
-            self._job_done.clear()
-            await self._job_done.wait()
-        self._job(work)
-
-    def _job_finished(self, task: asyncio.Task[None]) -> None:
-        self._jobs.discard(task)
-        self._job_done.set()
-        if not task.cancelled() and task.exception() is not None:
-            self.metrics.inc("s3_job_crashes")  # a bug: the message stays unacked
-            log.error("s3_job_crashed", error=repr(task.exception()))
+        runtime = self.lanes[pipeline.lane]
+        files = self.files
+        if lane == "fat" and files is not None and files.takes(message.topic):
+            return runtime.job(pipeline, message, inflight,
+                               lambda: files.handle(message, inflight),
+                               files.device_of(message.topic))
+        return runtime.accept(pipeline, message, inflight)
 
     async def _sweep_transfers(self) -> None:
         """Dead-letter file transfers that outlived their expiry, now and then."""
@@ -298,7 +303,7 @@ class Daemon:
                     log.info("file_transfers_expired", count=expired)
 
     def _elsewhere(self, lane: str, message: Message,
-                   on_durable: Callable[[], None] | None) -> Delivery | Offload | None:
+                   on_durable: Callable[[], None] | None) -> Delivery | Job | None:
         """The delivery of another lane whose routes take this topic, if one does."""
         for other, pipeline in self.pipelines.items():
             if other != lane and pipeline.router.takes(message.topic):
@@ -318,8 +323,9 @@ class Daemon:
         sessions = [*self.sessions.values(), *(s for s, _, _ in self._leaving.values())]
         for session in sessions:
             session.stop_reading()
-        if self._jobs:  # S3 jobs under way get the same deadline as Kafka
-            _, late = await asyncio.wait(self._jobs, timeout=self.config.bridge.shutdown_timeout)
+        jobs = [task for runtime in self.lanes.values() for task in runtime.tasks]
+        if jobs:  # jobs under way get the same deadline as Kafka
+            _, late = await asyncio.wait(jobs, timeout=self.config.bridge.shutdown_timeout)
             for task in late:
                 task.cancel()
         tasks = [*self._tasks.values(), *self._retiring,
@@ -336,6 +342,8 @@ class Daemon:
             await session.close()
         for sink in sinks:
             sink.close()
+        for runtime in self.lanes.values():
+            runtime.close()
         log.info("bridge_stopped", drained=drained,
                  left_unacked=sum(sink.pending for sink in sinks), **self.metrics.snapshot())
 

@@ -93,22 +93,67 @@ _BODY = msgpack.packb("body")
 
 def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code: str,
                        reason: str, body_max: int = DEAD_LETTER_BODY_MAX,
-                       reference: str | None = None, sha256: str | None = None) -> bytes:
+                       reference: str | None = None, sha256: str | None = None,
+                       size: int | None = None) -> bytes:
     """A dead-letter record: the envelope plus the reason. `size` and `sha256` always
-    describe the whole payload. The body is inline, cut to `body_max` (`truncated`), or,
-    with `reference`, stored whole in S3."""
+    describe the whole payload (given when the message no longer holds it). The body is
+    inline, cut to `body_max` (`truncated`), or, with `reference`, stored whole in S3.
+
+    It never raises: a dead letter is where a message goes when everything else failed, so
+    a value msgpack cannot take gives the minimal record instead of a second failure."""
     payload = message.payload
-    fields = _fields(message, device_id, lineage, payload[:body_max], RAW)
-    fields["size"] = len(payload)
-    fields["sha256"] = sha256 or hashlib.sha256(payload).hexdigest()
+    digest = sha256 or hashlib.sha256(payload).hexdigest()
+    size = len(payload) if size is None else size
+    try:
+        fields = _fields(message, device_id, lineage, payload[:body_max], RAW)
+        fields["size"] = size
+        fields["sha256"] = digest
+        if reference is not None:
+            del fields["body"]
+            fields["reference"] = reference
+        elif size > body_max:
+            fields["truncated"] = True
+        fields["error"] = {"code": code, "reason": printable(reason)}
+        packed: bytes = msgpack.packb(fields)
+        return packed
+    except Exception as exc:  # the record must exist whatever went wrong
+        return _minimal_dead_letter(message, code, f"{printable(reason)} (record simplified: "
+                                    f"{type(exc).__name__})", body_max, reference, digest, size)
+
+
+def _minimal_dead_letter(message: Message, code: str, reason: str, body_max: int,
+                         reference: str | None, sha256: str, size: int) -> bytes:
+    """A dead-letter record of ASCII text, integers and the body bytes alone."""
+    fields: dict[str, Any] = {
+        "v": VERSION, "device_id": "", "arrival_time_millis": int(message.arrival_millis),
+        "size": int(size), "sha256": _ascii(sha256),
+        "mqtt": {"topic": _ascii(message.topic), "qos": int(message.qos),
+                 "broker": _ascii(message.broker), "retain": bool(message.retain),
+                 "dup": bool(message.dup)},
+        "error": {"code": _ascii(code), "reason": _ascii(reason)},
+    }
     if reference is not None:
-        del fields["body"]
-        fields["reference"] = reference
-    elif len(payload) > body_max:
-        fields["truncated"] = True
-    fields["error"] = {"code": code, "reason": reason}
+        fields["reference"] = _ascii(reference)
+    else:
+        fields["body"] = bytes(message.payload[:body_max])
+        if size > body_max:
+            fields["truncated"] = True
     packed: bytes = msgpack.packb(fields)
     return packed
+
+
+def printable(text: str) -> str:
+    """Text msgpack can always encode: lone surrogates (from bytes decoded with
+    surrogateescape, say) become backslash escapes."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def _ascii(text: object) -> str:
+    return str(text).encode("ascii", "backslashreplace").decode()
 
 
 def encode_reference(message: Message, device_id: str, lineage: Lineage, content_type: str,

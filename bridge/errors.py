@@ -6,7 +6,9 @@
     │   └── MalformedPacket  the broker sent bytes that do not decode; disconnect and reconnect
     └── Rejected             one message cannot be bridged; it goes to the dead-letter topic
 
-`Rejected.code` is the machine-readable reason written into the dead-letter record.
+`Rejected.code` is the machine-readable reason written into the dead-letter record. Anything
+else a stage raises while handling a message is a bug, not a verdict on the message: it
+becomes `Rejected.internal(exc)` (code `internal_error`), so the message is still settled.
 """
 
 from __future__ import annotations
@@ -45,3 +47,15 @@ class Rejected(BridgeError):
         self.reason = reason
         self.device_id = device_id  # when known: the dead-letter record names the device
         super().__init__(f"{code}: {reason}")
+
+    @classmethod
+    def internal(cls, exc: BaseException, device_id: str = "") -> Rejected:
+        """The verdict for a message a stage crashed on: the exception's class and message,
+        cut to a size a dead-letter record can always carry."""
+        text = f"{type(exc).__name__}: {exc}"
+        if len(text) > REASON_MAX:
+            text = text[:REASON_MAX] + "..."
+        return cls("internal_error", text, device_id)
+
+
+REASON_MAX = 1000  # characters of a dead-letter reason; exception texts can embed payloads

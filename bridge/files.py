@@ -16,9 +16,10 @@ the ack: nothing is redelivered forever and nothing vanishes. All state is in S3
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable
-from typing import Any
+import contextlib
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -28,26 +29,30 @@ from bridge.errors import Rejected
 from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
-from bridge.pipeline import Offload, Pipeline
-from bridge.routing import checked_device_id
+from bridge.pipeline import Job, Origin, Pipeline
+from bridge.routing import DEVICE_ID, checked_device_id
 from bridge.s3 import ObjectStore, retrying
-from bridge.transfer import StoredFile, TransferLimits, TransferStore
+from bridge.transfer import Refusal, StoredFile, TransferLimits, TransferStore
+
+if TYPE_CHECKING:
+    from bridge.settle import JobPool
 
 log = structlog.get_logger("bridge.files")
-_REFUSED_MAX = 4096
 ROUTE_NAME = "file_transfer"  # what lineage calls these messages
 
 
 class FileTransfers:
-    """Handles the file-transfer messages of one config; `handle` runs as a background task."""
+    """Handles the file-transfer messages of one config; `handle` runs as a job of the fat
+    lane's pool, and lends its slot out whenever it waits for something else."""
 
     def __init__(self, config: Config, settings: FileTransferConfig, pipeline: Pipeline,
-                 objects: ObjectStore, metrics: Metrics) -> None:
-        self.settings, self.pipeline, self.metrics = settings, pipeline, metrics
+                 objects: ObjectStore, metrics: Metrics, pool: JobPool) -> None:
+        self.settings, self.pipeline, self.metrics, self.pool = settings, pipeline, metrics, pool
         self.store = TransferStore(objects, TransferLimits(
             max_file_bytes=settings.max_file_bytes, max_segment_bytes=settings.max_segment_bytes,
             max_transfers_per_device=settings.max_transfers_per_device,
-            expiry_seconds=settings.expiry_seconds, fin_grace_seconds=settings.fin_grace_seconds))
+            expiry_seconds=settings.expiry_seconds, fin_grace_seconds=settings.fin_grace_seconds,
+            max_segments_per_file=settings.max_segments_per_file), idle=pool.idle)
         self.registry = config.registry
         self.lineage = envelope.Lineage(config.bridge.instance, ROUTE_NAME, config.version)
         self._depth = len(settings.filter.pattern.split("/")) - 1  # levels before the `#`
@@ -56,21 +61,44 @@ class FileTransfers:
         # wait for the init, and a fin for both.
         self._inits: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._in_flight: dict[tuple[str, str], set[asyncio.Future[None]]] = defaultdict(set)
-        # Transfers refused here: their later segments are dead-lettered at once, with no
-        # grace spent looking for an init that will never come.
-        self._refused: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # One init of a device at a time here, so concurrent inits cannot pass the
+        # per-device transfer limit together (check, then act).
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: Counter[str] = Counter()
 
     def takes(self, topic: str) -> bool:
         return self.settings.filter.match(topic) is not None
+
+    def device_of(self, topic: str) -> str:
+        """The topic's device id when it is a safe one, else ""."""
+        device_id = (self.settings.filter.match(topic) or {}).get("device_id", "")
+        return device_id if DEVICE_ID.fullmatch(device_id) else ""
 
     def subscription(self) -> str:
         return self.settings.filter.subscription
 
     async def handle(self, message: Message, on_durable: Callable[[], None] | None) -> None:
-        """One init, segment or fin, through to its ack. S3 trouble is retried meanwhile."""
+        """One init, segment or fin, through to its ack. S3 trouble is retried meanwhile.
+        Later messages of a transfer wait for an init in flight here until its outcome,
+        refusal included, is recorded."""
+        bound = self.settings.filter.match(message.topic) or {}
+        if message.topic.split("/")[self._depth:] != ["init"]:
+            await self._handle(message, on_durable, bound)
+            return
+        key = (bound.get("device_id", ""), bound.get("file_id", ""))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inits[key] = done
+        try:
+            await self._handle(message, on_durable, bound)
+        finally:
+            done.set_result(None)
+            if self._inits.get(key) is done:
+                del self._inits[key]
+
+    async def _handle(self, message: Message, on_durable: Callable[[], None] | None,
+                      bound: dict[str, str]) -> None:
         device_id, file_id = "", ""
         try:
-            bound = self.settings.filter.match(message.topic) or {}
             device_id = checked_device_id(bound.get("device_id", ""))
             file_id = bound.get("file_id", "")
             self._authenticate(device_id, message)
@@ -80,6 +108,9 @@ class FileTransfers:
             elif len(rest) == 2 and rest[0] == "fin":
                 await self._finish(message, device_id, file_id, rest[1], on_durable)
                 return
+            elif rest == ["fin"]:
+                raise Rejected("bad_transfer_fin", "a fin names the file's size: "
+                               ".../{file_id}/fin/{size}", device_id)
             elif len(rest) == 1:
                 await self._segment(device_id, file_id, rest[0], message.payload)
             else:
@@ -100,17 +131,29 @@ class FileTransfers:
                         message.user_properties)
 
     async def _init(self, device_id: str, file_id: str, message: Message) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inits[(device_id, file_id)] = done
-        try:
+        async with self._device_lock(device_id):
             await self._retrying(lambda: self.store.init(
                 device_id, file_id, message.payload, message.arrival_millis))
-            self._refused.pop((device_id, file_id), None)  # an id may be used again
-            self.metrics.inc("file_inits")
+        self.metrics.inc("file_inits")
+
+    @contextlib.asynccontextmanager
+    async def _device_lock(self, device_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(device_id, asyncio.Lock())
+        self._lock_users[device_id] += 1
+        try:
+            if lock.locked():
+                async with self.pool.idle():
+                    await lock.acquire()
+            else:
+                await lock.acquire()
+            try:
+                yield
+            finally:
+                lock.release()
         finally:
-            done.set_result(None)
-            if self._inits.get((device_id, file_id)) is done:
-                del self._inits[(device_id, file_id)]
+            self._lock_users[device_id] -= 1
+            if not self._lock_users[device_id]:
+                del self._lock_users[device_id], self._locks[device_id]
 
     async def _segment(self, device_id: str, file_id: str, offset: str, data: bytes) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -119,8 +162,9 @@ class FileTransfers:
         try:
             init = self._inits.get((device_id, file_id))
             if init is not None:
-                await init
-            await self._stored_after_init(device_id, file_id, offset, data)
+                async with self.pool.idle():
+                    await asyncio.shield(init)
+            await self._retrying(lambda: self.store.segment(device_id, file_id, offset, data))
             self.metrics.inc("file_segments")
         finally:
             done.set_result(None)
@@ -128,38 +172,21 @@ class FileTransfers:
             if not waiting:
                 self._in_flight.pop((device_id, file_id), None)
 
-    async def _stored_after_init(self, device_id: str, file_id: str, offset: str,
-                                 data: bytes) -> None:
-        """Store a segment. With a shared subscription its init may still be on its way into
-        S3 at another bridge: an unknown transfer is looked up again for the fin grace."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.fin_grace_seconds
-        delay = 0.05
-        while True:
-            try:
-                await self._retrying(lambda: self.store.segment(device_id, file_id, offset,
-                                                                data))
-                return
-            except Rejected as rejected:
-                if rejected.code != "unknown_transfer" or loop.time() >= deadline or \
-                        (device_id, file_id) in self._refused:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
-
     async def _finish(self, message: Message, device_id: str, file_id: str, size: str,
                       on_durable: Callable[[], None] | None) -> None:
-        init = self._inits.get((device_id, file_id))
-        if init is not None:
-            await init
-        waiting = list(self._in_flight.get((device_id, file_id), ()))
-        if waiting:  # segments received before the fin, still being stored here
-            await asyncio.gather(*waiting)
-        log.info("file_assembling", device_id=device_id, file_id=file_id, size=size)
+        key = (device_id, file_id)
+        async with self.pool.idle():  # the init and segments still being stored here
+            init = self._inits.get(key)
+            if init is not None:
+                await asyncio.shield(init)
+            waiting = list(self._in_flight.get(key, ()))
+            if waiting:
+                await asyncio.gather(*(asyncio.shield(w) for w in waiting))
+        log.info("file_assembling", device_id=device_id, file_id=file_id, size=size[:20])
         stored = await self._retrying(lambda: self.store.finish(
             device_id, file_id, size, message.arrival_millis))
         await self._durably(self._reference(message, device_id, file_id, stored))
-        await self._retrying(lambda: self.store.discard(device_id, file_id))
+        await self._clean_up(device_id, file_id)
         self.metrics.inc("files_completed")
         log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
                  reference=stored.reference)
@@ -172,49 +199,62 @@ class FileTransfers:
         value = envelope.encode_reference(
             message, device_id, self.lineage, meta.content_type, stored.reference, stored.size,
             stored.sha256, {"id": file_id, "name": meta.name, "user_data": meta.user_data})
+        origin = Origin(message, device_id, self.lineage, stored.reference, stored.sha256,
+                        stored.size)
         return Delivery(self.settings.kafka_topic, device_id.encode(), value,
                         envelope.headers(message, device_id, self.lineage), None,
-                        self._rejected_by_kafka, message, self.pipeline.fat_sink)
-
-    def _rejected_by_kafka(self, delivery: Delivery, rejected: Rejected) -> None:
-        """Kafka will never take the reference record: dead-letter it in its place."""
-        message: Message = delivery.origin
-        device_id = (self.settings.filter.match(message.topic) or {}).get("device_id", "")
-        assert delivery.sink is not None
-        delivery.sink.submit(self.pipeline.dead_letter(message, device_id, self.lineage,
-                                                       rejected, delivery.on_durable))
+                        self.pipeline.rejected_by_kafka, origin, self.pipeline.fat_sink)
 
     async def _refuse(self, message: Message, device_id: str, file_id: str, rejected: Rejected,
                       on_durable: Callable[[], None] | None) -> None:
-        """Dead letter first, then remove the transfer's staging data, then the ack."""
-        dead = self.pipeline.refuse(message, device_id, self.lineage, rejected, None)
-        await self._durably(await self.pipeline.offload(dead) if isinstance(dead, Offload)
-                            else dead)
-        if device_id and file_id and rejected.code not in _KEEPS_STAGING:
-            await self._retrying(lambda: self.store.discard(device_id, file_id))
-            self._refused[(device_id, file_id)] = None
-            if len(self._refused) > _REFUSED_MAX:
-                self._refused.popitem(last=False)
+        """Dead letter first, then the transfer's staging data goes (its refusal stays in
+        place of its init, so every bridge refuses its later messages at once), then the
+        ack."""
+        await self._durably(self.pipeline.refuse(message, device_id, self.lineage, rejected,
+                                                  None))
+        if device_id and file_id and rejected.code not in _KEEPS_STAGING and \
+                not self.store.known_refusal(device_id, file_id):
+            await self._clean_up(device_id, file_id, rejected)
         self.metrics.inc("file_transfers_failed")
         if on_durable is not None:
             on_durable()
 
+    async def _clean_up(self, device_id: str, file_id: str,
+                        refusal: Rejected | None = None) -> None:
+        """Remove staging data once the outcome is durable. A failure here is logged, not
+        raised: the outcome stands, and leftovers expire (sweeper, bucket lifecycle)."""
+        try:
+            await self._retrying(lambda: self.store.discard(device_id, file_id, refusal))
+        except Exception as exc:
+            log.error("file_cleanup_failed", device_id=device_id, file_id=file_id,
+                      error=repr(exc)[:500], why="staging data stays until it expires")
+
     async def sweep(self, now_millis: int) -> int:
-        """Dead-letter and remove transfers past their expiry (run now and then)."""
+        """Dead-letter and remove transfers past their expiry (run now and then); old
+        refusals are removed quietly, their dead letters went out when they were made."""
         expired = await self._retrying(lambda: self.store.expired(now_millis))
-        for device_id, file_id, meta in expired:
-            topic = self.settings.filter.pattern.split("{file_id}")[0].replace(
-                "{device_id}", device_id) + f"{file_id}/init"
-            stand_in = Message("", topic, b"", 0, False, False, now_millis)
-            age = "" if meta is None else \
-                f" (started {(now_millis - meta.created_millis) / 1000:.0f} s ago)"
-            await self._refuse(stand_in, device_id, file_id, Rejected(
-                "transfer_expired", f"not finished within {self.settings.expiry_seconds:.0f} s"
-                + age, device_id), None)
+        for device_id, file_id, state in expired:
+            async with self.pool.slot():
+                if isinstance(state, Refusal):
+                    await self._clean_up(device_id, file_id)
+                    continue
+                topic = self.settings.filter.pattern.split("{file_id}")[0].replace(
+                    "{device_id}", device_id) + f"{file_id}/init"
+                stand_in = Message("", topic, b"", 0, False, False, now_millis)
+                age = "" if state is None else \
+                    f" (started {(now_millis - state.created_millis) / 1000:.0f} s ago)"
+                await self._refuse(stand_in, device_id, file_id, Rejected(
+                    "transfer_expired", f"not finished within "
+                    f"{self.settings.expiry_seconds:.0f} s{age}", device_id), None)
         return len(expired)
 
-    async def _durably(self, delivery: Delivery) -> None:
-        """Produce and wait for the delivery report (acks=all)."""
+    async def _durably(self, outcome: Delivery | Job) -> None:
+        """Produce and wait for the delivery report (acks=all); the wait lends the slot."""
+        while isinstance(outcome, Job):
+            result = await outcome.run()
+            assert result is not None  # a pipeline's jobs end in a Delivery
+            outcome = result
+        delivery = outcome
         durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def settled() -> None:
@@ -225,14 +265,15 @@ class FileTransfers:
         sink = delivery.sink
         assert sink is not None
         await sink.send(delivery)
-        await durable
+        async with self.pool.idle():
+            await durable
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         return await retrying(call, self.metrics)
 
 
-# Refusals that must not wipe a transfer another device message may still complete: a bad
-# topic or a failed signature says nothing about the transfer's data.
-_KEEPS_STAGING = {"bad_transfer_topic", "unknown_device", "revoked_device", "missing_signature",
-                  "bad_signature", "invalid_device_id", "no_device_id", "too_many_transfers",
-                  "unknown_transfer"}
+# Refusals that must not touch a transfer: a failed signature or a malformed topic says
+# nothing about the transfer's data (and is not proof of who sent it).
+_KEEPS_STAGING = {"bad_transfer_topic", "bad_segment_offset", "bad_transfer_fin",
+                  "unknown_device", "revoked_device", "missing_signature", "bad_signature",
+                  "invalid_device_id", "no_device_id"}

@@ -12,10 +12,13 @@ from typing import NamedTuple
 
 import msgpack
 
+INLINE_CHECK_MAX = 64 * 1024  # larger payloads are checked off the event loop
+
 
 class Format(NamedTuple):
     content_type: str  # recorded in every envelope of the route
     check: Callable[[bytes], object] | None
+    check_streaming: Callable[[bytes], object] | None = None
 
 
 def _msgpack(payload: bytes) -> object:
@@ -27,6 +30,6 @@ def _msgpack(payload: bytes) -> object:
 
 FORMATS: dict[str, Format] = {
     "raw": Format("application/octet-stream", None),
-    "json": Format("application/json", json.loads),  # JSONDecodeError is a ValueError
-    "msgpack": Format("application/msgpack", _msgpack),
+    "json": Format("application/json", json.loads, json.loads),
+    "msgpack": Format("application/msgpack", _msgpack, _msgpack),
 }

@@ -41,6 +41,8 @@ _PERMANENT = {
 }
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _POLL_BUSY, _POLL_IDLE = 0.001, 0.005  # seconds between polls with / without records in flight
+_CATALOG_FRESH = 1.0  # seconds a topic listing answers "no such topic" without asking again
+_METADATA_TIMEOUT = 5.0
 
 
 _NO_REPORTS: list[Any] = []  # replaced by the sink's list when produced
@@ -71,6 +73,49 @@ class Delivery:
         self.reports.append((self, err))  # served by poll(); settled right after it
 
 
+class TopicCatalog:
+    """The topics the cluster has, as last listed. A rendered topic it does not know is
+    looked up once more (one listing serves every message waiting, at most one a second),
+    so a device cannot create topics where the cluster auto-creates them, and an
+    operator's new topic is seen within a second."""
+
+    def __init__(self, lookup: Callable[[], set[str]], loop: asyncio.AbstractEventLoop) -> None:
+        self._lookup, self._loop = lookup, loop
+        self._topics: frozenset[str] = frozenset()
+        self._listed_at = -_CATALOG_FRESH
+        self._listing: asyncio.Future[None] | None = None
+
+    def known(self, topic: str) -> bool:
+        return topic in self._topics
+
+    def fresh(self) -> bool:
+        """True when the last listing is recent enough to say a topic does not exist."""
+        return self._loop.time() - self._listed_at < _CATALOG_FRESH
+
+    async def exists(self, topic: str) -> bool:
+        """Whether the cluster has the topic; while Kafka cannot answer, keep asking (the
+        message stays unacked meanwhile)."""
+        delay = _RETRY_MIN
+        while topic not in self._topics and not self.fresh():
+            try:
+                await self._list()
+            except KafkaException as exc:
+                log.warning("kafka_metadata_unavailable", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(_RETRY_MAX, delay * 2)
+        return topic in self._topics
+
+    async def _list(self) -> None:
+        if self._listing is None:
+            self._listing = asyncio.ensure_future(self._fetch())
+            self._listing.add_done_callback(lambda _: setattr(self, "_listing", None))
+        await asyncio.shield(self._listing)
+
+    async def _fetch(self) -> None:
+        topics = await self._loop.run_in_executor(None, self._lookup)
+        self._topics, self._listed_at = frozenset(topics), self._loop.time()
+
+
 class KafkaSink:
     """Owns one lane's producer; polls it and settles deliveries on the event loop."""
 
@@ -88,6 +133,7 @@ class KafkaSink:
         self._idle.set()
         self._stopping = False
         self._poller: asyncio.TimerHandle | None = None
+        self.catalog = TopicCatalog(self._list_topics, loop)
 
     def start(self) -> None:
         self._poll()
@@ -102,6 +148,11 @@ class KafkaSink:
                 log.warning("kafka_error", lane=self.lane, error=err.str())
 
         return Producer({**self.properties, "error_cb": on_error})
+
+    def _list_topics(self) -> set[str]:
+        """Every topic the cluster has (blocking); KafkaException when it cannot say."""
+        listing = self._producer.list_topics(timeout=_METADATA_TIMEOUT).topics
+        return {name for name, topic in listing.items() if topic.error is None}
 
     def missing_topics(self, topics: list[str], timeout: float = 10) -> list[str]:
         """Topics the cluster does not have (blocking: run it in an executor)."""
@@ -176,14 +227,18 @@ class KafkaSink:
         for delivery, err in batch:
             if delivery not in self._pending:
                 continue  # settled already, e.g. by an older producer before a replay
-            if err is None:
-                del self._pending[delivery]
-                durable += 1
-                if delivery.on_durable is not None:
-                    delivery.on_durable()
-            elif generation == self._generation:
-                del self._pending[delivery]
-                self._reject_or_retry(delivery, err)
+            try:
+                if err is None:
+                    del self._pending[delivery]
+                    durable += 1
+                    if delivery.on_durable is not None:
+                        delivery.on_durable()
+                elif generation == self._generation:
+                    del self._pending[delivery]
+                    self._reject_or_retry(delivery, err)
+            except Exception:  # one bad callback must not leave the rest of the batch
+                self._metrics.inc("kafka_callback_crashes")
+                log.exception("kafka_callback_crashed", lane=self.lane, topic=delivery.topic)
         self._metrics.inc("kafka_delivered", durable)
         self._room.set()
         if not self._pending and not self._waiting:

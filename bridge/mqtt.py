@@ -36,8 +36,6 @@ _PACK_ACK = struct.Struct(">BBH").pack
 _PINGREQ = mqtt5.PingReqPacket().write()
 _READ_SIZE = 256 * 1024
 _CONNECT_TIMEOUT = 10.0
-# Largest packet accepted from the broker: 16 MiB payloads plus headers.
-MAX_PACKET_SIZE = 16 * 2**20 + 65536
 
 # Called for every PUBLISH; the ack handle is None for QoS 0. It may await (backpressure).
 Handler = Callable[[Message, "Inflight | None"], Awaitable[None] | None]
@@ -273,7 +271,7 @@ class BrokerSession:
             keep_alive=self.config.keepalive,
             session_expiry_interval=self.config.session_expiry,
             receive_max=self.config.receive_max,
-            max_packet_size=MAX_PACKET_SIZE,
+            max_packet_size=self.config.max_packet_size,
         ).write()
 
     async def _read_connack(self, reader: asyncio.StreamReader,
@@ -338,18 +336,24 @@ class BrokerSession:
                          buffer: bytearray) -> None:
         loop = asyncio.get_running_loop()
         publish_type = mqtt5.PublishPacket
+        limit = self.config.max_packet_size
         while not self._stopping:
             start = published = 0
             view = memoryview(buffer)
             try:
                 while not self._stopping:
                     length = packet_length(view, start)
-                    if length is not None and length > MAX_PACKET_SIZE:
-                        raise PacketTooLarge(f"packet of {length} bytes exceeds the maximum")
+                    if length is not None and length > limit:
+                        raise PacketTooLarge(f"packet of {length} bytes exceeds the maximum "
+                                             f"of {limit} the bridge announced")
                     if length is None or start + length > len(view):
                         break
                     packet, _ = _decode(view[start:start + length])
                     start += length
+                    if length > _READ_SIZE:  # a large packet: its raw bytes go before it
+                        view.release()  # is handed on, so memory holds it once, not twice
+                        del buffer[:start]
+                        start, view = 0, memoryview(buffer)
                     if type(packet) is publish_type:
                         published += 1
                         waiting = self._on_publish(connection, packet)

@@ -1,34 +1,51 @@
 """The stages between the MQTT source and the Kafka sink: route, authenticate, check the
 payload, envelope, dead letter.
 
-`Pipeline.prepare` turns one Message into one Delivery. A message that cannot be bridged
-becomes a dead-letter Delivery instead; either way the MQTT ack rides on its `on_durable`,
-so nothing is acked before its outcome is in Kafka (invariants 1 and 2). A pipeline serves
-one lane under one config: a reload builds new pipelines, and messages already prepared
-finish under the old one.
+`Pipeline.prepare` turns one Message into its outcome: a Delivery (its envelope, or its
+dead-letter record) ready for the sink, or a Job that must do work off the fast path first
+(store the body in S3, check a large payload, ask Kafka whether a topic exists) and then
+gives the Delivery. Either way the MQTT ack rides on `on_durable`, so nothing is acked before
+its outcome is in Kafka (invariants 1 and 2).
+
+Every dead letter goes through `refuse`, which keeps the whole body: inline when it fits a
+record, else in S3 by reference. It never raises, and neither does `crashed`, which turns
+anything a stage raised into an `internal_error` dead letter (see `bridge/settle.py`).
+
+A pipeline serves one lane under one config: a reload builds new pipelines, and messages
+already prepared finish under the old one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Mapping
+from typing import NamedTuple, Protocol, TypeVar
 
 import structlog
 
-from bridge import auth, envelope
+from bridge import auth, envelope, formats
 from bridge.config import Config, Route
 from bridge.errors import Rejected
-from bridge.formats import FORMATS
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.routing import KeySpec, Router
 from bridge.s3 import ObjectStore, retrying
 
+T = TypeVar("T")
 log = structlog.get_logger("bridge.pipeline")
-_PLANS_MAX = 65536  # distinct (broker, topic) pairs remembered; a device fleet's worth
+
+# The plan cache holds what a fleet's topics need, never what an attacker chooses to send:
+# it is bounded in bytes, topics longer than _PLAN_TOPIC_MAX are planned per message, and a
+# refusal is never cached. _PLAN_BYTES estimates one plan: about 1.5 KiB of objects plus its
+# topic in the key, the headers, the template and up to 12 packed lineage maps.
+_PLANS_MAX_BYTES = 32 * 2**20
+_PLAN_TOPIC_MAX = 1024
+_PLAN_OVERHEAD = 2048
+_PLAN_TOPIC_COPIES = 16
+DEAD_LETTER_PREFIX = "dead-letter/"  # whole bodies of dead letters too large to keep inline
+_HASH_ON_LOOP_MAX = 65536  # larger bodies are hashed on a worker thread
+LOG_TOPIC_MAX = 200  # characters of a topic in a log line: devices choose topics
 
 
 class Plan(NamedTuple):
@@ -42,27 +59,47 @@ class Plan(NamedTuple):
     headers: envelope.Headers
     template: envelope.Template
     lineage: envelope.Lineage
-    check: Callable[[bytes], object] | None  # the route's payload format
+    format: formats.Format
     refusal: Rejected | None  # the registry refuses this device: every message dead-letters
     hmac_key: bytes | None  # the device's key, when the route checks signatures
     inline_max: int | None  # larger bodies go to S3 (None: no S3, all inline)
     truncate: int | None  # the route keeps only this head of each body
+    topic_known: bool  # False: ask Kafka whether the rendered topic exists before producing
 
 
-class Offload(NamedTuple):
-    """A message whose body goes to S3 before its reference envelope (or, with `rejected`,
-    its dead-letter record) goes to Kafka."""
+class Job(NamedTuple):
+    """A message whose Delivery needs work off the fast path first. `run` does that work
+    and gives the Delivery (or the next Job); the daemon runs it in the lane's job pool,
+    under the settlement guard."""
 
     message: Message
-    plan: Plan | None  # None for a message dead-lettered before it had a plan
     on_durable: Callable[[], None] | None
-    rejected: Rejected | None = None
-    lineage: envelope.Lineage | None = None
-    device_id: str = ""
+    run: Callable[[], Awaitable[Delivery | Job | None]]  # None: the job settled it itself
+    device_id: str = ""  # who sent it, for a dead letter if `run` crashes
 
 
-DEAD_LETTER_PREFIX = "dead-letter/"  # whole bodies of dead letters too large to keep inline
+class Origin(NamedTuple):
+    """What a record's refusal by Kafka needs to build the dead letter in its place. For a
+    body already in S3, `message` has no payload (it is not kept in memory) and
+    `reference`, `sha256` and `size` describe it."""
 
+    message: Message
+    device_id: str
+    lineage: envelope.Lineage
+    reference: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    rejected: Rejected | None = None  # for a dead-letter record: why it is one
+    shrunk: bool = False  # a dead-letter record already cut to fit
+
+
+class Runner(Protocol):
+    """What a pipeline needs from the daemon's lane: start an outcome from a callback that
+    cannot wait, and run CPU work off the event loop."""
+
+    def dispatch(self, outcome: Delivery | Job) -> None: ...
+
+    def in_thread(self, work: Callable[[], T]) -> Awaitable[T]: ...
 
 
 class Pipeline:
@@ -71,44 +108,54 @@ class Pipeline:
 
     def __init__(self, config: Config, lane: str, metrics: Metrics,
                  sinks: Mapping[str, KafkaSink] | None = None,
-                 objects: ObjectStore | None = None) -> None:
+                 objects: ObjectStore | None = None, runner: Runner | None = None) -> None:
         self.config, self.lane, self.metrics = config, lane, metrics
         # No sinks for a dry run (`route`), which never produces.
         self.sink = sinks[lane] if sinks else None
         self.fat_sink = sinks.get("fat") if sinks else None  # references to S3 objects
         self.objects = objects
+        self.runner = runner
         self.router = Router([route for route in config.routes if route.lane == lane])
         self.registry = config.registry
         # Another lane's pipeline for a topic no route of this lane takes: a message the
         # broker sent on this lane's session just before a reload moved its route.
         self.elsewhere: Callable[[Message, Callable[[], None] | None],
-                                 Delivery | Offload | None] | None = None
+                                 Delivery | Job | None] | None = None
         self.dead_letter_topic = config.dead_letter_topic
         self._lineage = {
             route.name: envelope.Lineage(config.bridge.instance, route.name, config.version)
             for route in config.routes
         }
-        self._no_route = envelope.Lineage(config.bridge.instance, "", config.version)
+        self.no_route_lineage = envelope.Lineage(config.bridge.instance, "", config.version)
         # Half the producer's record limit leaves room for the envelope around the body.
-        record_max = int(config.kafka.get("message.max.bytes", 1_000_000))
-        self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX, record_max // 2)
+        self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX,
+                                         config.record_max_bytes(lane) // 2)
         self._plans: dict[tuple[str, str], Plan] = {}
+        self._plans_bytes = 0
 
-    def prepare(self, message: Message,
-                on_durable: Callable[[], None] | None) -> Delivery | Offload:
-        """The Delivery for one message (its envelope, or its dead-letter record), or the
-        Offload of a body too large for Kafka."""
+    # -- the fast path ---------------------------------------------------------------------
+
+    def prepare(self, message: Message, on_durable: Callable[[], None] | None) -> Delivery | Job:
+        """The outcome of one message: its Delivery, or the Job that leads to it."""
         plan = self._plans.get((message.broker, message.topic))
         if plan is None:
             try:
                 plan = self._plan(message)
             except Rejected as rejected:
                 if rejected.code == "no_route" and self.elsewhere is not None:
-                    delivery = self.elsewhere(message, on_durable)
-                    if delivery is not None:
-                        return delivery
-                return self.refuse(message, rejected.device_id, self._no_route, rejected,
+                    outcome = self.elsewhere(message, on_durable)
+                    if outcome is not None:
+                        return outcome
+                return self.refuse(message, rejected.device_id, self.no_route_lineage, rejected,
                                    on_durable)
+            if not plan.topic_known:
+                return Job(message, on_durable,
+                           lambda: self._after_topic_lookup(message, plan, on_durable))
+        return self._admit(message, plan, on_durable)
+
+    def _admit(self, message: Message, plan: Plan,
+               on_durable: Callable[[], None] | None) -> Delivery | Job:
+        """Authenticate and check the payload; large checks run off the loop."""
         if plan.refusal is not None:
             return self.refuse(message, plan.device_id, plan.lineage, plan.refusal, on_durable)
         if plan.hmac_key is not None:
@@ -117,52 +164,115 @@ class Pipeline:
                             message.user_properties)
             except Rejected as rejected:
                 return self.refuse(message, plan.device_id, plan.lineage, rejected, on_durable)
-        if plan.check is not None:
+        check = plan.format.check
+        if check is not None:
+            size = len(message.payload)
+            if size > plan.route.format_max_bytes:
+                return self.refuse(message, plan.device_id, plan.lineage, Rejected(
+                    "payload_too_large", f"{size} bytes; a {plan.route.format} route checks "
+                    f"payloads up to format_max_bytes = {plan.route.format_max_bytes}",
+                    plan.device_id), on_durable)
+            if size > formats.INLINE_CHECK_MAX:
+                return Job(message, on_durable,
+                           lambda: self._checked_off_loop(message, plan, on_durable))
             try:
-                plan.check(message.payload)
-            except (ValueError, RecursionError) as exc:
-                bad = Rejected("bad_payload", f"not valid {plan.route.format}: {exc}")
-                return self.refuse(message, plan.device_id, plan.lineage, bad, on_durable)
+                check(message.payload)
+            except ValueError as exc:
+                return self._bad_payload(message, plan, on_durable, exc)
+        return self._bridge(message, plan, on_durable)
+
+    def _bridge(self, message: Message, plan: Plan,
+                on_durable: Callable[[], None] | None) -> Delivery | Job:
         size = len(message.payload)
         if plan.truncate is not None and size > plan.truncate:
             return self._delivery(message, plan, on_durable, envelope.encode_truncated(
                 message, plan.device_id, plan.lineage, plan.template.content_type,
                 plan.truncate), self.sink)
         if plan.inline_max is not None and size > plan.inline_max:
-            return Offload(message, plan, on_durable)
-        return self._delivery(message, plan, on_durable, plan.template.encode(message), self.sink)
+            return Job(message, on_durable, lambda: self._offload(message, plan, on_durable))
+        return self._delivery(message, plan, on_durable, plan.template.encode(message),
+                              self.sink)
 
-    def refuse(self, message: Message, device_id: str, lineage: envelope.Lineage,
-               rejected: Rejected, on_durable: Callable[[], None] | None) -> Delivery | Offload:
-        """The dead letter of a message: inline, or, when its body is too large for that
-        and S3 is there, an Offload that keeps the whole body."""
-        if len(message.payload) > self._dead_letter_body_max and self.objects is not None:
-            return Offload(message, None, on_durable, rejected, lineage, device_id)
-        return self.dead_letter(message, device_id, lineage, rejected, on_durable)
+    def _delivery(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
+                  value: bytes, sink: KafkaSink | None) -> Delivery:
+        key = plan.key if plan.key_per_message is None else \
+            plan.key_per_message.key(plan.device_id, message.arrival_millis)
+        return Delivery(plan.kafka_topic, key, value, plan.headers, on_durable,
+                        self.rejected_by_kafka, Origin(message, plan.device_id, plan.lineage),
+                        sink)
 
-    async def offload(self, job: Offload) -> Delivery:
+    # -- work off the fast path (Jobs) ------------------------------------------------------
+
+    async def _checked_off_loop(self, message: Message, plan: Plan,
+                                on_durable: Callable[[], None] | None) -> Delivery | Job:
+        """A payload too large to check on the event loop: the format's streaming check, on
+        the lane's worker thread, in memory that follows nesting depth, not size."""
+        streaming = plan.format.check_streaming
+        assert streaming is not None and self.runner is not None
+        try:
+            await self.runner.in_thread(lambda: streaming(message.payload))
+        except ValueError as exc:
+            return self._bad_payload(message, plan, on_durable, exc)
+        return self._bridge(message, plan, on_durable)
+
+    async def _after_topic_lookup(self, message: Message, plan: Plan,
+                                  on_durable: Callable[[], None] | None) -> Delivery | Job:
+        """A rendered topic the catalog does not know: ask Kafka (one lookup serves every
+        message waiting), then bridge, or dead-letter it if the cluster has no such topic.
+        A device must never create topics by choosing a topic level."""
+        assert self.sink is not None
+        if not await self.sink.catalog.exists(plan.kafka_topic):
+            return self.refuse(message, plan.device_id, plan.lineage, Rejected(
+                "kafka_topic_missing", f"the cluster has no topic {plan.kafka_topic!r}; the "
+                f"route {plan.route.name!r} does not create topics (create_topics = false)",
+                plan.device_id), on_durable)
+        plan = plan._replace(topic_known=True)
+        self._remember(message, plan)
+        return self._admit(message, plan, on_durable)
+
+    async def _offload(self, message: Message, plan: Plan,
+                       on_durable: Callable[[], None] | None) -> Delivery:
         """Store the body in S3 under a key derived from its content, so a redelivery after
         a crash writes the same object again rather than an orphan; then the reference
-        envelope for the fat lane (or the dead-letter record, for this lane). S3 failures
-        are retried: the message stays unacked."""
-        assert self.objects is not None
-        message, plan = job.message, job.plan
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(message.payload).hexdigest())
-        if plan is None or job.rejected is not None:
-            key = f"{DEAD_LETTER_PREFIX}{job.device_id or '_'}/{digest}"
-            await self._put(key, message.payload, job.device_id, digest, envelope.RAW)
-            assert job.rejected is not None and job.lineage is not None
-            return self.dead_letter(message, job.device_id, job.lineage, job.rejected,
-                                    job.on_durable, self.objects.reference(key), digest)
-        assert self.fat_sink is not None
+        envelope for the fat lane. S3 failures are retried: the message stays unacked."""
+        assert self.objects is not None and self.fat_sink is not None
+        payload, size = message.payload, len(message.payload)
+        digest = await self._digest(payload)
         prefix = self.config.s3.object_prefix if self.config.s3 else ""
         key = f"{prefix}{plan.device_id}/{digest}"
-        await self._put(key, message.payload, plan.device_id, digest,
-                        plan.template.content_type)
+        await self._put(key, payload, plan.device_id, digest, plan.template.content_type)
         self.metrics.inc("offloaded")
-        return self._delivery(message, plan, job.on_durable, envelope.encode_reference(
-            message, plan.device_id, plan.lineage, plan.template.content_type,
-            self.objects.reference(key), len(message.payload), digest), self.fat_sink)
+        reference = self.objects.reference(key)
+        value = envelope.encode_reference(message, plan.device_id, plan.lineage,
+                                          plan.template.content_type, reference, size, digest)
+        key_bytes = plan.key if plan.key_per_message is None else \
+            plan.key_per_message.key(plan.device_id, message.arrival_millis)
+        # From here on only the reference travels: the body is not kept in memory.
+        origin = Origin(message._replace(payload=b""), plan.device_id, plan.lineage, reference,
+                        digest, size)
+        return Delivery(plan.kafka_topic, key_bytes, value, plan.headers, on_durable,
+                        self.rejected_by_kafka, origin, self.fat_sink)
+
+    async def _dead_letter_large(self, message: Message, device_id: str,
+                                 lineage: envelope.Lineage, rejected: Rejected,
+                                 on_durable: Callable[[], None] | None,
+                                 shrunk: bool) -> Delivery:
+        """A dead letter whose body does not fit a record: hashed off the loop, then stored
+        in S3 and referenced, or (without S3) cut to fit."""
+        digest = await self._digest(message.payload)
+        if self.objects is None:
+            return self.dead_letter(message, device_id, lineage, rejected, on_durable, None,
+                                    digest, None, shrunk)
+        key = f"{DEAD_LETTER_PREFIX}{device_id or '_'}/{digest}"
+        await self._put(key, message.payload, device_id, digest, envelope.RAW)
+        return self.dead_letter(message._replace(payload=b""), device_id, lineage, rejected,
+                                on_durable, self.objects.reference(key), digest,
+                                len(message.payload), shrunk)
+
+    async def _digest(self, payload: bytes) -> str:
+        if self.runner is None or len(payload) <= _HASH_ON_LOOP_MAX:
+            return hashlib.sha256(payload).hexdigest()
+        return await self.runner.in_thread(lambda: hashlib.sha256(payload).hexdigest())
 
     async def _put(self, key: str, body: bytes, device_id: str, digest: str,
                    content_type: str) -> None:
@@ -172,34 +282,49 @@ class Pipeline:
                                                        "sha256": digest}, content_type),
                        self.metrics, "s3_put_failed", key=key)
 
-    def _delivery(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
-                  value: bytes, sink: KafkaSink | None) -> Delivery:
-        key = plan.key if plan.key_per_message is None else \
-            plan.key_per_message.key(plan.device_id, message.arrival_millis)
-        return Delivery(plan.kafka_topic, key, value, plan.headers, on_durable,
-                        self._rejected_by_kafka, (message, plan), sink)
+    # -- plans -------------------------------------------------------------------------------
 
     def _plan(self, message: Message) -> Plan:
         route, device_id, _, kafka_topic = self.router.match(message.topic)
         lineage = self._lineage[route.name]
-        payload_format = FORMATS[route.format]
+        payload_format = formats.FORMATS[route.format]
         refusal, device = None, None
         try:
             device = self.registry.admit(route.auth, device_id)
         except Rejected as rejected:
             refusal = rejected
-        if len(self._plans) >= _PLANS_MAX:
-            self._plans.clear()
-        plan = self._plans[(message.broker, message.topic)] = Plan(
+        topic_known = True
+        if "{" in route.kafka_topic and not route.create_topics and self.sink is not None:
+            topic_known = self.sink.catalog.known(kafka_topic)
+            if not topic_known and self.sink.catalog.fresh():
+                raise Rejected("kafka_topic_missing", f"the cluster has no topic "
+                               f"{kafka_topic!r}; the route {route.name!r} does not create "
+                               "topics (create_topics = false)", device_id)
+        plan = Plan(
             route, kafka_topic, device_id, route.key.key(device_id, 0),
             None if route.key.per_device() else route.key,
             envelope.headers(message, device_id, lineage),
             envelope.Template(message.topic, message.broker, device_id, lineage,
                               payload_format.content_type),
-            lineage, payload_format.check, refusal,
+            lineage, payload_format, refusal,
             device.hmac_key if device is not None and route.auth == "hmac" else None,
-            self._inline_max(route), route.truncate_bytes)
+            self._inline_max(route), route.truncate_bytes, topic_known)
+        if refusal is None and topic_known:
+            self._remember(message, plan)
         return plan
+
+    def _remember(self, message: Message, plan: Plan) -> None:
+        """Cache a plan, within the byte budget: a full cache starts over, which costs the
+        fleet one plan per topic, never memory."""
+        if len(message.topic) > _PLAN_TOPIC_MAX:
+            return
+        cost = _PLAN_OVERHEAD + _PLAN_TOPIC_COPIES * len(message.topic)
+        if self._plans_bytes + cost > _PLANS_MAX_BYTES:
+            self._plans.clear()
+            self._plans_bytes = 0
+            self.metrics.inc("plan_cache_resets")
+        self._plans[(message.broker, message.topic)] = plan
+        self._plans_bytes += cost
 
     def _inline_max(self, route: Route) -> int | None:
         s3 = self.config.s3
@@ -208,38 +333,88 @@ class Pipeline:
         return route.inline_max_bytes if route.inline_max_bytes is not None \
             else s3.inline_max_bytes
 
-    def _rejected_by_kafka(self, delivery: Delivery, rejected: Rejected) -> None:
-        message, plan = delivery.origin
-        assert delivery.sink is not None  # it was produced, so it had a sink
-        delivery.sink.submit(self.dead_letter(message, plan.device_id, plan.lineage,
-                                              rejected, delivery.on_durable))
+    # -- dead letters ------------------------------------------------------------------------
+
+    def _bad_payload(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
+                     exc: ValueError) -> Delivery | Job:
+        bad = Rejected("bad_payload", f"not valid {plan.route.format}: {exc}", plan.device_id)
+        return self.refuse(message, plan.device_id, plan.lineage, bad, on_durable)
+
+    def refuse(self, message: Message, device_id: str, lineage: envelope.Lineage,
+               rejected: Rejected, on_durable: Callable[[], None] | None,
+               reference: str | None = None, sha256: str | None = None,
+               size: int | None = None, shrink: bool = False) -> Delivery | Job:
+        """The one way to dead-letter a message, keeping its whole body: inline when it
+        fits a record (`shrink`: never), else stored in S3 and referenced (without S3, cut
+        to fit and flagged `truncated`). A body already in S3 keeps its `reference`."""
+        body_max = 0 if shrink else self._dead_letter_body_max
+        held = len(message.payload)
+        if reference is None and held > body_max and (
+                self.objects is not None or held > _HASH_ON_LOOP_MAX):
+            return Job(message, on_durable, lambda: self._dead_letter_large(
+                message, device_id, lineage, rejected, on_durable, shrink))
+        return self.dead_letter(message, device_id, lineage, rejected, on_durable, reference,
+                                sha256, size, shrink)
+
+    def crashed(self, message: Message, on_durable: Callable[[], None] | None,
+                exc: BaseException, device_id: str = "") -> Delivery | Job:
+        """The dead letter of a message a stage crashed on (`internal_error`, naming the
+        exception), so a bug costs one dead letter, never a wedged lane."""
+        lineage = self.no_route_lineage
+        try:  # name the device and route when the topic still routes
+            match = self.router.match(message.topic)
+            device_id, lineage = match.device_id, self._lineage[match.route.name]
+        except Exception:  # the router may be what crashed
+            pass
+        return self.refuse(message, device_id, lineage, Rejected.internal(exc, device_id),
+                           on_durable)
 
     def dead_letter(self, message: Message, device_id: str, lineage: envelope.Lineage,
                     rejected: Rejected, on_durable: Callable[[], None] | None,
-                    reference: str | None = None, sha256: str | None = None) -> Delivery:
-        """The dead-letter record of a message, on this lane's producer; its body inline
-        (cut to fit Kafka) or, with `reference`, in S3."""
+                    reference: str | None = None, sha256: str | None = None,
+                    size: int | None = None, shrunk: bool = False) -> Delivery:
+        """The dead-letter record of a message, on this lane's producer: its body inline
+        (cut to fit Kafka) or, with `reference`, in S3. It never raises."""
         self.metrics.inc(f"dead_letter_{rejected.code}")
-        log.warning("dead_letter", code=rejected.code, reason=rejected.reason,
-                    topic=message.topic, broker=message.broker)
-        return Delivery(
-            self.dead_letter_topic,
-            str(message.arrival_millis).encode(),
-            envelope.encode_dead_letter(message, device_id, lineage, rejected.code,
-                                        rejected.reason, self._dead_letter_body_max,
-                                        reference, sha256),
-            [*envelope.headers(message, device_id, lineage),
-             ("error.code", rejected.code.encode())],
-            on_durable,
-            self._dead_letter_refused,
-            sink=self.sink,
-        )
+        log.warning("dead_letter", code=rejected.code,
+                    reason=envelope.printable(rejected.reason)[:500],
+                    topic=message.topic[:LOG_TOPIC_MAX], broker=message.broker)
+        body_max = 0 if shrunk else self._dead_letter_body_max
+        value = envelope.encode_dead_letter(message, device_id, lineage, rejected.code,
+                                            rejected.reason, body_max, reference, sha256, size)
+        try:
+            headers = [*envelope.headers(message, device_id, lineage),
+                       ("error.code", rejected.code.encode())]
+        except Exception:  # text a header cannot carry: the value still says it all
+            headers = [("error.code", rejected.code.encode())]
+        origin = Origin(message, device_id, lineage, reference, sha256, size, rejected, shrunk)
+        return Delivery(self.dead_letter_topic, str(message.arrival_millis).encode(), value,
+                        headers, on_durable, self._dead_letter_refused, origin, self.sink)
+
+    def rejected_by_kafka(self, delivery: Delivery, rejected: Rejected) -> None:
+        """Kafka will never take this record: its dead letter goes in its place."""
+        o: Origin = delivery.origin
+        self._dispatch(self.refuse(o.message, o.device_id, o.lineage, rejected,
+                                   delivery.on_durable, o.reference, o.sha256, o.size))
 
     def _dead_letter_refused(self, delivery: Delivery, rejected: Rejected) -> None:
-        """Kafka refuses even the dead-letter record: it stays unacked and is tried again
-        with a backoff, so it flows once an operator fixes the dead-letter topic."""
+        """Kafka refuses even the dead-letter record. Too large: send it again without its
+        body inline (by reference when S3 is there). Anything else (no such topic, no
+        right to write) needs an operator: it stays unacked and is tried again with a
+        backoff, so it flows once the dead-letter topic is fixed."""
+        o: Origin = delivery.origin
+        if rejected.code == "record_too_large" and not o.shrunk and o.rejected is not None:
+            self.metrics.inc("dead_letters_shrunk")
+            self._dispatch(self.refuse(o.message, o.device_id, o.lineage, o.rejected,
+                                       delivery.on_durable, o.reference, o.sha256, o.size,
+                                       shrink=True))
+            return
         self.metrics.inc("dead_letter_refused")
         log.error("dead_letter_refused", topic=delivery.topic, reason=rejected.reason,
                   hint="check the dead-letter topic exists and accepts records this size")
         assert delivery.sink is not None
         delivery.sink.retry_later(delivery)
+
+    def _dispatch(self, outcome: Delivery | Job) -> None:
+        assert self.runner is not None  # only a producing pipeline gets Kafka's verdicts
+        self.runner.dispatch(outcome)

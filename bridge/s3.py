@@ -70,6 +70,20 @@ class ObjectStore:
         body: bytes = await self._call(response["Body"].read)
         return body
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes | None:
+        """`length` bytes of an object from `start`, or None if there is no object."""
+        if length <= 0:
+            return b""
+        try:
+            response = await self._call(self.client.get_object, Bucket=self.bucket, Key=key,
+                                        Range=f"bytes={start}-{start + length - 1}")
+        except S3Error as exc:
+            if _missing(exc):
+                return None
+            raise
+        body: bytes = await self._call(response["Body"].read)
+        return body
+
     async def head(self, key: str) -> dict[str, Any] | None:
         """The object's metadata (`Metadata`, `ContentLength`, ...), or None if absent."""
         try:
@@ -79,9 +93,11 @@ class ObjectStore:
                 return None
             raise
 
-    async def list(self, prefix: str, delimiter: str | None = None) -> tuple[
-            list[dict[str, Any]], list[str]]:
-        """Objects under a prefix (every page), and the common prefixes with a delimiter."""
+    async def list(self, prefix: str, delimiter: str | None = None,
+                   limit: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+        """Objects under a prefix (every page, or pages until `limit` entries are in: what
+        a device can make many of is never read whole), and the common prefixes with a
+        delimiter."""
         objects: list[dict[str, Any]] = []
         prefixes: list[str] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
@@ -91,18 +107,31 @@ class ObjectStore:
             page = await self._call(self.client.list_objects_v2, **kwargs)
             objects += page.get("Contents", [])
             prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
-            if not page.get("IsTruncated"):
+            full = limit is not None and len(objects) + len(prefixes) >= limit
+            if not page.get("IsTruncated") or full:
                 return objects, prefixes
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
-    async def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under a prefix; returns how many."""
-        objects, _ = await self.list(prefix)
-        for start in range(0, len(objects), 1000):
-            batch = [{"Key": o["Key"]} for o in objects[start:start + 1000]]
-            await self._call(self.client.delete_objects, Bucket=self.bucket,
-                             Delete={"Objects": batch, "Quiet": True})
-        return len(objects)
+    async def open_uploads(self, key: str) -> builtins.list[str]:
+        """The ids of multipart uploads still open for exactly this key."""
+        response = await self._call(self.client.list_multipart_uploads, Bucket=self.bucket,
+                                    Prefix=key)
+        return [u["UploadId"] for u in response.get("Uploads", []) if u["Key"] == key]
+
+    async def delete_prefix(self, prefix: str, keep: str | None = None) -> int:
+        """Delete every object under a prefix (but `keep`), a page at a time; returns how
+        many."""
+        deleted = 0
+        while True:
+            objects, _ = await self.list(prefix, limit=1000)
+            batch = [{"Key": o["Key"]} for o in objects[:1000] if o["Key"] != keep]
+            if not batch:
+                return deleted
+            response = await self._call(self.client.delete_objects, Bucket=self.bucket,
+                                        Delete={"Objects": batch, "Quiet": True})
+            if response.get("Errors"):
+                raise S3Error(f"delete_objects: {response['Errors'][0]}")
+            deleted += len(batch)
 
     async def start_multipart(self, key: str, metadata: dict[str, str],
                               content_type: str) -> str:

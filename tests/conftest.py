@@ -30,15 +30,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 class Bridge:
     """The bridge as a child process, as systemd would run it: kill -9 and SIGTERM are real."""
 
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
+    def __init__(self, config: Path, log: Path, module: str = "bridge") -> None:
+        self.config, self.log, self.module = config, log, module  # tests.faults injects faults
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Bridge:
         """Start and wait until the session is ready: resumed, or new and subscribed."""
         before = self.events_count()
         self._log_file = self.log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config",
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "run", "--config",
                                       str(self.config)], stdout=self._log_file,
                                      stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **s3_environment()})
@@ -146,8 +146,10 @@ kafka_topic = "{self.dead_letter}"
 """)
         return path
 
-    def bridge(self, config: Path | None = None, start: bool = True) -> Bridge:
-        bridge = Bridge(config or self.config(), self.tmp / f"bridge-{len(self.bridges)}.log")
+    def bridge(self, config: Path | None = None, start: bool = True,
+               module: str = "bridge") -> Bridge:
+        bridge = Bridge(config or self.config(), self.tmp / f"bridge-{len(self.bridges)}.log",
+                        module)
         self.bridges.append(bridge)
         return bridge.start() if start else bridge
 

@@ -294,16 +294,19 @@ kafka_topic = "{case.topic}"
 format = "json"
 """
     case.bridge(case.config(routes=routes))
+    deep = b"[" * 100_000 + b"]" * 100_000  # valid JSON, checked off the loop (200 KB)
     publish_as_device(case, [
         (f"{case.prefix}/good/telemetry", simulate.payload("good", 0, 10)),
         (f"{case.prefix}/bad/telemetry", b"{not json"),
-        (f"{case.prefix}/deep/telemetry", b"[" * 100_000 + b"]" * 100_000),
+        (f"{case.prefix}/deep/telemetry", deep),
+        (f"{case.prefix}/unclosed/telemetry", deep[:-1]),
     ])
-    good = case.read(expect=1)
-    assert [env["content_type"] for _, env in good] == ["application/json"]
+    good = read_until(case, case.topic, 2)
+    assert sorted(env["device_id"] for _, env in good) == ["deep", "good"]
+    assert {env["content_type"] for _, env in good} == {"application/json"}
     dead = read_until(case, case.dead_letter, 2)
     reasons = {env["device_id"]: env["error"] for _, env in dead}
-    assert set(reasons) == {"bad", "deep"}
+    assert set(reasons) == {"bad", "unclosed"}
     assert all(e["code"] == "bad_payload" for e in reasons.values())
     assert reasons["bad"]["reason"].startswith("not valid json: ")
 

@@ -24,10 +24,10 @@ import mqtt5
 import pytest
 
 import bridge.mqtt
-from bridge.config import BrokerConfig
+from bridge.config import MQTT_MAX_PACKET_SIZE, BrokerConfig
 from bridge.message import Message
 from bridge.metrics import Metrics
-from bridge.mqtt import MAX_PACKET_SIZE, BrokerSession, Inflight, packet_length
+from bridge.mqtt import BrokerSession, Inflight, packet_length
 
 SUBSCRIPTIONS = ["devices/+/telemetry", "devices/+/files/#"]
 QOS0, QOS1, QOS2 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE
@@ -293,7 +293,7 @@ def test_connect_asks_for_a_persistent_session_and_subscribes_a_new_one() -> Non
             assert connect.session_expiry_interval == 86400
             assert connect.receive_max == 17
             assert connect.keep_alive == 5
-            assert connect.max_packet_size == MAX_PACKET_SIZE
+            assert connect.max_packet_size == MQTT_MAX_PACKET_SIZE  # never below a broker's
 
             await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE")
             [subscribe] = conn.of(mqtt5.SubscribePacket)
@@ -609,10 +609,11 @@ def test_invalid_utf8_topic_is_malformed_not_fatal() -> None:
 
 def test_oversize_packet_is_refused_from_its_header() -> None:
     async def body() -> None:
-        async with ScriptedBroker() as broker, client(broker) as c:
+        async with ScriptedBroker() as broker, client(broker, max_packet_size=100_000) as c:
             conn = await broker.connection(0)
+            assert conn.of(mqtt5.ConnectPacket)[0].max_packet_size == 100_000
             await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE")
-            conn.send(b"\x30" + varint(MAX_PACKET_SIZE + 1) + b"\x00\x03a/b")
+            conn.send(b"\x30" + varint(100_000) + b"\x00\x03a/b")
             await until(lambda: conn.disconnects(), "DISCONNECT for an oversize packet", 1.0)
             # MQTT 5 3.1.2.24: PACKET_TOO_LARGE
             assert conn.disconnects()[0].reason_code.value == 0x95

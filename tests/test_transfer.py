@@ -17,7 +17,7 @@ from bridge import localstack
 from bridge.config import S3Config
 from bridge.errors import Rejected
 from bridge.s3 import ObjectStore, S3Error
-from bridge.transfer import FileMeta, StoredFile, TransferLimits, TransferStore
+from bridge.transfer import FileMeta, Refusal, StoredFile, TransferLimits, TransferStore
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def test_shuffled_duplicated_segments_assemble_in_parts(s3: ObjectStore) -> None
     assert head["ContentType"] == "image/png"
     assert head["Metadata"]["sha256"] == stored.sha256
     assert run(s3.get(stored.key)) == data
-    assert run(transfers.discard(device, file)) == len(offsets) + 2  # + init, upload marker
+    assert run(transfers.discard(device, file)) == len(offsets) + 1  # + init
     assert leftovers(s3, device, file)["staging"] == []
 
 
@@ -181,6 +181,87 @@ def test_redelivered_fin_after_discard_returns_the_same_file(s3: ObjectStore) ->
     assert size_mismatch.code == "size_mismatch"
 
 
+def test_new_data_for_a_completed_file_id_is_staged_never_reported_as_the_old_file(
+        s3: ObjectStore) -> None:
+    """A file id used again without a (successful) init: its segments are new bytes, so they
+    are stored, and its fin is refused; it never yields the old file's reference."""
+    device, file = ids()
+    old, new = b"the first file", b"another file!!"
+    transfers = TransferStore(s3, FAST)
+
+    async def go() -> Rejected:
+        await transfers.init(device, file, init_payload(old), now())
+        await transfers.segment(device, file, "0", old)
+        await transfers.finish(device, file, str(len(old)), now())
+        await transfers.discard(device, file)
+        await transfers.segment(device, file, "0", new)  # differs from what files/ holds
+        with pytest.raises(Rejected) as caught:
+            await transfers.finish(device, file, str(len(new)), now())
+        return caught.value
+
+    error = run(go())
+    assert error.code == "unknown_transfer"
+    assert "init never arrived" in error.reason
+    assert leftovers(s3, device, file)["staging"] == [f"staging/{device}/{file}/seg/{0:016d}"]
+    run(transfers.discard(device, file, error))
+    assert refused(transfers.segment(device, file, "0", new)).code == "unknown_transfer"
+    assert run(s3.get(f"files/{device}/{file}")) == old
+
+
+def test_a_refused_transfer_is_refused_by_every_bridge_until_a_new_init(s3: ObjectStore) -> None:
+    device, file = ids()
+    one, two = TransferStore(s3, FAST), TransferStore(s3, FAST)
+    bad = refused(one.init(device, file, b"{not json", now()))
+    assert bad.code == "bad_transfer_init"
+    run(one.discard(device, file, bad))  # what the daemon does once the dead letter is in
+    later = refused(two.segment(device, file, "0", b"abc"))
+    assert later.code == "unknown_transfer"
+    assert "bad_transfer_init" in later.reason
+    assert refused(two.finish(device, file, "3", now())).code == "unknown_transfer"
+    assert leftovers(s3, device, file)["staging"] == [f"staging/{device}/{file}/init"]
+    # A second refusal keeps the first reason; a new init starts the id over.
+    run(two.discard(device, file, later))
+    assert "bad_transfer_init" in refused(one.segment(device, file, "0", b"abc")).reason
+    run(two.init(device, file, init_payload(b"abc"), now()))
+    run(one.segment(device, file, "0", b"abc"))  # the cached refusal is read again first
+    assert run(one.finish(device, file, "3", now())).size == 3
+    run(one.discard(device, file))
+
+
+def test_a_file_may_come_in_at_most_max_segments_per_file(s3: ObjectStore) -> None:
+    device, file = ids()
+    limits = TransferLimits(max_segments_per_file=4, fin_grace_seconds=0.2, part_bytes=5 * MiB)
+    transfers = TransferStore(s3, limits)
+    data = bytes(range(100))
+    run(transfers.init(device, file, init_payload(data), now()))
+    small = refused(transfers.segment(device, file, "0", data[:10]))
+    assert small.code == "too_many_segments"
+    assert "at least 25 bytes" in small.reason
+    for offset in (0, 25, 50):
+        run(transfers.segment(device, file, str(offset), data[offset:offset + 25]))
+    run(transfers.segment(device, file, "75", data[75:]))  # the last may be any size
+    run(transfers.segment(device, file, "99", data[99:]))  # ends the file: allowed too
+    staged = refused(transfers.finish(device, file, "100", now()))  # 5 objects staged
+    assert staged.code == "too_many_segments"
+    run(transfers.discard(device, file))
+    assert_clean(s3, device, file)
+
+
+def test_an_upload_a_crash_left_open_is_aborted_when_the_file_is_assembled(
+        s3: ObjectStore) -> None:
+    device, file = ids()
+    data = random.Random(7).randbytes(6 * MiB)
+    transfers = TransferStore(s3, FAST)
+    run(send(transfers, device, file, data, MiB))
+    # A bridge killed during assembly: its multipart upload stays open, its id known nowhere.
+    left = run(s3.start_multipart(f"files/{device}/{file}", {}, "application/octet-stream"))
+    stored = run(transfers.finish(device, file, str(len(data)), now()))
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert leftovers(s3, device, file)["uploads"] == []
+    assert left not in run(s3.open_uploads(f"files/{device}/{file}"))
+    run(transfers.discard(device, file))
+
+
 def test_zero_byte_file(s3: ObjectStore) -> None:
     device, file = ids()
     transfers = TransferStore(s3, FAST)
@@ -209,6 +290,11 @@ def test_zero_byte_file(s3: ObjectStore) -> None:
     (b'{"name": "x", "size": 3, "checksum": "' + b"a" * 64 + b'", "content_type": 5}',
      "bad_transfer_init"),
     (b'{"name": "x", "size": 1025, "checksum": "' + b"a" * 64 + b'"}', "file_too_large"),
+    (b"[" * 100_000, "bad_transfer_init"),  # RecursionError in the parser
+    (b'{"name": "x", "size": 3, "checksum": "' + b"a" * 64 + b'", "user_data": '
+     + str(2**70).encode() + b"}", "bad_transfer_init"),  # msgpack cannot carry it
+    (b'{"name": "x", "size": 3, "checksum": "' + b"a" * 64 + b'", "user_data": "'
+     + b"u" * 70_000 + b'"}', "bad_transfer_init"),  # an init is metadata, not a payload
 ])
 def test_init_refusals_write_nothing(s3: ObjectStore, payload: bytes, code: str) -> None:
     device, file = ids()
@@ -263,15 +349,16 @@ def test_segment_refusals(s3: ObjectStore) -> None:
     assert code("25", b"x" * 6) == "segment_beyond_size"
     assert code("31", b"") == "segment_beyond_size"
     assert code("0", b"x", now() + 61_000) == "transfer_expired"
-    assert refused(transfers.segment(device, "never-inited", "0", b"x")).code == \
-        "unknown_transfer"
     assert refused(transfers.segment(device, "..", "0", b"x")).code == "unknown_transfer"
     assert refused(TransferStore(s3, limits).segment(device, file, "0", b"x", now() + 61_000)
                    ).code == "transfer_expired"  # also when the init is not cached
     assert run(transfers.discard(device, file)) == 1
-    assert refused(transfers.segment(device, file, "0", b"x")).code == "unknown_transfer"
     assert_clean(s3, device, file)
-    assert_clean(s3, device, "never-inited")
+    # No init (yet): the segment is staged at once, never waited on; its fin decides.
+    run(transfers.segment(device, "never-inited", "0", b"x"))
+    assert leftovers(s3, device, "never-inited")["staging"] == [
+        f"staging/{device}/never-inited/seg/{0:016d}"]
+    run(transfers.discard(device, "never-inited"))
 
 
 @pytest.mark.parametrize(("case", "code"), [
@@ -282,6 +369,7 @@ def test_segment_refusals(s3: ObjectStore) -> None:
     ("checksum", "checksum_mismatch"),
     ("checksum_multipart", "checksum_mismatch"),
     ("unknown", "unknown_transfer"),
+    ("orphans", "unknown_transfer"),
 ])
 def test_finish_refusals_leave_nothing_after_discard(s3: ObjectStore, case: str,
                                                      code: str) -> None:
@@ -293,6 +381,9 @@ def test_finish_refusals_leave_nothing_after_discard(s3: ObjectStore, case: str,
 
     async def prepare() -> None:
         if case == "unknown":
+            return
+        if case == "orphans":  # segments staged, the init never comes: waits out the grace
+            await transfers.segment(device, file, "0", data[:1000])
             return
         await send(transfers, device, file, data, segment,
                    skip=frozenset({1000}) if case == "missing" else frozenset())
@@ -310,8 +401,8 @@ def test_finish_refusals_leave_nothing_after_discard(s3: ObjectStore, case: str,
     started = time.monotonic()
     error = refused(transfers.finish(device, file, size, when))
     assert (error.code, error.device_id) == (code, device)
-    if case == "missing":
-        assert "bytes 1000..2000 of 3000" in error.reason
+    if case in ("missing", "orphans"):
+        assert "bytes 1000..2000 of 3000" in error.reason or case == "orphans"
         assert 0.3 <= time.monotonic() - started < 2
     if case != "unknown":  # refusing deletes nothing: the daemon dead-letters first
         assert leftovers(s3, device, file)["staging"]
@@ -342,7 +433,7 @@ def test_s3_errors_propagate_and_discard_aborts_the_open_upload(s3: ObjectStore)
     finally:
         broken.close()
     assert len(leftovers(s3, device, file)["uploads"]) == 1
-    assert run(TransferStore(s3, FAST).discard(device, file)) == 8  # init, 6 segments, marker
+    assert run(TransferStore(s3, FAST).discard(device, file)) == 7  # init, 6 segments
     assert_clean(s3, device, file)
 
 
@@ -354,13 +445,17 @@ def test_expired_finds_old_transfers_and_orphans(s3: ObjectStore) -> None:
     # a bridge whose cached init outlived a discard wrote a segment without an init
     run(s3.put(f"staging/{device}/orphan/seg/{0:016d}", b"late"))
 
-    def mine(when: int) -> dict[str, FileMeta | None]:
+    refusal = Rejected("file_too_large", "too big", device)
+    run(transfers.discard(device, "refused", refusal))
+
+    def mine(when: int) -> dict[str, FileMeta | Refusal | None]:
         return {f: meta for d, f, meta in run(transfers.expired(when)) if d == device}
 
     assert mine(now()) == {}
     found = mine(now() + 61_000)
-    assert set(found) == {file, "orphan"}
+    assert set(found) == {file, "orphan", "refused"}
     assert found["orphan"] is None
+    assert isinstance(found["refused"], Refusal) and found["refused"].code == "file_too_large"
     meta = found[file]
     assert meta is not None
     assert (meta.name, meta.size) == ("report.bin", 3)

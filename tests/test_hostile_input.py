@@ -1,0 +1,371 @@
+"""The promise under hostile input, on real servers (Mosquitto, Tansu, moto's S3).
+
+Each test attacks the bridge as a device or an unlucky operator would, with a canary device
+publishing alongside: the canary's messages must keep arriving, and every QoS 1 message sent
+must end in exactly one place (its topic, or the dead-letter topic, whole or by reference),
+acked once that is durable. Each finding of the hostile-input review has its test here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import simulate
+from bridge.device import upload_file
+from tests.conftest import Bridge, Case
+from tests.test_bridge import publish_as_device
+from tests.test_large_payloads import Files
+
+pytestmark = pytest.mark.integration
+Sent = list[tuple[str, bytes]]
+
+
+class Ledger:
+    """The QoS 1 messages a test sent (file transfers aside): each must end in one place."""
+
+    def __init__(self, case: Case, files: Files | None = None) -> None:
+        self.case, self.files = case, files
+        self.sent: Sent = []
+        self._lock = threading.Lock()
+
+    def publish(self, messages: Sent) -> None:
+        publish_as_device(self.case, messages)
+        self.add(messages)
+
+    def add(self, messages: Sent) -> None:
+        with self._lock:
+            self.sent += messages
+
+    def assert_settled(self, topics: list[str], timeout: float = 60) -> dict[str, Any]:
+        """Every message sent is in exactly one of `topics` (duplicates in that one are
+        at-least-once); a body kept by reference is whole in S3. Returns each message's
+        envelope by (topic, sha256) for further checks."""
+        wanted = {(topic, _sha(payload)) for topic, payload in self.sent}
+        deadline = time.monotonic() + timeout
+        while True:
+            places: dict[tuple[str, str], set[str]] = defaultdict(set)
+            envelopes: dict[Any, Any] = {}
+            for topic in topics:
+                for _, env in self.case.read(topic):
+                    key = (env["mqtt"]["topic"], env.get("sha256") or _sha(env["body"]))
+                    places[key].add(topic)
+                    envelopes[key] = env
+            if wanted <= set(places) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        missing = wanted - set(places)
+        assert not missing, f"{len(missing)} messages never arrived, e.g. {sorted(missing)[:3]}"
+        twice = {k: v for k, v in places.items() if k in wanted and len(v) > 1}
+        assert not twice, f"messages in more than one place: {twice}"
+        for key in wanted:
+            env = envelopes[key]
+            assert not env.get("truncated"), f"{key}: body cut although S3 is configured"
+            if "reference" in env and self.files is not None:
+                assert self.files.object_sha256(env["reference"]) == env["sha256"]
+        return {key: envelopes[key] for key in wanted}
+
+
+class Canary(threading.Thread):
+    """A well-behaved device publishing beside the attack until stopped."""
+
+    def __init__(self, ledger: Ledger, kind: str = "telemetry", rate: float = 20) -> None:
+        super().__init__(daemon=True)
+        self.ledger, self.kind, self.rate = ledger, kind, rate
+        self.stop = threading.Event()
+        self.device = f"canary-{kind}"
+
+    def run(self) -> None:
+        case = self.ledger.case
+        client = simulate.device_client(case.stack.mqtt_url,
+                                        f"{self.device}-{uuid.uuid4().hex[:6]}")
+        try:
+            seq = 0
+            while not self.stop.wait(1 / self.rate):
+                message = (f"{case.prefix}/{self.device}/{self.kind}",
+                           simulate.payload(self.device, seq, 100))
+                simulate.publish_all(client, [message], qos=1)
+                self.ledger.add([message])
+                seq += 1
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    def __enter__(self) -> Canary:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(30)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_all_acked(bridge: Bridge, timeout: float = 60) -> dict[str, Any]:
+    """At rest every QoS 1 message received was acked: nothing is left unsettled."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        stats = bridge.stats()
+        last = stats[-1] if stats else {}
+        if last.get("received") and last.get("received") == last.get("acked"):
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"received {last.get('received')} but acked {last.get('acked')}")
+
+
+def upload(files: Files, device: str, file_id: str, data: bytes, **kwargs: Any) -> Any:
+    client = simulate.device_client(files.case.stack.mqtt_url, f"up-{uuid.uuid4().hex[:8]}")
+    try:
+        return upload_file(client, device, file_id, data, prefix=files.case.prefix, **kwargs)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def hostile_config(case: Case, files: Files, receive_max: int = 5, extra_routes: str = "",
+                   registry: str = "") -> Path:
+    """Routes on every lane; a small window, so one unsettled message would stop its lane."""
+    (case.tmp / "devices.toml").write_text(registry or '[devices."canary-alerts"]\n'
+                                           '[devices."fault-auth"]\n')
+    p = case.prefix
+    return case.config(extra_broker=f"receive_max = {receive_max}", extra=files.extra +
+                       '[registry]\nfile = "devices.toml"\n', routes=f"""
+[[routes]]
+name = "telemetry"
+filter = "{p}/{{device_id}}/telemetry"
+kafka_topic = "{case.topic}"
+[[routes]]
+name = "readings"
+filter = "{p}/{{device_id}}/readings"
+kafka_topic = "{case.topic}"
+format = "json"
+[[routes]]
+name = "big"
+filter = "{p}/{{device_id}}/big"
+kafka_topic = "{case.topic}"
+inline_max_bytes = 600000
+[[routes]]
+name = "alerts"
+filter = "{p}/{{device_id}}/alerts"
+kafka_topic = "{case.topic}"
+lane = "fast"
+auth = "registry"
+{extra_routes}""")
+
+
+# ------------------------------------------------------------------ 1. poison messages
+
+
+def test_whatever_a_stage_raises_the_message_is_dead_lettered_and_its_lane_flows(
+        case: Case) -> None:
+    """A fault injected at every stage (route, auth, format, envelope, offload, producing,
+    each file-transfer step, dead-letter encoding) costs one dead letter, never a lane."""
+    files = Files(case)
+    bridge = case.bridge(hostile_config(case, files), module="tests.faults")
+    ledger, p = Ledger(case, files), case.prefix
+    with Canary(ledger, "telemetry"), Canary(ledger, "alerts"):
+        ledger.publish([
+            (f"{p}/fault-route/telemetry", b"route"),
+            (f"{p}/fault-auth/alerts", b"auth"),
+            (f"{p}/fault-envelope/telemetry", b"envelope"),
+            (f"{p}/fault-offload/telemetry", b"o" * 100_000),  # over inline_max: to S3
+            (f"{p}/d1/readings", b'{"x": "fault-format"}'),
+            (f"{p}/d2/readings", json.dumps({"pad": "fault-format" + "x" * 100_000}).encode()),
+            (f"{p}/fault-deadletter/readings", b"{not json"),
+            (f"{p}/fault-produce/telemetry", b"produce"),
+            (f"{p}/fault-toolarge/telemetry", b"t" * 300_000),  # its reference is refused
+            (f"{p}/fault-toolarge/big", b"b" * 400_000),  # inline, refused, kept in S3
+        ])
+        for stage in ("init", "segment", "finish", "reference"):
+            upload(files, f"fault-{stage}", "f1", b"%d" % time.time_ns() * 1000,
+                   segment_bytes=4000)
+        good = upload(files, "canary-files", "after", b"fine" * 5000, segment_bytes=4000)
+        time.sleep(2)
+    envelopes = ledger.assert_settled([case.topic, case.dead_letter])
+    dead = [env for env in envelopes.values() if "error" in env]
+    internal = [env["error"]["reason"] for env in dead if env["error"]["code"] == "internal_error"]
+    for stage in ("route", "auth", "envelope", "offload", "format", "produce"):
+        assert any(f"RuntimeError: injected fault in {stage}" in r for r in internal), stage
+    assert sum("injected fault in format" in r for r in internal) == 2  # on and off the loop
+    minimal = next(env for env in dead if env["mqtt"]["topic"].startswith(f"{p}/fault-dead"))
+    assert minimal["error"]["code"] == "bad_payload"
+    assert "record simplified" in minimal["error"]["reason"]
+    too_large = [env for env in dead if env["error"]["code"] == "record_too_large"]
+    assert {env["reference"].split("/")[3] for env in too_large} == {"payloads", "dead-letter"}
+    # The file-transfer steps: each fault is an internal_error dead letter of that device.
+    steps = ("init", "segment", "finish", "reference")
+    deadline = time.monotonic() + 60
+    while True:
+        crashed = {env["device_id"]: env["error"]["reason"] for env in files.dead_letters(1)
+                   if env["error"]["code"] == "internal_error"}
+        if all(f"fault-{s}" in crashed for s in steps) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    for stage in steps:
+        assert f"injected fault in {stage}" in crashed.get(f"fault-{stage}", ""), stage
+    [reference] = [env for env in files.references(1) if env["device_id"] == "canary-files"]
+    assert reference["sha256"] == good.sha256
+    wait_all_acked(bridge)
+
+
+def test_poison_inits_are_refused_and_other_uploads_complete_across_a_restart(
+        case: Case) -> None:
+    """An init nested 30,000 deep, and one whose user_data no envelope can carry (an integer
+    beyond 64 bits), used to crash their job, wedge the fat lane and crash again after a
+    restart: now each is a bad_transfer_init dead letter and acked."""
+    files = Files(case)
+    config = hostile_config(case, files)
+    bridge = case.bridge(config)
+    p = f"{case.prefix}/poison/files"
+    checksum = "0" * 64
+    deep = b'{"name": "x", "size": 1, "checksum": "%s", "user_data": %s%s}' % (
+        checksum.encode(), b"[" * 30_000, b"]" * 30_000)
+    huge = json.dumps({"name": "x", "size": 1, "checksum": checksum,
+                       "user_data": {"n": 2**70}}).encode()
+    publish_as_device(case, [(f"{p}/deep/init", deep), (f"{p}/huge/init", huge)])
+    uploads = [upload(files, "other", f"clip-{i}", b"%05d" % i * 2000, segment_bytes=3000)
+               for i in range(8)]
+    assert {env["sha256"] for env in files.references(8)} == {u.sha256 for u in uploads}
+    dead = {env["mqtt"]["topic"].split("/")[3]: env["error"] for env in files.dead_letters(2)}
+    assert dead["deep"]["code"] == dead["huge"]["code"] == "bad_transfer_init"
+    assert "nested too deeply" in dead["deep"]["reason"]
+    assert "OverflowError" in dead["huge"]["reason"]
+    wait_all_acked(bridge)
+    bridge.terminate()
+    restarted = case.bridge(config)  # nothing is redelivered: both were acked
+    time.sleep(3)
+    assert len(files.dead_letters(2)) == 2
+    assert not [e for e in restarted.events() if e.get("event") == "internal_error"]
+
+
+# ------------------------------------------------------------------ 2. payloads past 16 MiB
+
+
+def test_payloads_far_past_16_mib_arrive_by_reference(case: Case) -> None:
+    """The bridge announces MQTT's maximum packet size, so a broker that takes a 40 MiB
+    PUBLISH from a device also passes it on, rather than dropping it after its PUBACK."""
+    files = Files(case)
+    case.bridge(hostile_config(case, files))
+    ledger = Ledger(case, files)
+    with Canary(ledger):
+        ledger.publish([(f"{case.prefix}/cam/telemetry", bytes([i]) * (17 * 2**20 + i))
+                        for i in range(2)] + [(f"{case.prefix}/cam/telemetry",
+                                               b"\x07" * (40 * 2**20))])
+    envelopes = ledger.assert_settled([case.topic, case.dead_letter], timeout=120)
+    big = [env for env in envelopes.values() if env.get("size", 0) > 16 * 2**20]
+    assert len(big) == 3 and all("reference" in env and "error" not in env for env in big)
+
+
+# ------------------------------------------------------------------ 4, 12. file ids, fins
+
+
+def test_a_file_id_used_again_never_reports_the_old_file(case: Case) -> None:
+    """After a completed upload, a refused init for the same id makes its segments and fin
+    dead letters (never a success carrying the old sha256); a good init starts it over."""
+    files = Files(case)
+    case.bridge(hostile_config(case, files))
+    first = upload(files, "cam", "clip", b"first" * 3000, segment_bytes=5000)
+    [old] = files.references(1)
+    assert old["sha256"] == first.sha256
+    base, data = f"{case.prefix}/cam/files/clip", b"second" * 3000
+    publish_as_device(case, [
+        (f"{base}/init", json.dumps({"name": "x", "size": len(data),
+                                     "checksum": "not a sha256"}).encode()),
+        *[(f"{base}/{o}", data[o:o + 6000]) for o in range(0, len(data), 6000)],
+        (f"{base}/fin/{len(data)}", b""),
+    ])
+    dead = files.dead_letters(5)
+    codes = sorted(env["error"]["code"] for env in dead)
+    assert codes == ["bad_transfer_init"] + ["unknown_transfer"] * 4
+    assert all("refused earlier" in env["error"]["reason"] for env in dead
+               if env["error"]["code"] == "unknown_transfer")
+    assert len(files.references(1, timeout=5)) == 1  # no second "success"
+    again = upload(files, "cam", "clip", data, segment_bytes=6000)
+    references = files.references(2)
+    assert [r["sha256"] for r in references] == [first.sha256, again.sha256]
+    assert files.object_sha256(references[1]["reference"]) == again.sha256
+
+
+def test_a_fin_without_its_size_is_refused_and_leaves_the_transfer(case: Case) -> None:
+    files = Files(case)
+    case.bridge(hostile_config(case, files))
+    base, data = f"{case.prefix}/cam/files/f1", b"0123456789" * 1000
+    sent = upload(files, "cam", "f1", data, segment_bytes=5000, fin=False)
+    publish_as_device(case, [(f"{base}/fin", b"")])
+    [dead] = files.dead_letters(1)
+    assert dead["error"]["code"] == "bad_transfer_fin"
+    publish_as_device(case, [(f"{base}/fin/{len(data)}", b"")])
+    [reference] = files.references(1)
+    assert reference["sha256"] == sent.sha256
+
+
+# ------------------------------------------------------------------ 5. waiting holds no slot
+
+
+def test_fins_waiting_out_their_grace_hold_no_slot(case: Case) -> None:
+    """Forty fins of transfers whose init never comes each wait the whole fin grace (30 s
+    here), with two S3 slots per lane: another device's upload and the bulk lane's S3 work
+    finish while they all still wait."""
+    files = Files(case, fin_grace_seconds=30)
+    extra = files.extra.replace("inline_max_bytes = 65536",
+                                "inline_max_bytes = 65536\nconcurrency = 2")
+    files.extra = extra
+    bridge = case.bridge(hostile_config(case, files, receive_max=200))
+    p = f"{case.prefix}/mallory/files"
+    publish_as_device(case, [m for i in range(40) for m in (
+        (f"{p}/never-{i}/0", b"x"), (f"{p}/never-{i}/fin/1", b""))])
+    ledger = Ledger(case, files)
+    canary = upload(files, "canary", "photo", b"c" * 20_000, segment_bytes=5000)
+    ledger.publish([(f"{case.prefix}/canary/telemetry", b"o" * 100_000)])  # bulk lane, S3
+    [reference] = files.references(1)
+    assert reference["sha256"] == canary.sha256
+    ledger.assert_settled([case.topic])
+    assert files.dead_letters(0) == [], "the waiting fins were decided before the canary"
+    assert bridge.events_count() and not [e for e in bridge.events()
+                                          if e.get("code") == "unknown_transfer"]
+
+
+def test_a_file_in_too_many_segments_is_refused_at_its_first_small_segment(case: Case) -> None:
+    files = Files(case, max_segments_per_file=100)
+    bridge = case.bridge(hostile_config(case, files))
+    data = bytes(range(256)) * 400  # 102,400 bytes: segments of at least 1,024 bytes
+    upload(files, "chatty", "tiny", data, segment_bytes=200)  # 512 segments and a fin
+    dead = files.dead_letters(513)
+    codes = Counter(env["error"]["code"] for env in dead)
+    assert set(codes) == {"too_many_segments", "unknown_transfer"} and len(dead) == 513
+    first = next(env for env in dead if env["error"]["code"] == "too_many_segments")
+    assert "at least 1024 bytes" in first["error"]["reason"]
+    fine = upload(files, "chatty", "ok", data, segment_bytes=1024)  # exactly 100
+    assert files.references(1)[0]["sha256"] == fine.sha256
+    wait_all_acked(bridge)
+    # Every later segment of the refused transfer was refused at once, without S3 writes.
+    assert not [k for k in files.keys("staging/chatty/tiny/") if "/seg/" in k]
+
+
+# ------------------------------------------------------------------ 9. concurrent inits
+
+
+def test_concurrent_inits_cannot_pass_the_per_device_transfer_limit(case: Case) -> None:
+    files = Files(case, max_transfers_per_device=4)
+    case.bridge(hostile_config(case, files, receive_max=100))
+    init = json.dumps({"name": "x", "size": 10, "checksum": "0" * 64}).encode()
+    publish_as_device(case, [(f"{case.prefix}/greedy/files/t{i}/init", init) for i in range(8)])
+    dead = files.dead_letters(4)
+    assert [env["error"]["code"] for env in dead] == ["too_many_transfers"] * 4
+    time.sleep(1)
+    inits = [k for k in files.keys("staging/greedy/") if k.endswith("/init")]
+    alive = [k for k in inits if "refused" not in files.s3.head_object(
+        Bucket=files.bucket, Key=k)["Metadata"]]
+    assert len(alive) == 4
