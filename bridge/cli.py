@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 from bridge import config as config_module
 from bridge import envelope
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args)
 
 
-def _load(path: str) -> config_module.Config | None:
+def _load(path: str, load: Callable[[str], config_module.Config] = config_module.load
+          ) -> config_module.Config | None:
     try:
-        return config_module.load(path)
+        return load(path)
     except ConfigError as exc:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
@@ -179,9 +181,11 @@ def _s3_setup(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from bridge.dev import run_dev
+    from bridge import dev
 
-    return run_dev(args.config, args.workdir, args.rate)
+    if _load(args.config, dev.check_config) is None:  # before anything starts
+        return 2
+    return dev.run_dev(args.config, args.workdir, args.rate)
 
 
 def _simulate(args: argparse.Namespace) -> int:

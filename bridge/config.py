@@ -421,13 +421,7 @@ def load_registry(path: str | Path) -> tuple[Registry, bytes]:
     status = "revoked"                              # active (default), disabled or revoked
     ```
     """
-    try:
-        raw = Path(path).read_bytes()
-        data = tomllib.loads(raw.decode())
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    data, raw = read_toml(path)
     problems: list[str] = []
     top = _Table(data, "", problems)
     entries = top.get("devices", dict, {})
@@ -575,12 +569,25 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
 def load(path: str | Path) -> Config:
     """Read and check a config file and its registry. The map version, recorded in lineage,
     is a hash of both files' contents."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
-    try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    data, raw = read_toml(path)
     return parse(data, source=raw, base=Path(path).parent)
+
+
+def read_toml(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    """A TOML file's data and bytes, or ConfigError saying why not: whatever the file holds
+    (a directory, a device, nesting deep enough to exhaust the parser's recursion, an
+    integer too long to convert), reading it never raises anything else."""
+    file = Path(path)
+    try:
+        if file.exists() and not file.is_file():
+            raise ConfigError([f"{path}: cannot read: not a regular file"])
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        return tomllib.loads(raw.decode()), raw
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, int() of 4300+ digits
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{path}: not valid TOML: arrays or tables nested too deeply"]) \
+            from exc

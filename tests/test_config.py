@@ -253,3 +253,31 @@ def test_large_payload_settings_need_s3_and_are_checked() -> None:
     assert loaded.file_transfer.filter.subscription == "sites/+/+/up/+/#"
     assert loaded.session_lanes() == ["bulk", "fat"]  # file transfers ride the fat lane
     assert "iot.files" in loaded.fixed_topics()
+
+
+@pytest.mark.parametrize("text", ["x = " + "[" * 5000 + "]" * 5000,  # the parser's recursion
+                                  "x = " + "{a = " * 2000 + "1" + "}" * 2000,
+                                  "x = 1" + "0" * 5000,  # int() refuses 4300+ digits
+                                  "x = \"\\xff\""])
+def test_a_file_that_does_not_parse_is_a_problem_not_a_crash(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD + text + "\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.problems[0].startswith(f"{path}: not valid TOML: ")
+    (tmp_path / "devices.toml").write_text(text + "\n")
+    path.write_text(GOOD.replace("[dead_letter]", '[registry]\nfile = "devices.toml"\n'
+                                 "[dead_letter]"))
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    [problem] = caught.value.problems
+    assert problem.startswith(f"registry.file: {tmp_path / 'devices.toml'}: not valid TOML: ")
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    for path, reason in ((tmp_path, "not a regular file"),
+                         (Path("/dev/zero"), "not a regular file"),  # never read to the end
+                         (tmp_path / "missing.toml", "No such file or directory")):
+        with pytest.raises(ConfigError) as caught:
+            config.load(path)
+        assert caught.value.problems == [f"{path}: cannot read: {reason}"]
