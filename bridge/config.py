@@ -8,6 +8,8 @@ default.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import json
 import re
 import ssl
 import tomllib
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
@@ -33,6 +35,8 @@ from bridge.routing import (
 )
 
 _REQUIRED: Any = object()
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
+_REGION = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")  # what botocore accepts
 _CLIENT_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 # Producer properties the at-least-once promise depends on: the bridge sets them itself.
 _OWNED_KAFKA = {
@@ -174,8 +178,9 @@ class Config:
 class _Table:
     """Reads one TOML table, recording problems under its key path instead of raising."""
 
-    def __init__(self, data: Any, path: str, problems: list[str]) -> None:
+    def __init__(self, data: Any, path: str, problems: list[str], quoted: bool = False) -> None:
         self.path, self.problems = path, problems
+        self.quoted = quoted  # name every key in quotes, as librdkafka properties are written
         if not isinstance(data, dict):
             self.fail("", "must be a table")
             data = {}
@@ -183,6 +188,8 @@ class _Table:
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
+        if self.quoted or not _BARE_KEY.fullmatch(name):
+            name = json.dumps(name, ensure_ascii=False)
         return f"{self.path}.{name}" if self.path else name
 
     def fail(self, name: str, reason: str) -> None:
@@ -196,23 +203,35 @@ class _Table:
         default: Any = _REQUIRED,
         check: Callable[[Any], str | None] | None = None,
     ) -> Any:
+        """The value, or the default (None if required) when it is missing, of another type
+        or refused by `check`; a check that parses may raise ValueError to say why."""
         self.seen.add(name)
+        fallback = None if default is _REQUIRED else default
         if name not in self.data:
             if default is _REQUIRED:
                 self.fail(name, "missing")
-            return None if default is _REQUIRED else default
+            return fallback
         value = self.data[name]
-        if (isinstance(value, bool) and bool not in _as_tuple(kind)) or not isinstance(value, kind):
-            self.fail(name, f"must be {_kind_name(kind)}, got {type(value).__name__}")
-            return None if default is _REQUIRED else default
-        problem = check(value) if check else None
+        try:
+            problem = _type_problem(value, kind) or (check(value) if check else None)
+        except ValueError as exc:
+            problem = str(exc)
         if problem:
             self.fail(name, problem)
+            return fallback
         return value
 
     def finish(self) -> None:
         for name in sorted(set(self.data) - self.seen):
             self.fail(name, "unknown key")
+
+
+def _type_problem(value: Any, kind: type | tuple[type, ...]) -> str | None:
+    if (isinstance(value, bool) and bool not in _as_tuple(kind)) or not isinstance(value, kind):
+        return f"must be {_kind_name(kind)}, got {type(value).__name__}"
+    if isinstance(value, int) and not -2**63 <= value < 2**63:  # tomllib reads any size
+        return "must fit in 64 bits, as TOML integers do"
+    return None
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -228,13 +247,73 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}, got {v}"
 
 
+def _parses(parse: Callable[[str], object]) -> Callable[[str], str | None]:
+    """A check passed by every value `parse` takes; its ValueError says why not."""
+    def check(value: str) -> str | None:
+        parse(value)
+        return None
+    return check
+
+
 def _existing_file(value: str) -> str | None:
     return None if Path(value).is_file() else f"file {value!r} does not exist"
 
 
+class Endpoint(NamedTuple):
+    scheme: str
+    host: str
+    port: int
+
+
+_HOST_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
+
+
+def endpoint(url: str, ports: dict[str, int], example: str, *, path: bool = False) -> Endpoint:
+    """Scheme, host and port of a URL, or ValueError saying what is wrong. The scheme's port
+    is used only when the URL gives none: port 0 is refused, never replaced."""
+    if any(c in url for c in "\t\r\n "):  # urlsplit drops some of them silently
+        raise ValueError(f"must not contain spaces or control characters, e.g. {example}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise ValueError(f"is not a valid url ({exc}), e.g. {example}") from None
+    if parts.scheme not in ports:
+        raise ValueError(f"scheme must be {' or '.join(ports)}, got {parts.scheme or 'none'!r}")
+    host = parts.hostname
+    if not host or not (_HOST_NAME.fullmatch(host) or _ip_address(host)):
+        raise ValueError(f"must name a host (a DNS name or an IP address), e.g. {example}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user or password")
+    if not path and (parts.path or parts.query or parts.fragment):
+        raise ValueError(f"must have no path, query or fragment, e.g. {example}")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError(f"port must be between 1 and 65535, e.g. {example}")
+    return Endpoint(parts.scheme, host, ports[parts.scheme] if port is None else port)
+
+
+def mqtt_endpoint(url: str) -> Endpoint:
+    """A broker's URL: mqtt:// (port 1883 unless given) or mqtts:// (TLS, 8883)."""
+    return endpoint(url, {"mqtt": 1883, "mqtts": 8883}, "mqtt://127.0.0.1:1883")
+
+
+def _ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _s3_endpoint_problem(url: str) -> str | None:
+    found = endpoint(url, {"http": 80, "https": 443}, "http://127.0.0.1:9000", path=True)
+    return "has '_' in its host name, which botocore refuses" if "_" in found.host else None
+
+
 def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
     t = _Table(data, path, problems)
-    url = t.get("url", str)
+    url = t.get("url", str, check=_parses(mqtt_endpoint))
     client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.match(v) else
                       "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)")
     options = {
@@ -259,27 +338,15 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
         t.fail("cert_file", "cert_file and key_file must be given together")
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in {"mqtt", "mqtts"}:
-        t.fail("url", f"scheme must be mqtt or mqtts, got {parts.scheme or 'none'!r}")
-        return None
-    try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-    except ValueError:
-        t.fail("url", "port must be a number between 0 and 65535")
-        return None
-    if not parts.hostname:
-        t.fail("url", "must name a host, e.g. mqtt://127.0.0.1:1883")
-        return None
-    tls = parts.scheme == "mqtts"
+    scheme, host, port = mqtt_endpoint(url)
+    tls = scheme == "mqtts"
     if not tls and any(options[k] for k in ("ca_file", "cert_file", "key_file")):
         t.fail("url", "ca_file, cert_file and key_file need an mqtts:// url")
     if tls:
         _check_tls(t, options)
     if client_id is None:
         return None
-    return BrokerConfig(url=url, client_id=client_id, host=parts.hostname, port=port, tls=tls,
-                        **options)
+    return BrokerConfig(url=url, client_id=client_id, host=host, port=port, tls=tls, **options)
 
 
 def _no_passphrase() -> bytes:
@@ -383,18 +450,18 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
 
 def _kafka(data: Any, problems: list[str], path: str = "kafka") -> dict[str, Any]:
     """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which)."""
-    t = _Table(data, path, problems)
+    t = _Table(data, path, problems, quoted=True)
     properties: dict[str, Any] = {}
     for name in list(t.data):
         value = t.get(name, (str, int, float, bool))
         if name in _OWNED_KAFKA and value is not None and str(value).lower() not in {
                 str(_OWNED_KAFKA[name]).lower(), "-1"}:
-            t.fail(f'"{name}"', f"must be {_OWNED_KAFKA[name]!r}: MQTT is acked only after "
+            t.fail(name, f"must be {_OWNED_KAFKA[name]!r}: MQTT is acked only after "
                    "Kafka has the record with acks=all and idempotence")
         elif value is not None:
             properties[name] = value
     if path == "kafka" and "bootstrap.servers" not in properties:
-        t.fail('"bootstrap.servers"', "missing")
+        t.fail("bootstrap.servers", "missing")
     return properties
 
 
@@ -483,9 +550,9 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         s3 = S3Config(
             bucket=s.get("bucket", str, check=lambda v: None if re.fullmatch(
                 r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", v) else "is not a valid S3 bucket name"),
-            endpoint_url=s.get("endpoint_url", str, None, lambda v: None if urlsplit(v).scheme in {
-                "http", "https"} else "must be an http:// or https:// url"),
-            region=s.get("region", str, None),
+            endpoint_url=s.get("endpoint_url", str, None, _s3_endpoint_problem),
+            region=s.get("region", str, None, lambda v: None if _REGION.fullmatch(v) else
+                         "is not a region name (letters, digits and '-', e.g. eu-central-1)"),
             inline_max_bytes=s.get("inline_max_bytes", int, 262144, _between(0, 64 * 2**20)),
             object_prefix=s.get("object_prefix", str, "payloads/", lambda v: None if (
                 v.endswith("/") and not v.startswith(("/", "staging/", "files/",

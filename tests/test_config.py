@@ -281,3 +281,60 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
             config.load(path)
         assert caught.value.problems == [f"{path}: cannot read: {reason}"]
+
+
+def broker_url_problems(url: str) -> list[str]:
+    return [p for p in problems_of(GOOD.replace("mqtt://127.0.0.1:1883", url))
+            if p.startswith("brokers[0].url")]
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("mqtt://[::1:1883", "is not a valid url (Invalid IPv6 URL)"),
+    ("mqtt://h:99999", "is not a valid url (Port out of range 0-65535)"),
+    ("mqtt://h:x", "is not a valid url (Port could not be cast"),
+    ("mqtt://h:0", "port must be between 1 and 65535"),
+    ("mqtt://h:", "port must be between 1 and 65535"),
+    ("mqtt://", "must name a host"),
+    ("mqtt://a b:1883", "must not contain spaces"),
+    ("mqtt://bad..name:1883", "must name a host"),
+    ("mqtt://u:secret@h:1883", "must not carry a user or password"),
+    ("mqtt://h:1883/devices", "must have no path"),
+    ("tcp://h:1883", "scheme must be mqtt or mqtts, got 'tcp'"),
+])
+def test_a_broker_url_that_does_not_parse_is_a_problem_with_its_key_path(
+        url: str, reason: str) -> None:
+    [problem] = broker_url_problems(url)
+    assert problem.startswith(f"brokers[0].url: {reason}")
+
+
+def test_the_scheme_gives_the_port_only_when_the_url_has_none() -> None:
+    import tomllib
+
+    def broker(url: str) -> config.BrokerConfig:
+        return config.parse(tomllib.loads(GOOD.replace("mqtt://127.0.0.1:1883", url))).brokers[0]
+
+    assert (broker("mqtt://[::1]").host, broker("mqtt://[::1]").port) == ("::1", 1883)
+    assert broker("mqtts://broker.example").port == 8883
+    assert broker("mqtts://broker.example:1").port == 1
+
+
+@pytest.mark.parametrize(("s3", "problem"), [
+    ('endpoint_url = "http://[::1"', "s3.endpoint_url: is not a valid url (Invalid IPv6 URL)"),
+    ('endpoint_url = "ftp://h"', "s3.endpoint_url: scheme must be http or https, got 'ftp'"),
+    ('endpoint_url = "http://h:0"', "s3.endpoint_url: port must be between 1 and 65535"),
+    ('endpoint_url = "http://minio_1:9000"', "s3.endpoint_url: has '_' in its host name"),
+    ('region = "eu central"', "s3.region: is not a region name"),
+])
+def test_s3_endpoint_and_region_are_checked_as_botocore_will(s3: str, problem: str) -> None:
+    found = problems_of(GOOD.replace("[dead_letter]", f'[s3]\nbucket = "iot-payloads"\n{s3}\n'
+                                     "[dead_letter]"))
+    assert [p for p in found if p.startswith(problem)] == found, found
+
+
+def test_integers_beyond_64_bits_are_refused_not_printed() -> None:
+    huge = "0x" + "f" * 5000  # tomllib reads it; str() of it would raise
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', f'client_id = "mkb-1"\n'
+                                     f"keepalive = {huge}"))
+    assert "brokers[0].keepalive: must fit in 64 bits, as TOML integers do" in found
+    found = problems_of(GOOD.replace("[dead_letter]", f'"linger.ms" = {huge}\n[dead_letter]'))
+    assert 'kafka."linger.ms": must fit in 64 bits, as TOML integers do' in found
