@@ -37,7 +37,7 @@ from bridge.routing import (
 _REQUIRED: Any = object()
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
 _REGION = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")  # what botocore accepts
-_CLIENT_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+_CLIENT_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # fullmatch: `$` lets a final newline by
 # Producer properties the at-least-once promise depends on: the bridge sets them itself.
 _OWNED_KAFKA = {
     "acks": "all",
@@ -314,7 +314,7 @@ def _s3_endpoint_problem(url: str) -> str | None:
 def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
     t = _Table(data, path, problems)
     url = t.get("url", str, check=_parses(mqtt_endpoint))
-    client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.match(v) else
+    client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.fullmatch(v) else
                       "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)")
     options = {
         "username": t.get("username", str, None),
@@ -327,7 +327,8 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
         "receive_max": t.get("receive_max", int, 1000, _between(1, 65535)),
         "subscribe_qos": t.get("subscribe_qos", int, 2, _between(0, 2)),
         "share_group": t.get("share_group", str, None, lambda v: None if re.fullmatch(
-            r"[^/+#]+", v) else "must be non-empty without '/', '+' or '#'"),
+            r"[^/+#\x00-\x1f\x7f]+", v) else
+            "must be non-empty without '/', '+', '#' or control characters"),
         "reconnect_min": float(t.get("reconnect_min", (int, float), 0.5, _between(0.01, 3600))),
         "reconnect_max": float(t.get("reconnect_max", (int, float), 30.0, _between(0.01, 3600))),
     }

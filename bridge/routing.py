@@ -17,9 +17,11 @@ from bridge.errors import Rejected
 if TYPE_CHECKING:
     from bridge.config import Route
 
-_PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+# Used with fullmatch: `$` would let a final newline by.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Device ids end up in Kafka keys, headers, S3 object names and Mosquitto usernames: letters,
 # digits and `._-` only (never `/`, `+`, `#`, `:`, `@` or a space), at most 128, and not `.`
 # or `..`.
@@ -46,6 +48,9 @@ class RouteFilter:
     def parse(cls, pattern: str) -> RouteFilter:
         if not pattern or pattern.startswith("$"):
             raise FilterError("must be a non-empty MQTT topic filter not starting with '$'")
+        if _CONTROL.search(pattern) or len(pattern.encode()) > 65535:
+            raise FilterError("must be at most 65535 bytes without control characters: the "
+                              "broker refuses such a SUBSCRIBE")
         parts = pattern.split("/")
         multi = parts[-1] == "#"
         if multi:
@@ -53,7 +58,7 @@ class RouteFilter:
         levels: list[str | None] = []
         names: list[str | None] = []
         for part in parts:
-            placeholder = _PLACEHOLDER.match(part)
+            placeholder = _PLACEHOLDER.fullmatch(part)
             if placeholder:
                 if placeholder[1] in names:
                     raise FilterError(f"placeholder {part} appears twice")
@@ -100,7 +105,7 @@ class RouteFilter:
 
 def kafka_topic_problem(name: str) -> str | None:
     """Why `name` is not a legal Kafka topic name, or None."""
-    if _KAFKA_TOPIC.match(name) and name not in {".", ".."}:
+    if _KAFKA_TOPIC.fullmatch(name) and name not in {".", ".."}:
         return None
     return f"{name!r} is not a valid Kafka topic name (1-249 of [A-Za-z0-9._-])"
 

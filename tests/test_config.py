@@ -338,3 +338,20 @@ def test_integers_beyond_64_bits_are_refused_not_printed() -> None:
     assert "brokers[0].keepalive: must fit in 64 bits, as TOML integers do" in found
     found = problems_of(GOOD.replace("[dead_letter]", f'"linger.ms" = {huge}\n[dead_letter]'))
     assert 'kafka."linger.ms": must fit in 64 bits, as TOML integers do' in found
+
+
+def test_a_final_newline_does_not_slip_past_a_pattern() -> None:
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1\\n"\n'
+                                     'share_group = "g\\n"'))
+    assert any(p.startswith("brokers[0].client_id: must be 1-64 characters") for p in found)
+    assert any(p.startswith("brokers[0].share_group: must be non-empty") for p in found)
+    found = problems_of(GOOD.replace('"iot.telemetry"', '"iot.telemetry\\n"')
+                        .replace('"iot.deadletter"', '"iot.deadletter\\n"'))
+    assert any(p.startswith("routes[0].kafka_topic: 'iot.telemetry\\n' is not a valid")
+               for p in found)
+    assert any(p.startswith("dead_letter.kafka_topic: 'iot.deadletter\\n' is not a valid")
+               for p in found)
+    found = problems_of(GOOD.replace("devices/{device_id}/telemetry",
+                                     "devices/{device_id}\\n/telemetry"))
+    assert any(p.startswith("routes[0].filter: must be at most 65535 bytes without control")
+               for p in found)

@@ -30,7 +30,8 @@ def test_hash_matches_the_rest() -> None:
 
 
 @pytest.mark.parametrize("pattern", ["", "$SYS/{device_id}", "a/#/{device_id}", "a/b+/{device_id}",
-                                     "{device_id}/{device_id}", "a/{x}"])
+                                     "{device_id}/{device_id}", "a/{x}", "a/{device_id}\n",
+                                     "a/{device_id}/b\x00", "a/{device_id}/" + "x" * 65535])
 def test_bad_filters_are_refused(pattern: str) -> None:
     with pytest.raises(FilterError):
         RouteFilter.parse(pattern)
