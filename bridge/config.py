@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import re
 import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -38,11 +40,43 @@ _REQUIRED: Any = object()
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
 _REGION = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")  # what botocore accepts
 _CLIENT_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # fullmatch: `$` lets a final newline by
-# Producer properties the at-least-once promise depends on: the bridge sets them itself.
-_OWNED_KAFKA = {
-    "acks": "all",
-    "enable.idempotence": True,
+
+
+class _Owned(NamedTuple):
+    """A producer property the at-least-once promise depends on. The bridge sets `value`
+    itself (None: the property stays unset); a config may only repeat one of `allowed`."""
+
+    value: Any
+    allowed: tuple[Any, ...]
+    why: str
+
+
+_ACKED = "MQTT is acked only after Kafka has the record with acks=all and idempotence"
+_CALLBACK = ("the Python client takes a callable here, which a config cannot give, and the "
+             "bridge's own callbacks must stay: delivery reports ack MQTT, error_cb replaces "
+             "a failed producer")
+# confluent-kafka's callback properties (its docs, "Configuration"; logger is the one for
+# log_cb), and librdkafka's delivery-report callbacks.
+_CALLBACKS = ("error_cb", "throttle_cb", "stats_cb", "oauth_cb", "logger", "log_cb",
+              "on_delivery", "on_commit", "dr_cb", "dr_msg_cb")
+_OWNED_KAFKA: dict[str, _Owned] = {
+    "acks": _Owned("all", ("all", -1), _ACKED),
+    "request.required.acks": _Owned(None, ("all", -1), _ACKED),  # librdkafka's name for acks
+    "enable.idempotence": _Owned(True, (True,), _ACKED),
+    "delivery.report.only.error": _Owned(None, (False,), (
+        "MQTT is acked from each successful delivery report: with only errors reported, "
+        "nothing would ever be acked")),
+    "transactional.id": _Owned(None, (), (
+        "the bridge runs no transactions, and a transactional producer refuses every "
+        "record sent outside one")),
+    "default.topic.config": _Owned(None, (), (
+        "takes a table of topic properties that would escape these checks: write them into "
+        "this table instead")),
+    **{name: _Owned(None, (), _CALLBACK) for name in _CALLBACKS},
 }
+_BRIDGE_SETS = {name: owned.value for name, owned in _OWNED_KAFKA.items()
+                if owned.value is not None}
+RECORD_MAX_DEFAULT = 1_000_000  # librdkafka's message.max.bytes
 # Producer defaults, lowest first: the bridge's, then each lane's; the user's [kafka] table
 # goes over them and [lanes.NAME] over that. Every lane has a bounded local queue
 # (invariant 3); fast sends at once, bulk batches (compression is the operator's choice, in
@@ -171,8 +205,22 @@ class Config:
     def producer_config(self, lane: str = "bulk") -> dict[str, Any]:
         """librdkafka properties of one lane: defaults, [kafka], [lanes.NAME], then the ones
         at-least-once needs."""
-        return {**PRODUCER_DEFAULTS, **LANE_DEFAULTS[lane], **self.kafka,
-                **self.lanes.get(lane, {}), **_OWNED_KAFKA}
+        return producer_config(self.kafka, self.lanes.get(lane, {}), lane)
+
+    def record_max(self, lane: str) -> int:
+        """The largest record the lane's producer sends (message.max.bytes)."""
+        return record_max(self.producer_config(lane))
+
+
+def producer_config(kafka: dict[str, Any], lane_properties: dict[str, Any],
+                    lane: str) -> dict[str, Any]:
+    return {**PRODUCER_DEFAULTS, **LANE_DEFAULTS[lane], **kafka, **lane_properties,
+            **_BRIDGE_SETS}
+
+
+def record_max(properties: dict[str, Any]) -> int:
+    """message.max.bytes of checked producer properties (an integer, or its digits)."""
+    return int(str(properties.get("message.max.bytes", RECORD_MAX_DEFAULT)))
 
 
 class _Table:
@@ -450,20 +498,68 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
 
 
 def _kafka(data: Any, problems: list[str], path: str = "kafka") -> dict[str, Any]:
-    """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which)."""
+    """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which). The
+    owned ones stay out: the bridge sets what they must be."""
     t = _Table(data, path, problems, quoted=True)
     properties: dict[str, Any] = {}
     for name in list(t.data):
-        value = t.get(name, (str, int, float, bool))
-        if name in _OWNED_KAFKA and value is not None and str(value).lower() not in {
-                str(_OWNED_KAFKA[name]).lower(), "-1"}:
-            t.fail(name, f"must be {_OWNED_KAFKA[name]!r}: MQTT is acked only after "
-                   "Kafka has the record with acks=all and idempotence")
-        elif value is not None:
+        value = t.get(name, (str, int, float, bool), check=partial(_property_problem, name))
+        if value is not None and name not in _OWNED_KAFKA:
             properties[name] = value
-    if path == "kafka" and "bootstrap.servers" not in properties:
+    if path == "kafka" and "bootstrap.servers" not in t.data:
         t.fail("bootstrap.servers", "missing")
     return properties
+
+
+def _property_problem(name: str, value: Any) -> str | None:
+    """Why a config may not give a producer property this value, before librdkafka is asked:
+    what it would misread, what the bridge owns, and what the bridge reads itself."""
+    if "\x00" in name or "\x00" in str(value):
+        return "must not contain U+0000: librdkafka would cut the text there"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number: librdkafka takes nan for one"
+    owned = _OWNED_KAFKA.get(name)
+    if owned is not None:
+        return _owned_problem(owned, value)
+    check = _PROPERTY_CHECKS.get(name)
+    return check(value) if check else None
+
+
+def _owned_problem(owned: _Owned, value: Any) -> str | None:
+    if str(value).lower() in {str(allowed).lower() for allowed in owned.allowed}:
+        return None
+    if not owned.allowed:
+        return f"not allowed: {owned.why}"
+    first = owned.allowed[0]
+    return f"must be {str(first).lower() if isinstance(first, bool) else repr(first)}: {owned.why}"
+
+
+def _bootstrap_problem(value: Any) -> str | None:
+    """librdkafka takes any text here, then retries it forever: check each [PROTO://]HOST:PORT
+    (separated, as librdkafka reads them, by commas or spaces)."""
+    servers = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else []
+    if not any(servers):
+        return 'must list the brokers, e.g. "kafka-1:9092,kafka-2:9092"'
+    for server in filter(None, servers):
+        try:
+            endpoint(f"kafka://{server.rpartition('://')[2]}", {"kafka": 9092}, "kafka-1:9092")
+        except ValueError as exc:
+            return f"{server!r} {exc}"
+    return None
+
+
+def _bytes_problem(value: Any) -> str | None:
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and re.fullmatch(r"\s*\+?[0-9]{1,18}\s*", value)):
+        return None
+    return "must be a whole number of bytes: the bridge sizes what it sends by it"
+
+
+# Values librdkafka would take but the bridge cannot use.
+_PROPERTY_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "bootstrap.servers": _bootstrap_problem,
+    "message.max.bytes": _bytes_problem,
+}
 
 
 def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:

@@ -90,8 +90,8 @@ class Pipeline:
         }
         self._no_route = envelope.Lineage(config.bridge.instance, "", config.version)
         # Half the producer's record limit leaves room for the envelope around the body.
-        record_max = int(config.kafka.get("message.max.bytes", 1_000_000))
-        self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX, record_max // 2)
+        self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX,
+                                         config.record_max(lane) // 2)
         self._plans: dict[tuple[str, str], Plan] = {}
 
     def prepare(self, message: Message,

@@ -355,3 +355,67 @@ def test_a_final_newline_does_not_slip_past_a_pattern() -> None:
                                      "devices/{device_id}\\n/telemetry"))
     assert any(p.startswith("routes[0].filter: must be at most 65535 bytes without control")
                for p in found)
+
+
+def with_kafka(properties: str, lane: str = "") -> str:
+    """GOOD with more [kafka] properties, or with a [lanes.LANE] table of them."""
+    table = f"[lanes.{lane}]\n" if lane else ""
+    return GOOD.replace("[dead_letter]", f"{table}{properties}\n[dead_letter]")
+
+
+@pytest.mark.parametrize(("properties", "problem"), [
+    ('"delivery.report.only.error" = true',
+     'kafka."delivery.report.only.error": must be false: MQTT is acked from each successful '
+     "delivery report"),
+    ('"transactional.id" = "mkb"',
+     'kafka."transactional.id": not allowed: the bridge runs no transactions'),
+    ('"request.required.acks" = 1', 'kafka."request.required.acks": must be \'all\''),
+    ('"enable.idempotence" = false', 'kafka."enable.idempotence": must be true'),
+    ('"default.topic.config" = "acks=1"', 'kafka."default.topic.config": not allowed'),
+    *[(f'"{name}" = "print"', f'kafka."{name}": not allowed: the Python client takes a callable')
+      for name in ("error_cb", "throttle_cb", "stats_cb", "oauth_cb", "logger", "on_delivery",
+                   "on_commit", "dr_cb", "dr_msg_cb")],
+])
+def test_properties_that_break_at_least_once_are_refused(properties: str, problem: str) -> None:
+    assert any(p.startswith(problem) for p in problems_of(with_kafka(properties))), problem
+    lane = problem.replace("kafka.", "lanes.fat.", 1)
+    assert any(p.startswith(lane) for p in problems_of(with_kafka(properties, "fat"))), lane
+
+
+def test_owned_properties_may_repeat_the_bridges_value_and_stay_out_of_the_table() -> None:
+    import tomllib
+
+    loaded = config.parse(tomllib.loads(with_kafka(
+        'acks = -1\n"enable.idempotence" = true\n"delivery.report.only.error" = false\n'
+        '"request.required.acks" = "all"')))
+    assert loaded.kafka == {"bootstrap.servers": "127.0.0.1:9092"}
+    bulk = loaded.producer_config("bulk")
+    assert (bulk["acks"], bulk["enable.idempotence"]) == ("all", True)
+    assert "delivery.report.only.error" not in bulk and "request.required.acks" not in bulk
+
+
+@pytest.mark.parametrize(("properties", "problem"), [
+    ('"linger.ms" = nan', 'kafka."linger.ms": must be a finite number'),
+    ('"linger.ms" = inf', 'kafka."linger.ms": must be a finite number'),
+    ('"client.id" = "mkb\\u0000x"', 'kafka."client.id": must not contain U+0000'),
+    ('"message.max.bytes" = "1000000abc"', 'kafka."message.max.bytes": must be a whole number'),
+    ('"message.max.bytes" = 1e6', 'kafka."message.max.bytes": must be a whole number'),
+    ('"linger.ms" = 2024-01-01', 'kafka."linger.ms": must be a string or an integer or a number'),
+])
+def test_values_librdkafka_would_misread_are_refused(properties: str, problem: str) -> None:
+    assert any(p.startswith(problem) for p in problems_of(with_kafka(properties))), problem
+
+
+@pytest.mark.parametrize("servers", ["", " , ", "kafka-1:0", "bad..host", "[::1:9092", "k:99999",
+                                     "kafka-1:9092/x"])
+def test_bootstrap_servers_must_name_brokers(servers: str) -> None:
+    text = GOOD.replace('"127.0.0.1:9092"', f'"{servers}"')
+    assert any(p.startswith('kafka."bootstrap.servers": ') for p in problems_of(text))
+
+
+def test_bootstrap_servers_take_what_librdkafka_takes() -> None:
+    import tomllib
+
+    servers = "PLAINTEXT://kafka-1:9092, SSL://[::1]:9093 kafka-3"
+    loaded = config.parse(tomllib.loads(GOOD.replace('"127.0.0.1:9092"', f'"{servers}"')))
+    assert loaded.kafka["bootstrap.servers"] == servers
