@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from bridge import kafka as kafka_adapter
 from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
 from bridge.errors import ConfigError
 from bridge.formats import FORMATS
@@ -506,7 +507,7 @@ def _kafka(data: Any, problems: list[str], path: str = "kafka") -> dict[str, Any
         value = t.get(name, (str, int, float, bool), check=partial(_property_problem, name))
         if value is not None and name not in _OWNED_KAFKA:
             properties[name] = value
-    if path == "kafka" and "bootstrap.servers" not in t.data:
+    if path == "kafka" and not {"bootstrap.servers", "metadata.broker.list"} & set(t.data):
         t.fail("bootstrap.servers", "missing")
     return properties
 
@@ -558,8 +559,28 @@ def _bytes_problem(value: Any) -> str | None:
 # Values librdkafka would take but the bridge cannot use.
 _PROPERTY_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "bootstrap.servers": _bootstrap_problem,
+    "metadata.broker.list": _bootstrap_problem,  # librdkafka's name for bootstrap.servers
     "message.max.bytes": _bytes_problem,
 }
+
+
+def _librdkafka_problems(kafka: dict[str, Any], lanes: dict[str, dict[str, Any]]) -> list[str]:
+    """Build each lane's producer now, so librdkafka itself refuses unknown names and values
+    it cannot take, each under the table that set the property; reported once when several
+    lanes share it. Every lane, used or not: a reload may start using it."""
+    problems: list[str] = []
+    for lane in LANES:
+        own = lanes.get(lane, {})
+        properties = producer_config(kafka, own, lane)
+        suspects = [name for name in properties if name in own or name in kafka]
+        for name, reason in kafka_adapter.refused_properties(properties, suspects):
+            table = f"lanes.{lane}" if (name in own if name else bool(own)) else "kafka"
+            problem = (f"{table}.{json.dumps(name, ensure_ascii=False)}: refused by librdkafka: "
+                       f"{reason}" if name else
+                       f"{table}: refused by librdkafka for lane {lane}: {reason}")
+            if problem not in problems:
+                problems.append(problem)
+    return problems
 
 
 def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -640,6 +661,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
 
     kafka = _kafka(top.get("kafka", dict, {}), problems)
     lanes = _lanes(top.get("lanes", dict, {}), problems)
+    problems += _librdkafka_problems(kafka, lanes)
 
     s3 = None
     if "s3" in data:

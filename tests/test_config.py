@@ -10,6 +10,7 @@ import pytest
 
 from bridge import config
 from bridge.errors import ConfigError
+from tests.conftest import ROOT
 
 GOOD = """
 [bridge]
@@ -419,3 +420,69 @@ def test_bootstrap_servers_take_what_librdkafka_takes() -> None:
     servers = "PLAINTEXT://kafka-1:9092, SSL://[::1]:9093 kafka-3"
     loaded = config.parse(tomllib.loads(GOOD.replace('"127.0.0.1:9092"', f'"{servers}"')))
     assert loaded.kafka["bootstrap.servers"] == servers
+
+
+def test_librdkafka_checks_every_property_under_the_table_that_set_it() -> None:
+    found = problems_of(with_kafka('"linger.msec" = 5\n"linger.ms" = "soon"\n'
+                                   '"compression.type" = "zip"')
+                        + '[lanes.bulk]\n"linger.ms" = true\n"batch.size" = "big"\n'
+                          '"max.in.flight.requests.per.connection" = 10\n')
+    refused = sorted(p.split(": refused by librdkafka: ")[0] for p in found)
+    assert refused == ['kafka."compression.type"', 'kafka."linger.ms"', 'kafka."linger.msec"',
+                       'lanes.bulk."batch.size"', 'lanes.bulk."linger.ms"',
+                       'lanes.bulk."max.in.flight.requests.per.connection"']
+    assert ('kafka."linger.msec": refused by librdkafka: No such configuration property: '
+            '"linger.msec"') in found
+    assert len(found) == len(set(found)) == 6  # [kafka] is in every lane, reported once
+
+
+def test_values_librdkafka_takes_pass_whatever_their_toml_type() -> None:
+    import tomllib
+
+    loaded = config.parse(tomllib.loads(with_kafka(
+        '"linger.ms" = 2.5\n"socket.keepalive.enable" = true\n"client.id" = 7\n'
+        '"compression.type" = "lz4"\n"message.max.bytes" = " 2000000"')))
+    assert loaded.record_max("bulk") == 2_000_000
+
+
+def test_the_librdkafka_probe_is_quick_silent_and_leaves_no_thread(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+    import time
+    import tomllib
+
+    text = GOOD.replace("127.0.0.1:9092", "kafka.invalid:9092")  # a broker that does not exist
+    data = tomllib.loads(with_kafka('"debug" = "all"').replace("127.0.0.1:9092",
+                                                                 "kafka.invalid:9092"))
+    threads = len(os.listdir("/proc/self/task"))
+    started = time.monotonic()
+    for _ in range(20):
+        config.parse(tomllib.loads(text))
+        config.parse(data)
+    assert time.monotonic() - started < 2.0  # 120 producers: well under 20 ms each
+    assert len(os.listdir("/proc/self/task")) == threads
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_refusal_no_suspect_explains_is_reported_whole() -> None:
+    from bridge.kafka import refused_properties
+
+    properties = {"enable.idempotence": True, "max.in.flight.requests.per.connection": 10}
+    [(name, reason)] = refused_properties(properties, [])
+    assert name is None and "max.in.flight" in reason
+    assert refused_properties(properties, ["max.in.flight.requests.per.connection"]) == [
+        ("max.in.flight.requests.per.connection", reason)]
+
+
+def test_check_config_reports_librdkafka_refusals_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(with_kafka('"linger.msec" = 5\n"debug" = "all"', "fat")
+                    .replace("127.0.0.1:9092", "kafka.invalid:9092"))
+    done = subprocess.run([sys.executable, "-m", "bridge", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"{path}: 1 problem(s)",
+        '  lanes.fat."linger.msec": refused by librdkafka: No such configuration property: '
+        '"linger.msec"']
+    assert done.stdout == ""
