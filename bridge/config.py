@@ -596,6 +596,39 @@ def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
     return lanes
 
 
+ENVELOPE_ROOM = 65536  # what an envelope adds to an inline body: its fields and a long topic
+
+
+def _inline_size_problems(routes: list[Route | None], s3: S3Config | None,
+                          kafka: dict[str, Any], lanes: dict[str, dict[str, Any]]) -> list[str]:
+    """Every body a route keeps inline (up to its truncate_bytes, else its inline_max_bytes,
+    else [s3]'s) must fit, with its envelope, in a record of the route's lane: else every
+    large one is dead-lettered as too large instead of bridged."""
+    def fits(key: str, size: int, lane: str, used_by: str = "") -> str | None:
+        limit = record_max(producer_config(kafka, lanes.get(lane, {}), lane))
+        if size + ENVELOPE_ROOM <= limit:
+            return None
+        return (f"{key}: {size} bytes inline do not fit Kafka's message.max.bytes {limit} of "
+                f"lane {lane}{used_by} (keep it at most message.max.bytes - {ENVELOPE_ROOM})")
+
+    problems: list[str | None] = []
+    by_s3: dict[str, Route] = {}  # lane: the first route [s3].inline_max_bytes bounds there
+    for i, route in enumerate(routes):
+        if route is None:
+            continue
+        own = [(key, size) for key, size in (("truncate_bytes", route.truncate_bytes),
+                                             ("inline_max_bytes", route.inline_max_bytes))
+               if size is not None]
+        problems += [fits(f"routes[{i}].{key}", size, route.lane) for key, size in own]
+        if not own:
+            by_s3.setdefault(route.lane, route)
+    if s3 is not None:
+        problems += [fits("s3.inline_max_bytes", s3.inline_max_bytes, lane,
+                          f", used by route {route.name!r}")
+                     for lane, route in by_s3.items()]
+    return [problem for problem in problems if problem]
+
+
 def load_registry(path: str | Path) -> tuple[Registry, bytes]:
     """Read and check a device registry file; its bytes go into the map version.
 
@@ -716,6 +749,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
     if s3 is None:
         problems += [f"routes[{i}].{key}: needs an [s3] bucket" for i, r in enumerate(routes)
                      if r for key in ("inline_max_bytes",) if r.inline_max_bytes is not None]
+    problems += _inline_size_problems(routes, s3, kafka, lanes)
 
     registry, registry_bytes = Registry(), b""
     r = _Table(top.get("registry", dict, {}), "registry", problems)

@@ -486,3 +486,40 @@ def test_check_config_reports_librdkafka_refusals_and_nothing_else(tmp_path: Pat
         '  lanes.fat."linger.msec": refused by librdkafka: No such configuration property: '
         '"linger.msec"']
     assert done.stdout == ""
+
+
+S3 = '[s3]\nbucket = "iot-payloads"\n'
+
+
+def test_inline_bodies_must_fit_the_lanes_record_size() -> None:
+    text = with_kafka(S3) + 'lane = "fast"\ninline_max_bytes = 2000000\ntruncate_bytes = 950000\n'
+    found = problems_of(text)
+    assert ("routes[0].inline_max_bytes: 2000000 bytes inline do not fit Kafka's "
+            "message.max.bytes 1000000 of lane fast (keep it at most message.max.bytes - "
+            "65536)") in found
+    assert any(p.startswith("routes[0].truncate_bytes: 950000 bytes inline do not fit Kafka's "
+                            "message.max.bytes 1000000 of lane fast") for p in found)
+    import tomllib
+
+    bigger = text.replace('[s3]', '[lanes.fast]\n"message.max.bytes" = 2065536\n[s3]')
+    loaded = config.parse(tomllib.loads(bigger))
+    assert loaded.record_max("fast") == 2065536 and loaded.record_max("bulk") == 1000000
+
+
+def test_s3_inline_max_is_checked_against_every_lane_that_uses_it() -> None:
+    import tomllib
+
+    s3 = S3 + "inline_max_bytes = 960000\n"
+    routes = ('[[routes]]\nname = "alerts"\nfilter = "devices/{device_id}/alerts"\n'
+              'kafka_topic = "iot.alerts"\nlane = "fast"\n')
+    text = with_kafka(s3 + '[lanes.bulk]\n"message.max.bytes" = 1100000') + routes
+    assert problems_of(text) == [
+        "s3.inline_max_bytes: 960000 bytes inline do not fit Kafka's message.max.bytes 1000000 "
+        "of lane fast, used by route 'alerts' (keep it at most message.max.bytes - 65536)"]
+    own = text + "inline_max_bytes = 1000\n"  # the fast route's own threshold: [s3]'s is unused
+    assert config.parse(tomllib.loads(own)).routes[1].inline_max_bytes == 1000
+    truncated = text + "truncate_bytes = 1000\n"  # its bodies never reach [s3]'s threshold
+    assert config.parse(tomllib.loads(truncated)).routes[1].truncate_bytes == 1000
+    found = problems_of(GOOD + "truncate_bytes = 999999\n")  # without [s3] too
+    assert any(p.startswith("routes[0].truncate_bytes: 999999 bytes inline do not fit")
+               for p in found)
