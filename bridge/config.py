@@ -596,6 +596,27 @@ def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
     return lanes
 
 
+def _shadowed_routes(routes: list[Route | None],
+                     file_transfer: FileTransferConfig | None) -> list[str]:
+    """Routes that can never match: an earlier filter of their lane takes every topic they
+    would (the first match wins in a lane; file transfers come first in the fat lane).
+    Lanes apart do not meet: each has its own session."""
+    problems = []
+    for i, route in enumerate(routes):
+        if route is None:
+            continue
+        earlier = [(f"routes[{j}] ({r.name})", r.filter) for j, r in enumerate(routes[:i])
+                   if r is not None and r.lane == route.lane]
+        if route.lane == "fat" and file_transfer is not None:
+            earlier.insert(0, (f"file_transfer ({file_transfer.filter.pattern})",
+                               file_transfer.filter))
+        cover = next((name for name, f in earlier if f.covers(route.filter)), None)
+        if cover is not None:
+            problems.append(f"routes[{i}].filter: never matches: {cover} takes every topic it "
+                            "would (same lane)")
+    return problems
+
+
 ENVELOPE_ROOM = 65536  # what an envelope adds to an inline body: its fields and a long topic
 
 
@@ -746,6 +767,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         file_transfer = _file_transfer(top.get("file_transfer", dict, {}), problems)
         if s3 is None:
             problems.append("file_transfer: needs an [s3] bucket to assemble files in")
+    problems += _shadowed_routes(routes, file_transfer)
     if s3 is None:
         problems += [f"routes[{i}].{key}: needs an [s3] bucket" for i, r in enumerate(routes)
                      if r for key in ("inline_max_bytes",) if r.inline_max_bytes is not None]

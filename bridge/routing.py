@@ -1,7 +1,8 @@
 """Topic maps: route filters with `{name}` placeholders, and the Kafka key each route uses.
 
 A filter such as `devices/{device_id}/telemetry` is subscribed as `devices/+/telemetry` and
-binds the placeholder to the topic level it matched. The first route that matches wins.
+binds the placeholder to the topic level it matched. The first route that matches wins (per
+lane: each lane routes its own); `RouteFilter.covers` finds routes that could never win.
 """
 
 from __future__ import annotations
@@ -86,6 +87,19 @@ class RouteFilter:
         """The MQTT filter the bridge subscribes to for this route."""
         levels = ["+" if lv is None else lv for lv in self.levels]
         return "/".join([*levels, "#"] if self.multi else levels)
+
+    def covers(self, other: RouteFilter) -> bool:
+        """True if this filter matches every topic `other` matches: placed before it in a
+        lane, where the first matching route wins, it leaves `other` nothing. A `+` or a
+        placeholder covers any level, a literal only itself; a final `#` covers any rest
+        (the level it stands on included, as in MQTT)."""
+        if self.multi:
+            if len(other.levels) < len(self.levels):
+                return False
+        elif other.multi or len(other.levels) != len(self.levels):
+            return False
+        return all(mine is None or mine == theirs
+                   for mine, theirs in zip(self.levels, other.levels, strict=False))
 
     def match(self, topic: str) -> dict[str, str] | None:
         """The placeholder bindings if `topic` matches, else None."""

@@ -523,3 +523,33 @@ def test_s3_inline_max_is_checked_against_every_lane_that_uses_it() -> None:
     found = problems_of(GOOD + "truncate_bytes = 999999\n")  # without [s3] too
     assert any(p.startswith("routes[0].truncate_bytes: 999999 bytes inline do not fit")
                for p in found)
+
+
+ROUTE = '[[routes]]\nname = "{name}"\nfilter = "{filter}"\nkafka_topic = "iot.x"\n'
+
+
+def test_a_route_an_earlier_route_of_its_lane_covers_is_refused() -> None:
+    import tomllib
+
+    text = (GOOD.replace("devices/{device_id}/telemetry", "devices/{device_id}/#")
+            + ROUTE.format(name="telemetry", filter="devices/{device_id}/telemetry"))
+    assert ("routes[1].filter: never matches: routes[0] (route-0) takes every topic it would "
+            "(same lane)") in problems_of(text)
+    twice = GOOD + ROUTE.format(name="again", filter="devices/{device_id}/telemetry")
+    assert any(p.startswith("routes[1].filter: never matches: routes[0]")
+               for p in problems_of(twice))
+    elsewhere = text + 'lane = "fast"\n'  # its own lane, its own session: fine
+    assert config.parse(tomllib.loads(elsewhere)).routes[1].lane == "fast"
+    narrow_first = (GOOD + ROUTE.format(name="all", filter="devices/{device_id}/#"))
+    assert len(config.parse(tomllib.loads(narrow_first)).routes) == 2
+
+
+def test_file_transfers_come_first_in_the_fat_lane() -> None:
+    files = ('[s3]\nbucket = "iot-payloads"\n[file_transfer]\nkafka_topic = "iot.files"\n'
+             "[dead_letter]")
+    text = (GOOD.replace("[dead_letter]", files)
+            + ROUTE.format(name="segments", filter="devices/{device_id}/files/+/{n}")
+            + 'lane = "fat"\n')
+    assert ("routes[1].filter: never matches: file_transfer "
+            "(devices/{device_id}/files/{file_id}/#) takes every topic it would (same lane)"
+            ) in problems_of(text)
