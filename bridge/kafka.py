@@ -48,10 +48,11 @@ _NO_REPORTS: list[Any] = []  # replaced by the sink's list when produced
 
 
 _BROKER_LISTS = ("bootstrap.servers", "metadata.broker.list")  # one property, two names
-# The probe's logger: librdkafka's lines wait in its log queue, which nothing ever polls.
-_SILENT = logging.getLogger("bridge.kafka.probe")
-_SILENT.addHandler(logging.NullHandler())
-_SILENT.propagate = False
+# A client's logger that drops librdkafka's lines (the probe's and `tail`'s): they would
+# repeat, in librdkafka's words, what the caller says once.
+QUIET = logging.getLogger("bridge.kafka.quiet")
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
 
 
 def refused_properties(properties: dict[str, Any],
@@ -92,7 +93,7 @@ def _refusal(properties: dict[str, Any]) -> str | None:
     its threads within milliseconds, as none of them waits on a broker's name or address;
     the logger and error_cb keep it silent meanwhile."""
     try:
-        producer = Producer(properties, logger=_SILENT, error_cb=_ignore)
+        producer = Producer(properties, logger=QUIET, error_cb=_ignore)
     except KafkaException as exc:
         error = exc.args[0] if exc.args else None
         return (error.str() if isinstance(error, KafkaError) else str(exc)).strip()
