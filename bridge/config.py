@@ -41,6 +41,7 @@ _REQUIRED: Any = object()
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
 _REGION = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")  # what botocore accepts
 _CLIENT_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # fullmatch: `$` lets a final newline by
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _Owned(NamedTuple):
@@ -308,6 +309,23 @@ def _existing_file(value: str) -> str | None:
     return None if Path(value).is_file() else f"file {value!r} does not exist"
 
 
+def _password_file_problem(value: str) -> str | None:
+    """Read it now, as each connect will: MQTT takes at most 65535 bytes of password."""
+    try:
+        size = len(Path(value).read_bytes().rstrip(b"\r\n"))
+    except OSError as exc:
+        return f"cannot read {value!r}: {exc.strerror or exc}"
+    return None if size <= 65535 else f"holds {size} bytes; MQTT takes at most 65535"
+
+
+def _mqtt_text_problem(value: str) -> str | None:
+    """An MQTT UTF-8 string the broker accepts: no U+0000 (nor other control characters,
+    which are never meant), at most 65535 bytes."""
+    if _CONTROL.search(value) or len(value.encode()) > 65535:
+        return "must be at most 65535 bytes without control characters"
+    return None
+
+
 class Endpoint(NamedTuple):
     scheme: str
     host: str
@@ -366,8 +384,8 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
     client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.fullmatch(v) else
                       "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)")
     options = {
-        "username": t.get("username", str, None),
-        "password_file": t.get("password_file", str, None, _existing_file),
+        "username": t.get("username", str, None, _mqtt_text_problem),
+        "password_file": t.get("password_file", str, None, _password_file_problem),
         "ca_file": t.get("ca_file", str, None, _existing_file),
         "cert_file": t.get("cert_file", str, None, _existing_file),
         "key_file": t.get("key_file", str, None, _existing_file),
@@ -376,7 +394,7 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
         "receive_max": t.get("receive_max", int, 1000, _between(1, 65535)),
         "subscribe_qos": t.get("subscribe_qos", int, 2, _between(0, 2)),
         "share_group": t.get("share_group", str, None, lambda v: None if re.fullmatch(
-            r"[^/+#\x00-\x1f\x7f]+", v) else
+            r"[^/+#]+", v) and not _mqtt_text_problem(v) else
             "must be non-empty without '/', '+', '#' or control characters"),
         "reconnect_min": float(t.get("reconnect_min", (int, float), 0.5, _between(0.01, 3600))),
         "reconnect_max": float(t.get("reconnect_max", (int, float), 30.0, _between(0.01, 3600))),
@@ -384,6 +402,8 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
     t.finish()
     if options["password_file"] and not options["username"]:
         t.fail("password_file", "requires username")
+    if options["reconnect_min"] > options["reconnect_max"]:
+        t.fail("reconnect_min", f"must not exceed reconnect_max ({options['reconnect_max']:g})")
     if bool(options["cert_file"]) != bool(options["key_file"]):
         t.fail("cert_file", "cert_file and key_file must be given together")
     if url is None:
@@ -443,7 +463,7 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
             t.fail(option, f"only applies to key = {strategy!r}")
     payload_format = t.get("format", str, "raw", lambda v: None if v in FORMATS else
                            f"unknown format {v!r}, expected one of {', '.join(FORMATS)}")
-    name = t.get("name", str, f"route-{index}")
+    name = t.get("name", str, f"route-{index}", _route_name_problem)
     lane = t.get("lane", str, "bulk", lambda v: None if v in LANES else
                  f"unknown lane {v!r}, expected one of {', '.join(LANES)}")
     auth = t.get("auth", str, "none", lambda v: None if v in AUTH_MODES else
@@ -466,6 +486,14 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     return Route(name=name, filter=route_filter, kafka_topic=topic,
                  key=KeySpec(key, window, buckets), format=payload_format, lane=lane,
                  auth=auth, inline_max_bytes=inline_max, truncate_bytes=truncate)
+
+
+def _route_name_problem(name: str) -> str | None:
+    """Envelopes name their route in lineage: it must tell routes apart."""
+    if not name.strip():
+        return "must not be empty"
+    reserved = name == "file_transfer"  # files.ROUTE_NAME
+    return "is the route name of file-transfer envelopes" if reserved else None
 
 
 def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
@@ -826,6 +854,8 @@ def read_toml(path: str | Path) -> tuple[dict[str, Any], bytes]:
         raw = file.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except ValueError as exc:  # a path with U+0000 in it
+        raise ConfigError([f"{str(path)!r}: cannot read: {exc}"]) from exc
     try:
         return tomllib.loads(raw.decode()), raw
     except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, int() of 4300+ digits

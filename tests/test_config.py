@@ -553,3 +553,34 @@ def test_file_transfers_come_first_in_the_fat_lane() -> None:
     assert ("routes[1].filter: never matches: file_transfer "
             "(devices/{device_id}/files/{file_id}/#) takes every topic it would (same lane)"
             ) in problems_of(text)
+
+
+def test_broker_settings_the_session_would_fail_on_are_refused(tmp_path: Path) -> None:
+    big = tmp_path / "password"
+    big.write_bytes(b"x" * 70000)
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1"\n'
+                                     'username = "bridge\\u0000"\n'
+                                     f'password_file = "{big}"\n'
+                                     "reconnect_min = 5\nreconnect_max = 1"))
+    assert "brokers[0].username: must be at most 65535 bytes without control characters" in found
+    assert "brokers[0].password_file: holds 70000 bytes; MQTT takes at most 65535" in found
+    assert "brokers[0].reconnect_min: must not exceed reconnect_max (1)" in found
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1"\n'
+                                     f'username = "u"\npassword_file = "{tmp_path}"'))
+    assert f"brokers[0].password_file: cannot read {str(tmp_path)!r}: Is a directory" in found
+
+
+def test_route_names_tell_routes_apart_in_lineage() -> None:
+    assert "routes[0].name: must not be empty" in problems_of(GOOD + 'name = " "\n')
+    assert ("routes[0].name: is the route name of file-transfer envelopes"
+            in problems_of(GOOD + 'name = "file_transfer"\n'))
+
+
+def test_a_registry_path_with_u0000_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD.replace("[dead_letter]", '[registry]\nfile = "dev\\u0000ices.toml"\n'
+                                 "[dead_letter]"))
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    [problem] = caught.value.problems
+    assert problem.startswith("registry.file: ") and "embedded null byte" in problem
