@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -584,3 +588,39 @@ def test_a_registry_path_with_u0000_is_a_problem(tmp_path: Path) -> None:
         config.load(path)
     [problem] = caught.value.problems
     assert problem.startswith("registry.file: ") and "embedded null byte" in problem
+
+
+HOSTILE = ["", "\x00", "a\nb", "x" * 70000, "mqtt://[::1:1883", "{device_id}/#", 0, -1,
+           2**63 - 1, 10**30, float("nan"), float("inf"), True, [], [[]], {}, {"a": {}},
+           datetime.date(2024, 1, 1)]
+
+
+def test_no_value_anywhere_crashes_the_checker() -> None:
+    """Every key of the example config (and a new librdkafka property) given each hostile
+    value: a Config or a ConfigError, never another exception."""
+    import copy
+    import tomllib
+
+    base = Path(__file__).parent.parent / "examples"
+    example = tomllib.loads((base / "bridge.toml").read_text())
+
+    def paths(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+        """The path of every table, array of tables and value under `node`."""
+        if isinstance(node, dict):
+            for key, child in node.items():
+                yield from paths(child, (*path, key))
+        elif isinstance(node, list) and all(isinstance(x, dict) for x in node):
+            for index, child in enumerate(node):
+                yield from paths(child, (*path, index))
+        if path:
+            yield path
+
+    for path in [*paths(example), ("kafka", "x.y"), ("lanes", "fat", "x.y")]:
+        for value in HOSTILE:
+            data = copy.deepcopy(example)
+            node = data
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            with contextlib.suppress(ConfigError):
+                config.parse(data, base=base)
