@@ -327,6 +327,8 @@ def _mqtt_text_problem(value: str) -> str | None:
 
 
 class Endpoint(NamedTuple):
+    """Where a URL points: its scheme, host (no brackets) and port."""
+
     scheme: str
     host: str
     port: int
@@ -349,7 +351,7 @@ def endpoint(url: str, ports: dict[str, int], example: str, *, path: bool = Fals
     if parts.scheme not in ports:
         raise ValueError(f"scheme must be {' or '.join(ports)}, got {parts.scheme or 'none'!r}")
     host = parts.hostname
-    if not host or not (_HOST_NAME.fullmatch(host) or _ip_address(host)):
+    if not host or not _is_host(host):
         raise ValueError(f"must name a host (a DNS name or an IP address), e.g. {example}")
     if parts.username is not None or parts.password is not None:
         raise ValueError("must not carry a user or password")
@@ -365,11 +367,14 @@ def mqtt_endpoint(url: str) -> Endpoint:
     return endpoint(url, {"mqtt": 1883, "mqtts": 8883}, "mqtt://127.0.0.1:1883")
 
 
-def _ip_address(host: str) -> bool:
+def _is_host(host: str) -> bool:
+    """An IP address, or a DNS name whose last label is not a number (`256.1.1.1` is
+    neither)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return False
+        last = host.rstrip(".").rpartition(".")[2]
+        return bool(_HOST_NAME.fullmatch(host)) and not last.isdigit()
     return True
 
 

@@ -302,6 +302,7 @@ def broker_url_problems(url: str) -> list[str]:
     ("mqtt://", "must name a host"),
     ("mqtt://a b:1883", "must not contain spaces"),
     ("mqtt://bad..name:1883", "must name a host"),
+    ("mqtt://256.1.1.1:1883", "must name a host"),
     ("mqtt://u:secret@h:1883", "must not carry a user or password"),
     ("mqtt://h:1883/devices", "must have no path"),
     ("tcp://h:1883", "scheme must be mqtt or mqtts, got 'tcp'"),
