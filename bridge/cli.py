@@ -272,6 +272,7 @@ def _fleet(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
+    from bridge.kafka import error_text
     from bridge.tail import tail
 
     try:
@@ -280,4 +281,4 @@ def _tail(args: argparse.Namespace) -> int:
         return 0
     except KafkaException as exc:  # no such topic, no broker at --bootstrap
         raise Mistake(f"cannot read {args.topic} from {args.bootstrap}: "
-                      f"{exc.args[0].str() if exc.args else exc}") from None
+                      f"{error_text(exc)}") from None

@@ -95,12 +95,17 @@ def _refusal(properties: dict[str, Any]) -> str | None:
     try:
         producer = Producer(properties, logger=QUIET, error_cb=_ignore)
     except KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        return (error.str() if isinstance(error, KafkaError) else str(exc)).strip()
+        return error_text(exc)
     except Exception as exc:  # the Python client's own checks raise TypeError, ValueError, ...
         return str(exc)
     del producer
     return None
+
+
+def error_text(exc: KafkaException) -> str:
+    """librdkafka's own words for a KafkaException (its str() wraps them in a repr)."""
+    error = exc.args[0] if exc.args else None
+    return (error.str() if isinstance(error, KafkaError) else str(exc)).strip()
 
 
 def _ignore(_err: KafkaError) -> None:
