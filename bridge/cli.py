@@ -8,7 +8,10 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
+
+from confluent_kafka import KafkaException
 
 from bridge import config as config_module
 from bridge import envelope
@@ -39,20 +42,23 @@ def main(argv: list[str] | None = None) -> int:
     dev = commands.add_parser("dev", help="run the bridge on a local Mosquitto, Tansu and S3")
     dev.add_argument("--config", default="examples/bridge.toml")
     dev.add_argument("--workdir", default=".dev")
-    dev.add_argument("--rate", type=float, default=5.0, help="simulated messages per second")
+    dev.add_argument("--rate", type=_positive(float), default=5.0,
+                     help="simulated messages per second")
 
     sim = commands.add_parser("simulate", help="a device fleet publishing telemetry")
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883")
-    sim.add_argument("--devices", type=int, default=100)
-    sim.add_argument("--messages", type=int, default=10, help="per device")
+    sim.add_argument("--devices", type=_positive(int), default=100)
+    sim.add_argument("--messages", type=_positive(int), default=10, help="per device")
     sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
-    sim.add_argument("--size", type=int, default=200, help="payload bytes")
-    sim.add_argument("--rate", type=float, help="messages per second in all (default: max)")
+    sim.add_argument("--size", type=_positive(int, zero=True), default=200, help="payload bytes")
+    sim.add_argument("--rate", type=_positive(float),
+                     help="messages per second in all (default: max)")
     sim.add_argument("--herd", action="store_true",
                      help="every device connects at once as its own client")
     sim.add_argument("--file", help="upload this file over MQTT file transfer instead")
     sim.add_argument("--device-id", default="dev-00000", help="the uploading device (--file)")
-    sim.add_argument("--segment-bytes", type=int, default=256 * 1024, help="with --file")
+    sim.add_argument("--segment-bytes", type=_positive(int), default=256 * 1024,
+                     help="with --file")
 
     tail = commands.add_parser("tail", help="print a Kafka topic as decoded envelopes")
     tail.add_argument("--bootstrap", default="127.0.0.1:9092")
@@ -62,12 +68,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {"run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup,
                "dev": _dev, "simulate": _simulate, "tail": _tail}[args.command]
-    return handler(args)
-
-
-def _load(path: str) -> config_module.Config | None:
     try:
-        return config_module.load(path)
+        return handler(args)
+    except Mistake as mistake:
+        print(f"{parser.prog} {args.command}: {mistake}", file=sys.stderr)
+        return 2
+
+
+class Mistake(Exception):
+    """What a user got wrong on the command line, said in one line that tells what to do:
+    `main` prints it to stderr and exits 2, never a traceback."""
+
+
+def _positive(kind: Callable[[str], float], zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` above 0 (or 0 too, with `zero`)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > 0 or (zero and value == 0)):  # nan too
+            least = "0 or more" if zero else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {least}, got {text}")
+        return value
+    return parse
+
+
+def _readable(path: str, option: str) -> Path:
+    """The file an option names, once it is known to open."""
+    try:
+        with open(path, "rb"):
+            return Path(path)
+    except OSError as exc:
+        raise Mistake(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+
+
+def _load(path: str, load: Callable[[str], config_module.Config] = config_module.load
+          ) -> config_module.Config | None:
+    try:
+        return load(path)
     except ConfigError as exc:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
@@ -115,10 +154,8 @@ def _route(args: argparse.Namespace) -> int:
     from bridge import logs
 
     logs.configure(level=logging.ERROR)  # the pipeline's dead_letter warning is said below
-    payload = b""
-    if args.payload_file:
-        with open(args.payload_file, "rb") as f:
-            payload = f.read()
+    payload = _readable(args.payload_file, "--payload-file").read_bytes() \
+        if args.payload_file else b""
     properties = (("signature", args.signature),) if args.signature else ()
     message = Message("dry-run", args.topic, payload, 1, False, False,
                       time.time_ns() // 1_000_000, properties)
@@ -204,17 +241,38 @@ def _s3_setup(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from bridge.dev import run_dev
+    from bridge import dev
 
-    return run_dev(args.config, args.workdir, args.rate)
+    if _load(args.config, dev.check_config) is None:  # before anything starts
+        return 2
+    if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        raise Mistake(f"--workdir {args.workdir} is not a directory: name a new or empty one")
+    return dev.run_dev(args.config, args.workdir, args.rate)
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    try:
+        config_module.mqtt_endpoint(args.url)
+    except ValueError as exc:
+        raise Mistake(f"--url {args.url} {exc}") from None
+    if args.file:
+        _readable(args.file, "--file")  # before connecting
+    try:
+        return _fleet(args)
+    except OSError as exc:  # refused, unreachable, TLS, no acks: said once, not per device
+        raise Mistake(f"cannot publish to {args.url} (is the broker up? check --url): "
+                      f"{exc}") from None
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    """Reach the broker once (a herd's devices each connect in a thread of their own), then
+    run the fleet or the upload `args` asks for."""
     from bridge import simulate
 
+    probe = simulate.device_client(args.url, f"sim-check-{time.time_ns()}")
+    probe.disconnect()
+    probe.loop_stop()
     if args.file:
-        from pathlib import Path
-
         from bridge.device import upload_file
 
         client = simulate.device_client(args.url, args.device_id)
@@ -238,9 +296,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
+    from bridge.kafka import error_text
     from bridge.tail import tail
 
     try:
         return tail(args.bootstrap, args.topic, args.follow)
     except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or piped into `head`
         return 0
+    except KafkaException as exc:  # no such topic, no broker at --bootstrap
+        raise Mistake(f"cannot read {args.topic} from {args.bootstrap}: "
+                      f"{error_text(exc)}") from None

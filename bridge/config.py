@@ -8,16 +8,21 @@ default.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import json
+import math
 import re
 import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from bridge import kafka as kafka_adapter
 from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
 from bridge.errors import ConfigError
 from bridge.formats import FORMATS
@@ -33,12 +38,47 @@ from bridge.routing import (
 )
 
 _REQUIRED: Any = object()
-_CLIENT_ID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
-# Producer properties the at-least-once promise depends on: the bridge sets them itself.
-_OWNED_KAFKA = {
-    "acks": "all",
-    "enable.idempotence": True,
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
+_REGION = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")  # what botocore accepts
+_CLIENT_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # fullmatch: `$` lets a final newline by
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _Owned(NamedTuple):
+    """A producer property the at-least-once promise depends on. The bridge sets `value`
+    itself (None: the property stays unset); a config may only repeat one of `allowed`."""
+
+    value: Any
+    allowed: tuple[Any, ...]
+    why: str
+
+
+_ACKED = "MQTT is acked only after Kafka has the record with acks=all and idempotence"
+_CALLBACK = ("the Python client takes a callable here, which a config cannot give, and the "
+             "bridge's own callbacks must stay: delivery reports ack MQTT, error_cb replaces "
+             "a failed producer")
+# confluent-kafka's callback properties (its docs, "Configuration"; logger is the one for
+# log_cb), and librdkafka's delivery-report callbacks.
+_CALLBACKS = ("error_cb", "throttle_cb", "stats_cb", "oauth_cb", "logger", "log_cb",
+              "on_delivery", "on_commit", "dr_cb", "dr_msg_cb")
+_OWNED_KAFKA: dict[str, _Owned] = {
+    "acks": _Owned("all", ("all", -1), _ACKED),
+    "request.required.acks": _Owned(None, ("all", -1), _ACKED),  # librdkafka's name for acks
+    "enable.idempotence": _Owned(True, (True,), _ACKED),
+    "delivery.report.only.error": _Owned(None, (False,), (
+        "MQTT is acked from each successful delivery report: with only errors reported, "
+        "nothing would ever be acked")),
+    "transactional.id": _Owned(None, (), (
+        "the bridge runs no transactions, and a transactional producer refuses every "
+        "record sent outside one")),
+    "default.topic.config": _Owned(None, (), (
+        "takes a table of topic properties that would escape these checks: write them into "
+        "this table instead")),
+    **{name: _Owned(None, (), _CALLBACK) for name in _CALLBACKS},
 }
+_BRIDGE_SETS = {name: owned.value for name, owned in _OWNED_KAFKA.items()
+                if owned.value is not None}
+RECORD_MAX_DEFAULT = 1_000_000  # librdkafka's message.max.bytes
 # Producer defaults, lowest first: the bridge's, then each lane's; the user's [kafka] table
 # goes over them and [lanes.NAME] over that. Every lane has a bounded local queue
 # (invariant 3); fast sends at once, bulk batches (compression is the operator's choice, in
@@ -54,7 +94,6 @@ LANE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 LANES = tuple(LANE_DEFAULTS)
 MQTT_MAX_PACKET_SIZE = 268435455  # the protocol's limit: 256 MiB
-KAFKA_RECORD_MAX = 1_000_000  # librdkafka's default message.max.bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,22 +216,30 @@ class Config:
     def producer_config(self, lane: str = "bulk") -> dict[str, Any]:
         """librdkafka properties of one lane: defaults, [kafka], [lanes.NAME], then the ones
         at-least-once needs."""
-        return {**PRODUCER_DEFAULTS, **LANE_DEFAULTS[lane], **self.kafka,
-                **self.lanes.get(lane, {}), **_OWNED_KAFKA}
+        return producer_config(self.kafka, self.lanes.get(lane, {}), lane)
 
-    def record_max_bytes(self, lane: str) -> int:
-        """The largest record one lane's producer sends (`message.max.bytes`)."""
-        try:
-            return int(self.producer_config(lane).get("message.max.bytes", KAFKA_RECORD_MAX))
-        except (TypeError, ValueError):
-            return KAFKA_RECORD_MAX
+    def record_max(self, lane: str) -> int:
+        """The largest record the lane's producer sends (message.max.bytes)."""
+        return record_max(self.producer_config(lane))
+
+
+def producer_config(kafka: dict[str, Any], lane_properties: dict[str, Any],
+                    lane: str) -> dict[str, Any]:
+    return {**PRODUCER_DEFAULTS, **LANE_DEFAULTS[lane], **kafka, **lane_properties,
+            **_BRIDGE_SETS}
+
+
+def record_max(properties: dict[str, Any]) -> int:
+    """message.max.bytes of checked producer properties (an integer, or its digits)."""
+    return int(str(properties.get("message.max.bytes", RECORD_MAX_DEFAULT)))
 
 
 class _Table:
     """Reads one TOML table, recording problems under its key path instead of raising."""
 
-    def __init__(self, data: Any, path: str, problems: list[str]) -> None:
+    def __init__(self, data: Any, path: str, problems: list[str], quoted: bool = False) -> None:
         self.path, self.problems = path, problems
+        self.quoted = quoted  # name every key in quotes, as librdkafka properties are written
         if not isinstance(data, dict):
             self.fail("", "must be a table")
             data = {}
@@ -200,6 +247,8 @@ class _Table:
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
+        if self.quoted or not _BARE_KEY.fullmatch(name):
+            name = json.dumps(name, ensure_ascii=False)
         return f"{self.path}.{name}" if self.path else name
 
     def fail(self, name: str, reason: str) -> None:
@@ -213,23 +262,35 @@ class _Table:
         default: Any = _REQUIRED,
         check: Callable[[Any], str | None] | None = None,
     ) -> Any:
+        """The value, or the default (None if required) when it is missing, of another type
+        or refused by `check`; a check that parses may raise ValueError to say why."""
         self.seen.add(name)
+        fallback = None if default is _REQUIRED else default
         if name not in self.data:
             if default is _REQUIRED:
                 self.fail(name, "missing")
-            return None if default is _REQUIRED else default
+            return fallback
         value = self.data[name]
-        if (isinstance(value, bool) and bool not in _as_tuple(kind)) or not isinstance(value, kind):
-            self.fail(name, f"must be {_kind_name(kind)}, got {type(value).__name__}")
-            return None if default is _REQUIRED else default
-        problem = check(value) if check else None
+        try:
+            problem = _type_problem(value, kind) or (check(value) if check else None)
+        except ValueError as exc:
+            problem = str(exc)
         if problem:
             self.fail(name, problem)
+            return fallback
         return value
 
     def finish(self) -> None:
         for name in sorted(set(self.data) - self.seen):
             self.fail(name, "unknown key")
+
+
+def _type_problem(value: Any, kind: type | tuple[type, ...]) -> str | None:
+    if (isinstance(value, bool) and bool not in _as_tuple(kind)) or not isinstance(value, kind):
+        return f"must be {_kind_name(kind)}, got {type(value).__name__}"
+    if isinstance(value, int) and not -2**63 <= value < 2**63:  # tomllib reads any size
+        return "must fit in 64 bits, as TOML integers do"
+    return None
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -245,18 +306,100 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}, got {v}"
 
 
+def _parses(parse: Callable[[str], object]) -> Callable[[str], str | None]:
+    """A check passed by every value `parse` takes; its ValueError says why not."""
+    def check(value: str) -> str | None:
+        parse(value)
+        return None
+    return check
+
+
 def _existing_file(value: str) -> str | None:
     return None if Path(value).is_file() else f"file {value!r} does not exist"
 
 
+def _password_file_problem(value: str) -> str | None:
+    """Read it now, as each connect will: MQTT takes at most 65535 bytes of password."""
+    try:
+        size = len(Path(value).read_bytes().rstrip(b"\r\n"))
+    except OSError as exc:
+        return f"cannot read {value!r}: {exc.strerror or exc}"
+    return None if size <= 65535 else f"holds {size} bytes; MQTT takes at most 65535"
+
+
+def _mqtt_text_problem(value: str) -> str | None:
+    """An MQTT UTF-8 string the broker accepts: no U+0000 (nor other control characters,
+    which are never meant), at most 65535 bytes."""
+    if _CONTROL.search(value) or len(value.encode()) > 65535:
+        return "must be at most 65535 bytes without control characters"
+    return None
+
+
+class Endpoint(NamedTuple):
+    """Where a URL points: its scheme, host (no brackets) and port."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+_HOST_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
+
+
+def endpoint(url: str, ports: dict[str, int], example: str, *, path: bool = False) -> Endpoint:
+    """Scheme, host and port of a URL, or ValueError saying what is wrong. The scheme's port
+    is used only when the URL gives none: port 0 is refused, never replaced."""
+    if any(c in url for c in "\t\r\n "):  # urlsplit drops some of them silently
+        raise ValueError(f"must not contain spaces or control characters, e.g. {example}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise ValueError(f"is not a valid url ({exc}), e.g. {example}") from None
+    if parts.scheme not in ports:
+        raise ValueError(f"scheme must be {' or '.join(ports)}, got {parts.scheme or 'none'!r}")
+    host = parts.hostname
+    if not host or not _is_host(host):
+        raise ValueError(f"must name a host (a DNS name or an IP address), e.g. {example}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user or password")
+    if not path and (parts.path or parts.query or parts.fragment):
+        raise ValueError(f"must have no path, query or fragment, e.g. {example}")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError(f"port must be between 1 and 65535, e.g. {example}")
+    return Endpoint(parts.scheme, host, ports[parts.scheme] if port is None else port)
+
+
+def mqtt_endpoint(url: str) -> Endpoint:
+    """A broker's URL: mqtt:// (port 1883 unless given) or mqtts:// (TLS, 8883)."""
+    return endpoint(url, {"mqtt": 1883, "mqtts": 8883}, "mqtt://127.0.0.1:1883")
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, or a DNS name whose last label is not a number (`256.1.1.1` is
+    neither)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        last = host.rstrip(".").rpartition(".")[2]
+        return bool(_HOST_NAME.fullmatch(host)) and not last.isdigit()
+    return True
+
+
+def _s3_endpoint_problem(url: str) -> str | None:
+    found = endpoint(url, {"http": 80, "https": 443}, "http://127.0.0.1:9000", path=True)
+    return "has '_' in its host name, which botocore refuses" if "_" in found.host else None
+
+
 def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
     t = _Table(data, path, problems)
-    url = t.get("url", str)
-    client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.match(v) else
+    url = t.get("url", str, check=_parses(mqtt_endpoint))
+    client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.fullmatch(v) else
                       "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)")
     options = {
-        "username": t.get("username", str, None),
-        "password_file": t.get("password_file", str, None, _existing_file),
+        "username": t.get("username", str, None, _mqtt_text_problem),
+        "password_file": t.get("password_file", str, None, _password_file_problem),
         "ca_file": t.get("ca_file", str, None, _existing_file),
         "cert_file": t.get("cert_file", str, None, _existing_file),
         "key_file": t.get("key_file", str, None, _existing_file),
@@ -265,7 +408,8 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
         "receive_max": t.get("receive_max", int, 1000, _between(1, 65535)),
         "subscribe_qos": t.get("subscribe_qos", int, 2, _between(0, 2)),
         "share_group": t.get("share_group", str, None, lambda v: None if re.fullmatch(
-            r"[^/+#]+", v) else "must be non-empty without '/', '+' or '#'"),
+            r"[^/+#]+", v) and not _mqtt_text_problem(v) else
+            "must be non-empty without '/', '+', '#' or control characters"),
         "reconnect_min": float(t.get("reconnect_min", (int, float), 0.5, _between(0.01, 3600))),
         "reconnect_max": float(t.get("reconnect_max", (int, float), 30.0, _between(0.01, 3600))),
         "max_packet_size": t.get("max_packet_size", int, MQTT_MAX_PACKET_SIZE,
@@ -274,31 +418,21 @@ def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
     t.finish()
     if options["password_file"] and not options["username"]:
         t.fail("password_file", "requires username")
+    if options["reconnect_min"] > options["reconnect_max"]:
+        t.fail("reconnect_min", f"must not exceed reconnect_max ({options['reconnect_max']:g})")
     if bool(options["cert_file"]) != bool(options["key_file"]):
         t.fail("cert_file", "cert_file and key_file must be given together")
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in {"mqtt", "mqtts"}:
-        t.fail("url", f"scheme must be mqtt or mqtts, got {parts.scheme or 'none'!r}")
-        return None
-    try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-    except ValueError:
-        t.fail("url", "port must be a number between 0 and 65535")
-        return None
-    if not parts.hostname:
-        t.fail("url", "must name a host, e.g. mqtt://127.0.0.1:1883")
-        return None
-    tls = parts.scheme == "mqtts"
+    scheme, host, port = mqtt_endpoint(url)
+    tls = scheme == "mqtts"
     if not tls and any(options[k] for k in ("ca_file", "cert_file", "key_file")):
         t.fail("url", "ca_file, cert_file and key_file need an mqtts:// url")
     if tls:
         _check_tls(t, options)
     if client_id is None:
         return None
-    return BrokerConfig(url=url, client_id=client_id, host=parts.hostname, port=port, tls=tls,
-                        **options)
+    return BrokerConfig(url=url, client_id=client_id, host=host, port=port, tls=tls, **options)
 
 
 def _no_passphrase() -> bytes:
@@ -345,7 +479,7 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
             t.fail(option, f"only applies to key = {strategy!r}")
     payload_format = t.get("format", str, "raw", lambda v: None if v in FORMATS else
                            f"unknown format {v!r}, expected one of {', '.join(FORMATS)}")
-    name = t.get("name", str, f"route-{index}")
+    name = t.get("name", str, f"route-{index}", _route_name_problem)
     lane = t.get("lane", str, "bulk", lambda v: None if v in LANES else
                  f"unknown lane {v!r}, expected one of {', '.join(LANES)}")
     auth = t.get("auth", str, "none", lambda v: None if v in AUTH_MODES else
@@ -375,6 +509,14 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
                  key=KeySpec(key, window, buckets), format=payload_format, lane=lane,
                  auth=auth, inline_max_bytes=inline_max, truncate_bytes=truncate,
                  format_max_bytes=format_max, create_topics=create_topics)
+
+
+def _route_name_problem(name: str) -> str | None:
+    """Envelopes name their route in lineage: it must tell routes apart."""
+    if not name.strip():
+        return "must not be empty"
+    reserved = name == "file_transfer"  # files.ROUTE_NAME
+    return "is the route name of file-transfer envelopes" if reserved else None
 
 
 def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
@@ -410,20 +552,88 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
 
 
 def _kafka(data: Any, problems: list[str], path: str = "kafka") -> dict[str, Any]:
-    """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which)."""
-    t = _Table(data, path, problems)
+    """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which). The
+    owned ones stay out: the bridge sets what they must be."""
+    t = _Table(data, path, problems, quoted=True)
     properties: dict[str, Any] = {}
     for name in list(t.data):
-        value = t.get(name, (str, int, float, bool))
-        if name in _OWNED_KAFKA and value is not None and str(value).lower() not in {
-                str(_OWNED_KAFKA[name]).lower(), "-1"}:
-            t.fail(f'"{name}"', f"must be {_OWNED_KAFKA[name]!r}: MQTT is acked only after "
-                   "Kafka has the record with acks=all and idempotence")
-        elif value is not None:
+        value = t.get(name, (str, int, float, bool), check=partial(_property_problem, name))
+        if value is not None and name not in _OWNED_KAFKA:
             properties[name] = value
-    if path == "kafka" and "bootstrap.servers" not in properties:
-        t.fail('"bootstrap.servers"', "missing")
+    if path == "kafka" and not {"bootstrap.servers", "metadata.broker.list"} & set(t.data):
+        t.fail("bootstrap.servers", "missing")
     return properties
+
+
+def _property_problem(name: str, value: Any) -> str | None:
+    """Why a config may not give a producer property this value, before librdkafka is asked:
+    what it would misread, what the bridge owns, and what the bridge reads itself."""
+    if "\x00" in name or "\x00" in str(value):
+        return "must not contain U+0000: librdkafka would cut the text there"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number: librdkafka takes nan for one"
+    owned = _OWNED_KAFKA.get(name)
+    if owned is not None:
+        return _owned_problem(owned, value)
+    check = _PROPERTY_CHECKS.get(name)
+    return check(value) if check else None
+
+
+def _owned_problem(owned: _Owned, value: Any) -> str | None:
+    if str(value).lower() in {str(allowed).lower() for allowed in owned.allowed}:
+        return None
+    if not owned.allowed:
+        return f"not allowed: {owned.why}"
+    first = owned.allowed[0]
+    return f"must be {str(first).lower() if isinstance(first, bool) else repr(first)}: {owned.why}"
+
+
+def _bootstrap_problem(value: Any) -> str | None:
+    """librdkafka takes any text here, then retries it forever: check each [PROTO://]HOST:PORT
+    (separated, as librdkafka reads them, by commas or spaces)."""
+    servers = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else []
+    if not any(servers):
+        return 'must list the brokers, e.g. "kafka-1:9092,kafka-2:9092"'
+    for server in filter(None, servers):
+        try:
+            endpoint(f"kafka://{server.rpartition('://')[2]}", {"kafka": 9092}, "kafka-1:9092")
+        except ValueError as exc:
+            return f"{server!r} {exc}"
+    return None
+
+
+def _bytes_problem(value: Any) -> str | None:
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and re.fullmatch(r"\s*\+?[0-9]{1,18}\s*", value)):
+        return None
+    return "must be a whole number of bytes: the bridge sizes what it sends by it"
+
+
+# Values librdkafka would take but the bridge cannot use.
+_PROPERTY_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "bootstrap.servers": _bootstrap_problem,
+    "metadata.broker.list": _bootstrap_problem,  # librdkafka's name for bootstrap.servers
+    "message.max.bytes": _bytes_problem,
+}
+
+
+def _librdkafka_problems(kafka: dict[str, Any], lanes: dict[str, dict[str, Any]]) -> list[str]:
+    """Build each lane's producer now, so librdkafka itself refuses unknown names and values
+    it cannot take, each under the table that set the property; reported once when several
+    lanes share it. Every lane, used or not: a reload may start using it."""
+    problems: list[str] = []
+    for lane in LANES:
+        own = lanes.get(lane, {})
+        properties = producer_config(kafka, own, lane)
+        suspects = [name for name in properties if name in own or name in kafka]
+        for name, reason in kafka_adapter.refused_properties(properties, suspects):
+            table = f"lanes.{lane}" if (name in own if name else bool(own)) else "kafka"
+            problem = (f"{table}.{json.dumps(name, ensure_ascii=False)}: refused by librdkafka: "
+                       f"{reason}" if name else
+                       f"{table}: refused by librdkafka for lane {lane}: {reason}")
+            if problem not in problems:
+                problems.append(problem)
+    return problems
 
 
 def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -439,6 +649,60 @@ def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
     return lanes
 
 
+def _shadowed_routes(routes: list[Route | None],
+                     file_transfer: FileTransferConfig | None) -> list[str]:
+    """Routes that can never match: an earlier filter of their lane takes every topic they
+    would (the first match wins in a lane; file transfers come first in the fat lane).
+    Lanes apart do not meet: each has its own session."""
+    problems = []
+    for i, route in enumerate(routes):
+        if route is None:
+            continue
+        earlier = [(f"routes[{j}] ({r.name})", r.filter) for j, r in enumerate(routes[:i])
+                   if r is not None and r.lane == route.lane]
+        if route.lane == "fat" and file_transfer is not None:
+            earlier.insert(0, (f"file_transfer ({file_transfer.filter.pattern})",
+                               file_transfer.filter))
+        cover = next((name for name, f in earlier if f.covers(route.filter)), None)
+        if cover is not None:
+            problems.append(f"routes[{i}].filter: never matches: {cover} takes every topic it "
+                            "would (same lane)")
+    return problems
+
+
+ENVELOPE_ROOM = 65536  # what an envelope adds to an inline body: its fields and a long topic
+
+
+def _inline_size_problems(routes: list[Route | None], s3: S3Config | None,
+                          kafka: dict[str, Any], lanes: dict[str, dict[str, Any]]) -> list[str]:
+    """Every body a route keeps inline (up to its truncate_bytes, else its inline_max_bytes,
+    else [s3]'s) must fit, with its envelope, in a record of the route's lane: else every
+    large one is dead-lettered as too large instead of bridged."""
+    def fits(key: str, size: int, lane: str, used_by: str = "") -> str | None:
+        limit = record_max(producer_config(kafka, lanes.get(lane, {}), lane))
+        if size + ENVELOPE_ROOM <= limit:
+            return None
+        return (f"{key}: {size} bytes inline do not fit Kafka's message.max.bytes {limit} of "
+                f"lane {lane}{used_by} (keep it at most message.max.bytes - {ENVELOPE_ROOM})")
+
+    problems: list[str | None] = []
+    by_s3: dict[str, Route] = {}  # lane: the first route [s3].inline_max_bytes bounds there
+    for i, route in enumerate(routes):
+        if route is None:
+            continue
+        own = [(key, size) for key, size in (("truncate_bytes", route.truncate_bytes),
+                                             ("inline_max_bytes", route.inline_max_bytes))
+               if size is not None]
+        problems += [fits(f"routes[{i}].{key}", size, route.lane) for key, size in own]
+        if not own:
+            by_s3.setdefault(route.lane, route)
+    if s3 is not None:
+        problems += [fits("s3.inline_max_bytes", s3.inline_max_bytes, lane,
+                          f", used by route {route.name!r}")
+                     for lane, route in by_s3.items()]
+    return [problem for problem in problems if problem]
+
+
 def load_registry(path: str | Path) -> tuple[Registry, bytes]:
     """Read and check a device registry file; its bytes go into the map version.
 
@@ -449,13 +713,7 @@ def load_registry(path: str | Path) -> tuple[Registry, bytes]:
     status = "revoked"                              # active (default), disabled or revoked
     ```
     """
-    try:
-        raw = Path(path).read_bytes()
-        data = tomllib.loads(raw.decode())
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    data, raw = read_toml(path)
     problems: list[str] = []
     top = _Table(data, "", problems)
     entries = top.get("devices", dict, {})
@@ -510,6 +768,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
 
     kafka = _kafka(top.get("kafka", dict, {}), problems)
     lanes = _lanes(top.get("lanes", dict, {}), problems)
+    problems += _librdkafka_problems(kafka, lanes)
 
     s3 = None
     if "s3" in data:
@@ -517,9 +776,9 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         s3 = S3Config(
             bucket=s.get("bucket", str, check=lambda v: None if re.fullmatch(
                 r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", v) else "is not a valid S3 bucket name"),
-            endpoint_url=s.get("endpoint_url", str, None, lambda v: None if urlsplit(v).scheme in {
-                "http", "https"} else "must be an http:// or https:// url"),
-            region=s.get("region", str, None),
+            endpoint_url=s.get("endpoint_url", str, None, _s3_endpoint_problem),
+            region=s.get("region", str, None, lambda v: None if _REGION.fullmatch(v) else
+                         "is not a region name (letters, digits and '-', e.g. eu-central-1)"),
             inline_max_bytes=s.get("inline_max_bytes", int, 262144, _between(0, 64 * 2**20)),
             object_prefix=s.get("object_prefix", str, "payloads/", lambda v: None if (
                 v.endswith("/") and not v.startswith(("/", "staging/", "files/",
@@ -563,9 +822,11 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         file_transfer = _file_transfer(top.get("file_transfer", dict, {}), problems)
         if s3 is None:
             problems.append("file_transfer: needs an [s3] bucket to assemble files in")
+    problems += _shadowed_routes(routes, file_transfer)
     if s3 is None:
         problems += [f"routes[{i}].{key}: needs an [s3] bucket" for i, r in enumerate(routes)
                      if r for key in ("inline_max_bytes",) if r.inline_max_bytes is not None]
+    problems += _inline_size_problems(routes, s3, kafka, lanes)
 
     registry, registry_bytes = Registry(), b""
     r = _Table(top.get("registry", dict, {}), "registry", problems)
@@ -605,12 +866,27 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
 def load(path: str | Path) -> Config:
     """Read and check a config file and its registry. The map version, recorded in lineage,
     is a hash of both files' contents."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
-    try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    data, raw = read_toml(path)
     return parse(data, source=raw, base=Path(path).parent)
+
+
+def read_toml(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    """A TOML file's data and bytes, or ConfigError saying why not: whatever the file holds
+    (a directory, a device, nesting deep enough to exhaust the parser's recursion, an
+    integer too long to convert), reading it never raises anything else."""
+    file = Path(path)
+    try:
+        if file.exists() and not file.is_file():
+            raise ConfigError([f"{path}: cannot read: not a regular file"])
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except ValueError as exc:  # a path with U+0000 in it
+        raise ConfigError([f"{str(path)!r}: cannot read: {exc}"]) from exc
+    try:
+        return tomllib.loads(raw.decode()), raw
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, int() of 4300+ digits
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{path}: not valid TOML: arrays or tables nested too deeply"]) \
+            from exc

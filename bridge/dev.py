@@ -11,43 +11,49 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import tomllib
 from pathlib import Path
 
 from bridge import config as config_module
 from bridge import logs, simulate
 from bridge.daemon import Daemon
 from bridge.device import sized_file, upload_file
-from bridge.errors import ConfigError
 from bridge.localstack import LocalStack, s3_environment
 
 
-def local_config(path: Path, stack: LocalStack) -> config_module.Config:
-    """The config at `path`, pointed at the local stack."""
-    raw = path.read_bytes()
-    data = tomllib.loads(raw.decode())
+def local_config(path: Path, mqtt_url: str, bootstrap: str,
+                 s3_endpoint: str) -> config_module.Config:
+    """The config at `path`, pointed at the local stack's addresses."""
+    data, raw = config_module.read_toml(path)
     for broker in data.get("brokers", []):
-        broker.update(url=stack.mqtt_url)
-        for key in ("ca_file", "cert_file", "key_file", "username", "password_file"):
-            broker.pop(key, None)
-    data.setdefault("kafka", {})["bootstrap.servers"] = stack.bootstrap
-    if "s3" in data:
-        data["s3"]["endpoint_url"] = stack.s3_endpoint
+        if isinstance(broker, dict):  # anything else is for parse() to refuse
+            broker.update(url=mqtt_url)
+            for key in ("ca_file", "cert_file", "key_file", "username", "password_file"):
+                broker.pop(key, None)
+    if isinstance(data.setdefault("kafka", {}), dict):
+        data["kafka"]["bootstrap.servers"] = bootstrap
+    if isinstance(data.get("s3"), dict):
+        data["s3"]["endpoint_url"] = s3_endpoint
     return config_module.parse(data, source=raw, base=path.parent)
 
 
+def check_config(path: str) -> config_module.Config:
+    """The config as `dev` will run it, checked before anything starts (the local stack's
+    addresses are not known yet: stand-ins take their place)."""
+    return local_config(Path(path), "mqtt://127.0.0.1:1883", "127.0.0.1:9092",
+                        "http://127.0.0.1:9000")
+
+
 def run_dev(config_path: str, workdir: str, rate: float) -> int:
-    work = Path(workdir).resolve()
+    path, work = Path(config_path), Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     logs.configure("console")
     for name, value in s3_environment().items():  # the local S3 takes any credentials
         os.environ.setdefault(name, value)
     with LocalStack(work) as stack:
-        try:
-            config = local_config(Path(config_path), stack)
-        except ConfigError as exc:
-            print("\n".join(exc.problems))
-            return 2
+        def load() -> config_module.Config:
+            return local_config(path, stack.mqtt_url, stack.bootstrap, stack.s3_endpoint)
+
+        config = load()
         topics = config.fixed_topics()
         stack.create_topics(topics)
         if config.s3:
@@ -76,8 +82,7 @@ Ctrl-C stops the bridge and everything dev started.
                                  daemon=True)
         fleet.start()
         try:
-            asyncio.run(Daemon(config, loader=lambda: local_config(Path(config_path), stack),
-                               on_ready=ready.set).run())
+            asyncio.run(Daemon(config, loader=load, on_ready=ready.set).run())
         finally:
             stop.set()
             fleet.join(5)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -46,6 +47,71 @@ _METADATA_TIMEOUT = 5.0
 
 
 _NO_REPORTS: list[Any] = []  # replaced by the sink's list when produced
+
+
+_BROKER_LISTS = ("bootstrap.servers", "metadata.broker.list")  # one property, two names
+# A client's logger that drops librdkafka's lines (the probe's and `tail`'s): they would
+# repeat, in librdkafka's words, what the caller says once.
+QUIET = logging.getLogger("bridge.kafka.quiet")
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
+
+
+def refused_properties(properties: dict[str, Any],
+                       suspects: Sequence[str]) -> list[tuple[str | None, str]]:
+    """What librdkafka (and confluent-kafka) refuse in producer `properties`, asked of the
+    library itself by building a real producer. It names one refusal at a time, sometimes
+    under another name (an alias such as linger.ms, or an interplay of properties), so
+    each is pinned on the first of `suspects` whose removal changes the answer, which is
+    then removed before trying again: (name, reason) per refusal, (None, reason) for one no
+    suspect explains. The brokers are left out: the probe must not resolve or reach them
+    (librdkafka takes any text there; the caller checks it)."""
+    remaining = {k: v for k, v in properties.items() if k not in _BROKER_LISTS}
+    found: list[tuple[str | None, str]] = []
+    reason = _refusal(remaining)
+    while reason is not None:
+        for name in _named_first(reason, [n for n in suspects if n in remaining]):
+            trial = {k: v for k, v in remaining.items() if k != name}
+            answer = _refusal(trial)
+            if answer != reason:
+                found.append((name, reason))
+                remaining, reason = trial, answer
+                break
+        else:
+            found.append((None, reason))
+            break
+    return found
+
+
+def _named_first(reason: str, suspects: list[str]) -> list[str]:
+    """The suspects the reason names (librdkafka quotes names "so" or `so`) go first."""
+    named = [n for n in suspects if f'"{n}"' in reason or f"`{n}`" in reason]
+    return list(dict.fromkeys([*named, *suspects]))
+
+
+def _refusal(properties: dict[str, Any]) -> str | None:
+    """Why the library refuses to build a producer of these properties, or None. A built
+    one is dropped at once: CPython destroys it on the spot, and rd_kafka_destroy joins
+    its threads within milliseconds, as none of them waits on a broker's name or address;
+    the logger and error_cb keep it silent meanwhile."""
+    try:
+        producer = Producer(properties, logger=QUIET, error_cb=_ignore)
+    except KafkaException as exc:
+        return error_text(exc)
+    except Exception as exc:  # the Python client's own checks raise TypeError, ValueError, ...
+        return str(exc)
+    del producer
+    return None
+
+
+def error_text(exc: KafkaException) -> str:
+    """librdkafka's own words for a KafkaException (its str() wraps them in a repr)."""
+    error = exc.args[0] if exc.args else None
+    return (error.str() if isinstance(error, KafkaError) else str(exc)).strip()
+
+
+def _ignore(_err: KafkaError) -> None:
+    """The probe's error_cb: it is never polled, so this is never called."""
 
 
 class Delivery:

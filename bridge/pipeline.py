@@ -130,7 +130,7 @@ class Pipeline:
         self.no_route_lineage = envelope.Lineage(config.bridge.instance, "", config.version)
         # Half the producer's record limit leaves room for the envelope around the body.
         self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX,
-                                         config.record_max_bytes(lane) // 2)
+                                         config.record_max(lane) // 2)
         self._plans: dict[tuple[str, str], Plan] = {}
         self._plans_bytes = 0
 

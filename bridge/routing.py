@@ -1,7 +1,8 @@
 """Topic maps: route filters with `{name}` placeholders, and the Kafka key each route uses.
 
 A filter such as `devices/{device_id}/telemetry` is subscribed as `devices/+/telemetry` and
-binds the placeholder to the topic level it matched. The first route that matches wins.
+binds the placeholder to the topic level it matched. The first route that matches wins (per
+lane: each lane routes its own); `RouteFilter.covers` finds routes that could never win.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from bridge.errors import Rejected
 if TYPE_CHECKING:
     from bridge.config import Route
 
-_PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+# Used with fullmatch: `$` would let a final newline by.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Device ids end up in Kafka keys, headers, S3 object names and Mosquitto usernames: letters,
 # digits and `._-` only (never `/`, `+`, `#`, `:`, `@` or a space), at most 128, and not `.`
 # or `..`.
@@ -46,6 +49,9 @@ class RouteFilter:
     def parse(cls, pattern: str) -> RouteFilter:
         if not pattern or pattern.startswith("$"):
             raise FilterError("must be a non-empty MQTT topic filter not starting with '$'")
+        if _CONTROL.search(pattern) or len(pattern.encode()) > 65535:
+            raise FilterError("must be at most 65535 bytes without control characters: the "
+                              "broker refuses such a SUBSCRIBE")
         parts = pattern.split("/")
         multi = parts[-1] == "#"
         if multi:
@@ -53,7 +59,7 @@ class RouteFilter:
         levels: list[str | None] = []
         names: list[str | None] = []
         for part in parts:
-            placeholder = _PLACEHOLDER.match(part)
+            placeholder = _PLACEHOLDER.fullmatch(part)
             if placeholder:
                 if placeholder[1] in names:
                     raise FilterError(f"placeholder {part} appears twice")
@@ -82,6 +88,19 @@ class RouteFilter:
         levels = ["+" if lv is None else lv for lv in self.levels]
         return "/".join([*levels, "#"] if self.multi else levels)
 
+    def covers(self, other: RouteFilter) -> bool:
+        """True if this filter matches every topic `other` matches: placed before it in a
+        lane, where the first matching route wins, it leaves `other` nothing. A `+` or a
+        placeholder covers any level, a literal only itself; a final `#` covers any rest
+        (the level it stands on included, as in MQTT)."""
+        if self.multi:
+            if len(other.levels) < len(self.levels):
+                return False
+        elif other.multi or len(other.levels) != len(self.levels):
+            return False
+        return all(mine is None or mine == theirs
+                   for mine, theirs in zip(self.levels, other.levels, strict=False))
+
     def match(self, topic: str) -> dict[str, str] | None:
         """The placeholder bindings if `topic` matches, else None."""
         parts = topic.split("/")
@@ -100,7 +119,7 @@ class RouteFilter:
 
 def kafka_topic_problem(name: str) -> str | None:
     """Why `name` is not a legal Kafka topic name, or None."""
-    if _KAFKA_TOPIC.match(name) and name not in {".", ".."}:
+    if _KAFKA_TOPIC.fullmatch(name) and name not in {".", ".."}:
         return None
     return f"{name!r} is not a valid Kafka topic name (1-249 of [A-Za-z0-9._-])"
 

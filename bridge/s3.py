@@ -172,6 +172,8 @@ class ObjectStore:
             if exc.response["Error"]["Code"] != "NoSuchLifecycleConfiguration":
                 raise S3Error(f"get_bucket_lifecycle_configuration: {exc}") from exc
             current = []
+        except botocore.exceptions.BotoCoreError as exc:  # no credentials, no connection, ...
+            raise S3Error(f"get_bucket_lifecycle_configuration: {exc}") from exc
         ours = {r["ID"] for r in rules}
         merged = [r for r in current if r.get("ID") not in ours] + rules
         try:

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -19,6 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridge import auth
+from bridge.config import mqtt_endpoint
 
 
 @dataclass
@@ -35,17 +35,17 @@ def device_client(url: str, client_id: str, username: str | None = None,
                   password: str | None = None,
                   protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> paho.Client:
     """A connected paho client with its network loop running."""
-    parts = urlsplit(url)
+    scheme, host, port = mqtt_endpoint(url)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
     client.max_inflight_messages_set(20)  # Mosquitto's default Receive Maximum
     client.max_queued_messages_set(0)
     if username is not None:
         client.username_pw_set(username, password)
-    if parts.scheme == "mqtts":
+    if scheme == "mqtts":
         client.tls_set()
     connected = threading.Event()
     client.on_connect = lambda *_args: connected.set()
-    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
+    client.connect(host, port, keepalive=30)
     client.loop_start()
     if not connected.wait(10):
         client.loop_stop()

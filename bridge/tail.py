@@ -14,6 +14,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from bridge import envelope
+from bridge.kafka import QUIET
 
 
 def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
@@ -21,7 +22,8 @@ def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
     """Yield (key, envelope) from the start of `topic` until `idle` seconds bring nothing
     (or forever with `follow`), or until the absolute `deadline` (time.monotonic)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mqtt-kafka-bridge-tail",
-                         "enable.auto.commit": False, "enable.partition.eof": False})
+                         "enable.auto.commit": False, "enable.partition.eof": False},
+                        logger=QUIET)  # a broker it cannot reach is an exception, said once
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         info = metadata.topics[topic]

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bridge import config
 from bridge.errors import ConfigError
+from tests.conftest import ROOT
 
 GOOD = """
 [bridge]
@@ -253,3 +258,370 @@ def test_large_payload_settings_need_s3_and_are_checked() -> None:
     assert loaded.file_transfer.filter.subscription == "sites/+/+/up/+/#"
     assert loaded.session_lanes() == ["bulk", "fat"]  # file transfers ride the fat lane
     assert "iot.files" in loaded.fixed_topics()
+
+
+@pytest.mark.parametrize("text", ["x = " + "[" * 5000 + "]" * 5000,  # the parser's recursion
+                                  "x = " + "{a = " * 2000 + "1" + "}" * 2000,
+                                  "x = 1" + "0" * 5000,  # int() refuses 4300+ digits
+                                  "x = \"\\xff\""])
+def test_a_file_that_does_not_parse_is_a_problem_not_a_crash(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD + text + "\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.problems[0].startswith(f"{path}: not valid TOML: ")
+    (tmp_path / "devices.toml").write_text(text + "\n")
+    path.write_text(GOOD.replace("[dead_letter]", '[registry]\nfile = "devices.toml"\n'
+                                 "[dead_letter]"))
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    [problem] = caught.value.problems
+    assert problem.startswith(f"registry.file: {tmp_path / 'devices.toml'}: not valid TOML: ")
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    for path, reason in ((tmp_path, "not a regular file"),
+                         (Path("/dev/zero"), "not a regular file"),  # never read to the end
+                         (tmp_path / "missing.toml", "No such file or directory")):
+        with pytest.raises(ConfigError) as caught:
+            config.load(path)
+        assert caught.value.problems == [f"{path}: cannot read: {reason}"]
+
+
+def broker_url_problems(url: str) -> list[str]:
+    return [p for p in problems_of(GOOD.replace("mqtt://127.0.0.1:1883", url))
+            if p.startswith("brokers[0].url")]
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("mqtt://[::1:1883", "is not a valid url (Invalid IPv6 URL)"),
+    ("mqtt://h:99999", "is not a valid url (Port out of range 0-65535)"),
+    ("mqtt://h:x", "is not a valid url (Port could not be cast"),
+    ("mqtt://h:0", "port must be between 1 and 65535"),
+    ("mqtt://h:", "port must be between 1 and 65535"),
+    ("mqtt://", "must name a host"),
+    ("mqtt://a b:1883", "must not contain spaces"),
+    ("mqtt://bad..name:1883", "must name a host"),
+    ("mqtt://256.1.1.1:1883", "must name a host"),
+    ("mqtt://u:secret@h:1883", "must not carry a user or password"),
+    ("mqtt://h:1883/devices", "must have no path"),
+    ("tcp://h:1883", "scheme must be mqtt or mqtts, got 'tcp'"),
+])
+def test_a_broker_url_that_does_not_parse_is_a_problem_with_its_key_path(
+        url: str, reason: str) -> None:
+    [problem] = broker_url_problems(url)
+    assert problem.startswith(f"brokers[0].url: {reason}")
+
+
+def test_the_scheme_gives_the_port_only_when_the_url_has_none() -> None:
+    import tomllib
+
+    def broker(url: str) -> config.BrokerConfig:
+        return config.parse(tomllib.loads(GOOD.replace("mqtt://127.0.0.1:1883", url))).brokers[0]
+
+    assert (broker("mqtt://[::1]").host, broker("mqtt://[::1]").port) == ("::1", 1883)
+    assert broker("mqtts://broker.example").port == 8883
+    assert broker("mqtts://broker.example:1").port == 1
+
+
+@pytest.mark.parametrize(("s3", "problem"), [
+    ('endpoint_url = "http://[::1"', "s3.endpoint_url: is not a valid url (Invalid IPv6 URL)"),
+    ('endpoint_url = "ftp://h"', "s3.endpoint_url: scheme must be http or https, got 'ftp'"),
+    ('endpoint_url = "http://h:0"', "s3.endpoint_url: port must be between 1 and 65535"),
+    ('endpoint_url = "http://minio_1:9000"', "s3.endpoint_url: has '_' in its host name"),
+    ('region = "eu central"', "s3.region: is not a region name"),
+])
+def test_s3_endpoint_and_region_are_checked_as_botocore_will(s3: str, problem: str) -> None:
+    found = problems_of(GOOD.replace("[dead_letter]", f'[s3]\nbucket = "iot-payloads"\n{s3}\n'
+                                     "[dead_letter]"))
+    assert [p for p in found if p.startswith(problem)] == found, found
+
+
+def test_integers_beyond_64_bits_are_refused_not_printed() -> None:
+    huge = "0x" + "f" * 5000  # tomllib reads it; str() of it would raise
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', f'client_id = "mkb-1"\n'
+                                     f"keepalive = {huge}"))
+    assert "brokers[0].keepalive: must fit in 64 bits, as TOML integers do" in found
+    found = problems_of(GOOD.replace("[dead_letter]", f'"linger.ms" = {huge}\n[dead_letter]'))
+    assert 'kafka."linger.ms": must fit in 64 bits, as TOML integers do' in found
+
+
+def test_a_final_newline_does_not_slip_past_a_pattern() -> None:
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1\\n"\n'
+                                     'share_group = "g\\n"'))
+    assert any(p.startswith("brokers[0].client_id: must be 1-64 characters") for p in found)
+    assert any(p.startswith("brokers[0].share_group: must be non-empty") for p in found)
+    found = problems_of(GOOD.replace('"iot.telemetry"', '"iot.telemetry\\n"')
+                        .replace('"iot.deadletter"', '"iot.deadletter\\n"'))
+    assert any(p.startswith("routes[0].kafka_topic: 'iot.telemetry\\n' is not a valid")
+               for p in found)
+    assert any(p.startswith("dead_letter.kafka_topic: 'iot.deadletter\\n' is not a valid")
+               for p in found)
+    found = problems_of(GOOD.replace("devices/{device_id}/telemetry",
+                                     "devices/{device_id}\\n/telemetry"))
+    assert any(p.startswith("routes[0].filter: must be at most 65535 bytes without control")
+               for p in found)
+
+
+def with_kafka(properties: str, lane: str = "") -> str:
+    """GOOD with more [kafka] properties, or with a [lanes.LANE] table of them."""
+    table = f"[lanes.{lane}]\n" if lane else ""
+    return GOOD.replace("[dead_letter]", f"{table}{properties}\n[dead_letter]")
+
+
+@pytest.mark.parametrize(("properties", "problem"), [
+    ('"delivery.report.only.error" = true',
+     'kafka."delivery.report.only.error": must be false: MQTT is acked from each successful '
+     "delivery report"),
+    ('"transactional.id" = "mkb"',
+     'kafka."transactional.id": not allowed: the bridge runs no transactions'),
+    ('"request.required.acks" = 1', 'kafka."request.required.acks": must be \'all\''),
+    ('"enable.idempotence" = false', 'kafka."enable.idempotence": must be true'),
+    ('"default.topic.config" = "acks=1"', 'kafka."default.topic.config": not allowed'),
+    *[(f'"{name}" = "print"', f'kafka."{name}": not allowed: the Python client takes a callable')
+      for name in ("error_cb", "throttle_cb", "stats_cb", "oauth_cb", "logger", "on_delivery",
+                   "on_commit", "dr_cb", "dr_msg_cb")],
+])
+def test_properties_that_break_at_least_once_are_refused(properties: str, problem: str) -> None:
+    assert any(p.startswith(problem) for p in problems_of(with_kafka(properties))), problem
+    lane = problem.replace("kafka.", "lanes.fat.", 1)
+    assert any(p.startswith(lane) for p in problems_of(with_kafka(properties, "fat"))), lane
+
+
+def test_owned_properties_may_repeat_the_bridges_value_and_stay_out_of_the_table() -> None:
+    import tomllib
+
+    loaded = config.parse(tomllib.loads(with_kafka(
+        'acks = -1\n"enable.idempotence" = true\n"delivery.report.only.error" = false\n'
+        '"request.required.acks" = "all"')))
+    assert loaded.kafka == {"bootstrap.servers": "127.0.0.1:9092"}
+    bulk = loaded.producer_config("bulk")
+    assert (bulk["acks"], bulk["enable.idempotence"]) == ("all", True)
+    assert "delivery.report.only.error" not in bulk and "request.required.acks" not in bulk
+
+
+@pytest.mark.parametrize(("properties", "problem"), [
+    ('"linger.ms" = nan', 'kafka."linger.ms": must be a finite number'),
+    ('"linger.ms" = inf', 'kafka."linger.ms": must be a finite number'),
+    ('"client.id" = "mkb\\u0000x"', 'kafka."client.id": must not contain U+0000'),
+    ('"message.max.bytes" = "1000000abc"', 'kafka."message.max.bytes": must be a whole number'),
+    ('"message.max.bytes" = 1e6', 'kafka."message.max.bytes": must be a whole number'),
+    ('"linger.ms" = 2024-01-01', 'kafka."linger.ms": must be a string or an integer or a number'),
+])
+def test_values_librdkafka_would_misread_are_refused(properties: str, problem: str) -> None:
+    assert any(p.startswith(problem) for p in problems_of(with_kafka(properties))), problem
+
+
+@pytest.mark.parametrize("servers", ["", " , ", "kafka-1:0", "bad..host", "[::1:9092", "k:99999",
+                                     "kafka-1:9092/x"])
+def test_bootstrap_servers_must_name_brokers(servers: str) -> None:
+    text = GOOD.replace('"127.0.0.1:9092"', f'"{servers}"')
+    assert any(p.startswith('kafka."bootstrap.servers": ') for p in problems_of(text))
+
+
+def test_bootstrap_servers_take_what_librdkafka_takes() -> None:
+    import tomllib
+
+    servers = "PLAINTEXT://kafka-1:9092, SSL://[::1]:9093 kafka-3"
+    loaded = config.parse(tomllib.loads(GOOD.replace('"127.0.0.1:9092"', f'"{servers}"')))
+    assert loaded.kafka["bootstrap.servers"] == servers
+
+
+def test_librdkafka_checks_every_property_under_the_table_that_set_it() -> None:
+    found = problems_of(with_kafka('"linger.msec" = 5\n"linger.ms" = "soon"\n'
+                                   '"compression.type" = "zip"')
+                        + '[lanes.bulk]\n"linger.ms" = true\n"batch.size" = "big"\n'
+                          '"max.in.flight.requests.per.connection" = 10\n')
+    refused = sorted(p.split(": refused by librdkafka: ")[0] for p in found)
+    assert refused == ['kafka."compression.type"', 'kafka."linger.ms"', 'kafka."linger.msec"',
+                       'lanes.bulk."batch.size"', 'lanes.bulk."linger.ms"',
+                       'lanes.bulk."max.in.flight.requests.per.connection"']
+    assert ('kafka."linger.msec": refused by librdkafka: No such configuration property: '
+            '"linger.msec"') in found
+    assert len(found) == len(set(found)) == 6  # [kafka] is in every lane, reported once
+
+
+def test_values_librdkafka_takes_pass_whatever_their_toml_type() -> None:
+    import tomllib
+
+    loaded = config.parse(tomllib.loads(with_kafka(
+        '"linger.ms" = 2.5\n"socket.keepalive.enable" = true\n"client.id" = 7\n'
+        '"compression.type" = "lz4"\n"message.max.bytes" = " 2000000"')))
+    assert loaded.record_max("bulk") == 2_000_000
+
+
+def test_the_librdkafka_probe_is_quick_silent_and_leaves_no_thread(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+    import time
+    import tomllib
+
+    text = GOOD.replace("127.0.0.1:9092", "kafka.invalid:9092")  # a broker that does not exist
+    data = tomllib.loads(with_kafka('"debug" = "all"').replace("127.0.0.1:9092",
+                                                                 "kafka.invalid:9092"))
+    threads = len(os.listdir("/proc/self/task"))
+    started = time.monotonic()
+    for _ in range(20):
+        config.parse(tomllib.loads(text))
+        config.parse(data)
+    assert time.monotonic() - started < 2.0  # 120 producers: well under 20 ms each
+    assert len(os.listdir("/proc/self/task")) == threads
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_refusal_no_suspect_explains_is_reported_whole() -> None:
+    from bridge.kafka import refused_properties
+
+    properties = {"enable.idempotence": True, "max.in.flight.requests.per.connection": 10}
+    [(name, reason)] = refused_properties(properties, [])
+    assert name is None and "max.in.flight" in reason
+    assert refused_properties(properties, ["max.in.flight.requests.per.connection"]) == [
+        ("max.in.flight.requests.per.connection", reason)]
+
+
+def test_check_config_reports_librdkafka_refusals_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(with_kafka('"linger.msec" = 5\n"debug" = "all"', "fat")
+                    .replace("127.0.0.1:9092", "kafka.invalid:9092"))
+    done = subprocess.run([sys.executable, "-m", "bridge", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"{path}: 1 problem(s)",
+        '  lanes.fat."linger.msec": refused by librdkafka: No such configuration property: '
+        '"linger.msec"']
+    assert done.stdout == ""
+
+
+S3 = '[s3]\nbucket = "iot-payloads"\n'
+
+
+def test_inline_bodies_must_fit_the_lanes_record_size() -> None:
+    text = with_kafka(S3) + 'lane = "fast"\ninline_max_bytes = 2000000\ntruncate_bytes = 950000\n'
+    found = problems_of(text)
+    assert ("routes[0].inline_max_bytes: 2000000 bytes inline do not fit Kafka's "
+            "message.max.bytes 1000000 of lane fast (keep it at most message.max.bytes - "
+            "65536)") in found
+    assert any(p.startswith("routes[0].truncate_bytes: 950000 bytes inline do not fit Kafka's "
+                            "message.max.bytes 1000000 of lane fast") for p in found)
+    import tomllib
+
+    bigger = text.replace('[s3]', '[lanes.fast]\n"message.max.bytes" = 2065536\n[s3]')
+    loaded = config.parse(tomllib.loads(bigger))
+    assert loaded.record_max("fast") == 2065536 and loaded.record_max("bulk") == 1000000
+
+
+def test_s3_inline_max_is_checked_against_every_lane_that_uses_it() -> None:
+    import tomllib
+
+    s3 = S3 + "inline_max_bytes = 960000\n"
+    routes = ('[[routes]]\nname = "alerts"\nfilter = "devices/{device_id}/alerts"\n'
+              'kafka_topic = "iot.alerts"\nlane = "fast"\n')
+    text = with_kafka(s3 + '[lanes.bulk]\n"message.max.bytes" = 1100000') + routes
+    assert problems_of(text) == [
+        "s3.inline_max_bytes: 960000 bytes inline do not fit Kafka's message.max.bytes 1000000 "
+        "of lane fast, used by route 'alerts' (keep it at most message.max.bytes - 65536)"]
+    own = text + "inline_max_bytes = 1000\n"  # the fast route's own threshold: [s3]'s is unused
+    assert config.parse(tomllib.loads(own)).routes[1].inline_max_bytes == 1000
+    truncated = text + "truncate_bytes = 1000\n"  # its bodies never reach [s3]'s threshold
+    assert config.parse(tomllib.loads(truncated)).routes[1].truncate_bytes == 1000
+    found = problems_of(GOOD + "truncate_bytes = 999999\n")  # without [s3] too
+    assert any(p.startswith("routes[0].truncate_bytes: 999999 bytes inline do not fit")
+               for p in found)
+
+
+ROUTE = '[[routes]]\nname = "{name}"\nfilter = "{filter}"\nkafka_topic = "iot.x"\n'
+
+
+def test_a_route_an_earlier_route_of_its_lane_covers_is_refused() -> None:
+    import tomllib
+
+    text = (GOOD.replace("devices/{device_id}/telemetry", "devices/{device_id}/#")
+            + ROUTE.format(name="telemetry", filter="devices/{device_id}/telemetry"))
+    assert ("routes[1].filter: never matches: routes[0] (route-0) takes every topic it would "
+            "(same lane)") in problems_of(text)
+    twice = GOOD + ROUTE.format(name="again", filter="devices/{device_id}/telemetry")
+    assert any(p.startswith("routes[1].filter: never matches: routes[0]")
+               for p in problems_of(twice))
+    elsewhere = text + 'lane = "fast"\n'  # its own lane, its own session: fine
+    assert config.parse(tomllib.loads(elsewhere)).routes[1].lane == "fast"
+    narrow_first = (GOOD + ROUTE.format(name="all", filter="devices/{device_id}/#"))
+    assert len(config.parse(tomllib.loads(narrow_first)).routes) == 2
+
+
+def test_file_transfers_come_first_in_the_fat_lane() -> None:
+    files = ('[s3]\nbucket = "iot-payloads"\n[file_transfer]\nkafka_topic = "iot.files"\n'
+             "[dead_letter]")
+    text = (GOOD.replace("[dead_letter]", files)
+            + ROUTE.format(name="segments", filter="devices/{device_id}/files/+/{n}")
+            + 'lane = "fat"\n')
+    assert ("routes[1].filter: never matches: file_transfer "
+            "(devices/{device_id}/files/{file_id}/#) takes every topic it would (same lane)"
+            ) in problems_of(text)
+
+
+def test_broker_settings_the_session_would_fail_on_are_refused(tmp_path: Path) -> None:
+    big = tmp_path / "password"
+    big.write_bytes(b"x" * 70000)
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1"\n'
+                                     'username = "bridge\\u0000"\n'
+                                     f'password_file = "{big}"\n'
+                                     "reconnect_min = 5\nreconnect_max = 1"))
+    assert "brokers[0].username: must be at most 65535 bytes without control characters" in found
+    assert "brokers[0].password_file: holds 70000 bytes; MQTT takes at most 65535" in found
+    assert "brokers[0].reconnect_min: must not exceed reconnect_max (1)" in found
+    found = problems_of(GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-1"\n'
+                                     f'username = "u"\npassword_file = "{tmp_path}"'))
+    assert f"brokers[0].password_file: cannot read {str(tmp_path)!r}: Is a directory" in found
+
+
+def test_route_names_tell_routes_apart_in_lineage() -> None:
+    assert "routes[0].name: must not be empty" in problems_of(GOOD + 'name = " "\n')
+    assert ("routes[0].name: is the route name of file-transfer envelopes"
+            in problems_of(GOOD + 'name = "file_transfer"\n'))
+
+
+def test_a_registry_path_with_u0000_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD.replace("[dead_letter]", '[registry]\nfile = "dev\\u0000ices.toml"\n'
+                                 "[dead_letter]"))
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    [problem] = caught.value.problems
+    assert problem.startswith("registry.file: ") and "embedded null byte" in problem
+
+
+HOSTILE = ["", "\x00", "a\nb", "x" * 70000, "mqtt://[::1:1883", "{device_id}/#", 0, -1,
+           2**63 - 1, 10**30, float("nan"), float("inf"), True, [], [[]], {}, {"a": {}},
+           datetime.date(2024, 1, 1)]
+
+
+def test_no_value_anywhere_crashes_the_checker() -> None:
+    """Every key of the example config (and a new librdkafka property) given each hostile
+    value: a Config or a ConfigError, never another exception."""
+    import copy
+    import tomllib
+
+    base = Path(__file__).parent.parent / "examples"
+    example = tomllib.loads((base / "bridge.toml").read_text())
+
+    def paths(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+        """The path of every table, array of tables and value under `node`."""
+        if isinstance(node, dict):
+            for key, child in node.items():
+                yield from paths(child, (*path, key))
+        elif isinstance(node, list) and all(isinstance(x, dict) for x in node):
+            for index, child in enumerate(node):
+                yield from paths(child, (*path, index))
+        if path:
+            yield path
+
+    for path in [*paths(example), ("kafka", "x.y"), ("lanes", "fat", "x.y")]:
+        for value in HOSTILE:
+            data = copy.deepcopy(example)
+            node = data
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            with contextlib.suppress(ConfigError):
+                config.parse(data, base=base)

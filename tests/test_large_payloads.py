@@ -273,7 +273,7 @@ name = "readings"
 filter = "{case.prefix}/{{device_id}}/telemetry"
 kafka_topic = "{case.topic}"
 format = "json"
-inline_max_bytes = 16000000
+inline_max_bytes = 900000
 """))
     big, small = b"not json " * 70_000, b"{broken"
     publish_as_device(case, [(f"{case.prefix}/d1/telemetry", big),

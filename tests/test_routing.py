@@ -30,7 +30,8 @@ def test_hash_matches_the_rest() -> None:
 
 
 @pytest.mark.parametrize("pattern", ["", "$SYS/{device_id}", "a/#/{device_id}", "a/b+/{device_id}",
-                                     "{device_id}/{device_id}", "a/{x}"])
+                                     "{device_id}/{device_id}", "a/{x}", "a/{device_id}\n",
+                                     "a/{device_id}/b\x00", "a/{device_id}/" + "x" * 65535])
 def test_bad_filters_are_refused(pattern: str) -> None:
     with pytest.raises(FilterError):
         RouteFilter.parse(pattern)
@@ -115,3 +116,23 @@ def test_unsafe_device_ids_are_refused_before_any_use(device_id: str) -> None:
     with pytest.raises(Rejected) as refused:
         router.match(f"devices/{device_id}/telemetry")
     assert refused.value.code == "invalid_device_id"
+
+
+@pytest.mark.parametrize(("first", "second", "covered"), [
+    ("devices/{device_id}/telemetry", "devices/{device_id}/telemetry", True),  # the same
+    ("devices/{device_id}/#", "devices/{device_id}/telemetry", True),
+    ("devices/{device_id}/#", "devices/{device_id}", True),  # '#' takes its own level too
+    ("devices/{device_id}/#", "devices/{device_id}/alerts/#", True),
+    ("a/+/{device_id}", "a/x/{device_id}", True),  # '+' and placeholders take any level
+    ("a/{site}/{device_id}", "a/+/{device_id}", True),
+    ("{device_id}/#", "a/b/{device_id}/c", True),
+    ("devices/{device_id}/telemetry", "devices/{device_id}/#", False),
+    ("a/x/{device_id}", "a/+/{device_id}", False),  # a literal takes only itself
+    ("devices/{device_id}/alerts/#", "devices/{device_id}", False),
+    ("devices/{device_id}/telemetry", "devices/{device_id}/telemetry/raw", False),
+    ("devices/{device_id}/telemetry", "devices/{device_id}/alerts", False),
+    ("a/+/+/{device_id}", "a/+/{device_id}", False),
+])
+def test_a_filter_covers_another_when_it_matches_every_topic_the_other_does(
+        first: str, second: str, covered: bool) -> None:
+    assert RouteFilter.parse(first).covers(RouteFilter.parse(second)) is covered
