@@ -350,5 +350,7 @@ class Daemon:
     async def _log_stats(self) -> None:
         while True:
             await asyncio.sleep(self.config.bridge.stats_interval)
+            caches = [p.plan_cache() for p in self.pipelines.values()]
             log.info("bridge_stats", pending=sum(s.pending for s in self.sinks.values()),
+                     plans=sum(n for n, _ in caches), plan_bytes=sum(b for _, b in caches),
                      **self.metrics.snapshot())

@@ -314,6 +314,10 @@ class Pipeline:
             self._remember(message, plan)
         return plan
 
+    def plan_cache(self) -> tuple[int, int]:
+        """How many plans are cached, and their estimated bytes."""
+        return len(self._plans), self._plans_bytes
+
     def _remember(self, message: Message, plan: Plan) -> None:
         """Cache a plan, within the byte budget: a full cache starts over, which costs the
         fleet one plan per topic, never memory."""

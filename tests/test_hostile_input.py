@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import threading
 import time
 import uuid
@@ -369,3 +370,132 @@ def test_concurrent_inits_cannot_pass_the_per_device_transfer_limit(case: Case) 
     alive = [k for k in inits if "refused" not in files.s3.head_object(
         Bucket=files.bucket, Key=k)["Metadata"]]
     assert len(alive) == 4
+
+
+# ------------------------------------------------------------------ 6. memory and topics
+
+
+def test_topics_a_device_chooses_do_not_grow_the_bridge(case: Case) -> None:
+    """An unknown device sending a new 30 KB topic each time, and a known one sending 2 KB
+    topics: nothing of theirs is cached (the review saw 389 MB for 3,000 such topics)."""
+    files = Files(case)
+    p = case.prefix
+    bridge = case.bridge(hostile_config(case, files, receive_max=100, extra_routes=f"""
+[[routes]]
+name = "logs"
+filter = "{p}/{{device_id}}/logs/#"
+kafka_topic = "{case.topic}"
+auth = "registry"
+[[routes]]
+name = "trace"
+filter = "{p}/{{device_id}}/trace/#"
+kafka_topic = "{case.topic}"
+"""))
+    ledger = Ledger(case, files)
+    with Canary(ledger):
+        before = rss_mib(bridge)
+        ledger.publish([(f"{p}/stranger/logs/{i}/{'x' * 30_000}", b"?") for i in range(1000)])
+        ledger.publish([(f"{p}/known/trace/{i}/{'y' * 2000}", b"!") for i in range(1000)])
+        envelopes = ledger.assert_settled([case.topic, case.dead_letter])
+    assert {e.get("error", {}).get("code") for k, e in envelopes.items()
+            if "/stranger/" in k[0]} == {"unknown_device"}
+    wait_all_acked(bridge)
+    time.sleep(1.5)
+    stats = bridge.stats()[-1]
+    assert stats["plans"] <= 2 and stats["plan_bytes"] < 10_000  # the canary's topic only
+    print(f"RSS {before:.0f} -> {rss_mib(bridge):.0f} MiB after 2,000 distinct long topics")
+
+
+def rss_mib(bridge: Bridge) -> float:
+    assert bridge.proc is not None
+    for line in Path(f"/proc/{bridge.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# ------------------------------------------------------------------ 8. kill -9 mid-assembly
+
+
+def test_a_kill_during_assembly_leaves_no_multipart_upload_open(case: Case,
+                                                               tmp_path: Path) -> None:
+    """The upload a killed bridge had open is aborted when the file is assembled again,
+    whatever became of its id; nothing waits for a lifecycle rule."""
+    files = Files(case)
+    config = hostile_config(case, files)
+    bridge = case.bridge(config)
+    source = tmp_path / "40mb.bin"
+    source.write_bytes(hashlib.sha256(b"x").digest() * (40 * 2**20 // 32))
+    uploader = threading.Thread(target=upload, args=(files, "cam", "clip", source.read_bytes()),
+                                kwargs={"segment_bytes": 1 << 20})
+    uploader.start()
+    deadline = time.monotonic() + 120
+    while not files.open_uploads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert files.open_uploads(), "the assembly never opened its multipart upload"
+    bridge.kill9()
+    uploader.join(60)
+    case.bridge(config)
+    [reference] = files.references(1, timeout=120)
+    assert files.object_sha256(reference["reference"]) == reference["sha256"]
+    assert files.open_uploads() == []
+    assert files.keys("staging/") == []
+
+
+# ------------------------------------------------------------------ 10. reload
+
+
+def test_a_reload_with_a_producer_property_librdkafka_refuses_keeps_the_running_map(
+        case: Case) -> None:
+    config = case.config()
+    bridge = case.bridge(config)
+    before = bridge.events_count()
+    config.write_text(config.read_text().replace(
+        '[kafka]\n', '[kafka]\n"linger.msec" = 5\n'))
+    assert bridge.proc is not None
+    bridge.proc.send_signal(signal.SIGHUP)
+    refused = bridge.wait_for("reload_refused", after=before)
+    assert any(p.startswith('kafka."linger.msec"') for p in refused["problems"])
+    ledger = Ledger(case)
+    ledger.publish([(f"{case.prefix}/d1/telemetry", b"still bridged")])
+    ledger.assert_settled([case.topic])
+    assert not [e for e in bridge.events()[before:] if "Task exception" in str(e)]
+
+
+# ------------------------------------------------------------------ 11. topics devices choose
+
+
+def test_a_device_cannot_create_kafka_topics_through_a_template(case: Case) -> None:
+    """Tansu, like many clusters, creates a topic on first produce. A rendered topic the
+    cluster does not have is a kafka_topic_missing dead letter, unless the route says
+    create_topics = true."""
+    from confluent_kafka.admin import AdminClient
+
+    tag = case.prefix
+    case.stack.create_topics([f"site.berlin.{tag}"])
+    files = Files(case)
+    p = case.prefix
+    case.bridge(hostile_config(case, files, extra_routes=f"""
+[[routes]]
+name = "status"
+filter = "{p}/sites/{{site}}/{{device_id}}/status"
+kafka_topic = "site.{{site}}.{tag}"
+[[routes]]
+name = "made"
+filter = "{p}/made/{{site}}/{{device_id}}/status"
+kafka_topic = "made.{{site}}.{tag}"
+create_topics = true
+"""))
+    ledger = Ledger(case, files)
+    with Canary(ledger):
+        ledger.publish([(f"{p}/sites/berlin/d1/status", b"ok"),
+                        (f"{p}/sites/nosuchsite/d1/status", b"no"),
+                        (f"{p}/made/lisbon/d1/status", b"new")])
+        envelopes = ledger.assert_settled([case.topic, case.dead_letter, f"site.berlin.{tag}",
+                                           f"made.lisbon.{tag}"])
+    codes = {k[0].split("/")[2]: e.get("error", {}).get("code") for k, e in envelopes.items()
+             if "/d1/" in k[0]}
+    assert codes == {"berlin": None, "nosuchsite": "kafka_topic_missing", "lisbon": None}
+    topics = AdminClient({"bootstrap.servers": case.stack.bootstrap}).list_topics(timeout=10).topics
+    assert f"site.nosuchsite.{tag}" not in topics
+    assert f"made.lisbon.{tag}" in topics
