@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tracemalloc
 from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import msgpack
@@ -84,22 +85,77 @@ def test_json_refuses(payload: bytes, reason: str) -> None:
     assert len(refused) <= 200 and "\n" not in refused
 
 
-@pytest.mark.parametrize("payload", [msgpack.packb({"t": 21.5}), msgpack.packb([1, 2])])
+class Pairs(list[tuple[Any, Any]]):
+    """A msgpack map with keys of any type, which a dict cannot hold."""
+
+
+def pack(value: Any, use_bin_type: bool = True) -> bytes:
+    packer = msgpack.Packer(use_bin_type=use_bin_type)
+
+    def go(value: Any) -> bytes:
+        if isinstance(value, Pairs):
+            return packer.pack_map_header(len(value)) + b"".join(
+                go(key) + go(item) for key, item in value)
+        if isinstance(value, list):
+            return packer.pack_array_header(len(value)) + b"".join(map(go, value))
+        return packer.pack(value)
+    return go(value)
+
+
+DEEP_MSGPACK = b"\x92" * 100_000 + b"\xc0" * 100_001  # each level keeps a sibling to come
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb({"t": 21.5}), msgpack.packb(None), msgpack.packb(b"\xff", use_bin_type=True),
+    msgpack.packb({1: "int keys", -2: 3}), pack(Pairs([([1, 2], "array key")])),
+    pack(Pairs([(Pairs([("k", 1)]), "map key"), (None, 1), (1.5, 2), (b"\x00", 3)])),
+    b"\x81\x81\x80\x80\x90",  # {{{}: {}}: []}
+    msgpack.packb(msgpack.Timestamp(-2**63, 999_999_999)),
+    msgpack.packb(msgpack.Timestamp(1, 0)), msgpack.packb(msgpack.ExtType(5, b"any")),
+    b"\xd4\x05\x01", b"\xdd\x00\x00\x00\x03\x80\x80\x80", b"\xde\x00\x01\xa1k\xc0",
+    b"\x91" * 100_000 + b"\xc0", DEEP_MSGPACK,
+    b"\xdc\x00\x06\x80\x90\xa0\xc0\xc3\xff", b"\xdd\x00\x01\x00\x00" + b"\x7f" * 65536,  # runs
+    b"\x81\xa1k" * 50_000 + b"\x90",
+], ids=lambda p: repr(p[:16]))
 def test_msgpack_accepts(payload: bytes) -> None:
     assert verdicts("msgpack", payload) is None
 
 
-@pytest.mark.parametrize("payload", [b"\xc1", b"\x92\x01", msgpack.packb(1) + b"\x01"])
-def test_msgpack_refuses(payload: bytes) -> None:
-    assert verdicts("msgpack", payload) is not None
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"", "expected a value at byte 0"), (b"\xc1", "invalid type byte 0xc1 at byte 0"),
+    (b"\x92\x01", "expected a value at byte 2"), (b"\x92\x01\xc1", "0xc1 at byte 2"),
+    (b"\x93\x01\x01", "expected a value at byte 3"),
+    (b"\x92\x01\x01\x01", "trailing data at byte 3"),
+    (msgpack.packb(1) + b"\x01", "trailing data at byte 1"),
+    (msgpack.packb({"a": 1}) + msgpack.packb([]), "trailing data at byte 4"),
+    (b"\xa5ab", "truncated value at byte 0"), (b"\xde\x00", "truncated value at byte 0"),
+    (b"\xa2\xff\xfe", "str not valid UTF-8 at byte 0"),
+    (b"\x81\xa2\xed\xa0\x01", "str not valid UTF-8 at byte 1"),  # keys are checked too
+    (b"\xd5\xff\x00\x00", "invalid timestamp data (length 2) at byte 0"),
+    (b"\xc7\x0c\xff" + b"\xff" * 4 + b"\x00" * 8, "nanoseconds must be"),
+    (b"\xdd\xff\xff\xff\xff" + b"\x80" * 1000, "expected a value at byte 1005"),
+    (b"\xdb\xff\xff\xff\xff", "at byte 0"), (DEEP_MSGPACK[:-1], "expected a value at byte"),
+])
+def test_msgpack_refuses(payload: bytes, reason: str) -> None:
+    refused = verdicts("msgpack", payload)
+    assert refused is not None and reason in refused
+    assert len(refused) <= 200 and "\n" not in refused
 
 
-def test_large_payloads_skip_the_fast_path() -> None:
-    big = json.dumps(["x" * 100] * 1000).encode()
+def test_msgpack_str_needs_utf8_without_bin_type() -> None:
+    assert verdicts("msgpack", msgpack.packb(b"\xff", use_bin_type=False)) is not None
+
+
+@pytest.mark.parametrize("name", ["json", "msgpack"])
+def test_large_payloads_skip_the_fast_path(name: str) -> None:
+    big = json.dumps(["x" * 100] * 1000).encode() if name == "json" else \
+        msgpack.packb(["x" * 100] * 1000)
     assert len(big) > INLINE_CHECK_MAX
-    with mock.patch.object(formats, "_DECODER") as decoder:
-        assert verdict(JSON.check, big) is None
+    with mock.patch.object(formats, "_DECODER") as decoder, \
+            mock.patch.object(formats.msgpack, "unpackb") as unpackb:
+        assert verdict(FORMATS[name].check, big) is None
     decoder.decode.assert_not_called()
+    unpackb.assert_not_called()
 
 
 @pytest.mark.parametrize("offset", range(formats._CHUNK - 6, formats._CHUNK + 2))
@@ -121,10 +177,11 @@ def test_numbers_past_double_and_int64_in_a_large_payload() -> None:
 
 @pytest.mark.parametrize(("name", "payload"), [
     ("json", b"[" + b"{}," * 100_000 + b"{}]"), ("json", b"[" + b"1.5," * 75_000 + b"1]"),
+    ("msgpack", b"\xdd\x00\x04\x00\x00" + b"\x80" * 0x40000),
 ])
 def test_streaming_memory_does_not_grow_with_the_payload(name: str, payload: bytes) -> None:
     """300 KB of tiny values: the Python heap peaks near the read buffer, not at the values
-    (json.loads takes 7 MB for the first)."""
+    (json.loads takes 7 MB for the first, unpackb 19 MB for the last)."""
     check = FORMATS[name].check_streaming
     assert check is not None
     tracemalloc.start()
