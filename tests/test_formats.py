@@ -1,9 +1,10 @@
 """Payload formats: what each accepts, the reason it gives for what it refuses, and that the
-fast path and the streaming validator agree."""
+fast path and the streaming validator agree whatever the input and the chunk size."""
 
 from __future__ import annotations
 
 import json
+import random
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,8 @@ from unittest import mock
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge import formats
 from bridge.formats import FORMATS, INLINE_CHECK_MAX
@@ -191,3 +194,131 @@ def test_streaming_memory_does_not_grow_with_the_payload(name: str, payload: byt
     finally:
         tracemalloc.stop()
     assert peak < 128 * 1024
+
+
+# Properties: the verdict is one function of the bytes, whichever path and chunk size.
+
+CHUNKS = st.sampled_from([4, 5, 7, 64, formats._CHUNK])
+
+
+def json_values() -> st.SearchStrategy[Any]:
+    text = st.text(st.characters() | st.characters(
+        min_codepoint=0xD800, max_codepoint=0xDFFF, categories=["Cs"]), max_size=8)
+    scalars = (st.none() | st.booleans() | st.integers()
+               | st.floats(allow_nan=False, allow_infinity=False) | text)
+    return st.recursive(scalars, lambda children: st.lists(children, max_size=5)
+                        | st.dictionaries(text, children, max_size=5), max_leaves=20)
+
+
+@st.composite
+def json_texts(draw: st.DrawFn) -> bytes:
+    value = draw(json_values())
+    indent = draw(st.sampled_from([None, 0, 2, "\t"]))
+    ascii_only = draw(st.booleans())
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: valid only as an escape
+        return json.dumps(value, ensure_ascii=True, indent=indent).encode()
+
+
+def msgpack_values(any_keys: bool, use_bin_type: bool) -> st.SearchStrategy[Any]:
+    blobs = st.binary(max_size=8) if use_bin_type else st.text(max_size=8).map(str.encode)
+    scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
+               | st.text(max_size=8) | blobs
+               | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=17))
+               | st.builds(msgpack.Timestamp, st.integers(-2**63, 2**63 - 1),
+                           st.integers(0, 999_999_999)))
+    keys = st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=8)
+
+    def containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        maps = st.lists(st.tuples(children if any_keys else keys, children), max_size=5)
+        return st.lists(children, max_size=5) | (maps.map(Pairs) if any_keys else
+                                                 maps.map(dict))
+    return st.recursive(scalars, containers, max_leaves=20)
+
+
+@st.composite
+def msgpack_payloads(draw: st.DrawFn) -> bytes:
+    use_bin_type, any_keys = draw(st.booleans()), draw(st.booleans())
+    value = draw(msgpack_values(any_keys, use_bin_type))
+    return pack(value, use_bin_type) if any_keys else \
+        msgpack.packb(value, use_bin_type=use_bin_type)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, documents: st.SearchStrategy[bytes]) -> bytes:
+    """A valid document with a few bytes cut, replaced or added: near misses."""
+    payload = draw(documents)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(payload)))
+        cut = draw(st.integers(0, 3))
+        payload = payload[:at] + draw(st.binary(max_size=3)) + payload[at + cut:]
+    return payload
+
+
+ANY_BYTES = st.binary(max_size=64) | mutated(json_texts()) | mutated(msgpack_payloads())
+
+
+def plain_verdict(name: str, payload: bytes) -> bool | None:
+    """Whether the plain parsers accept, or None where they cannot judge: json.loads past
+    its recursion limit, unpackb on unhashable keys or past its 1024 levels."""
+    try:
+        if name == "json":
+            json.loads(payload.decode("utf-8"), parse_constant=formats._no_constants)
+        else:
+            msgpack.unpackb(payload, strict_map_key=False)
+    except (RecursionError, TypeError, msgpack.StackError):
+        return None
+    except ValueError:
+        return False
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(ANY_BYTES, CHUNKS)
+def test_any_bytes_get_one_verdict_the_plain_parsers_where_they_can_judge(
+        payload: bytes, chunk: int) -> None:
+    """Only ValueError, the same from both entry points at any chunk size, and the plain
+    parsers' verdict where they can judge: so yajl's leniencies (\\v as space, a string
+    left open after the value) and msgpack's stack limit do not leak into the definition."""
+    with mock.patch.object(formats, "_CHUNK", chunk):
+        for name in ("json", "msgpack"):
+            plain = plain_verdict(name, payload)
+            assert plain is None or plain == (verdicts(name, payload) is None), name
+
+
+@settings(max_examples=50, deadline=None)
+@given(json_texts(), CHUNKS)
+def test_json_values_are_accepted(payload: bytes, chunk: int) -> None:
+    with mock.patch.object(formats, "_CHUNK", chunk):
+        assert verdicts("json", payload) is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(msgpack_payloads(), CHUNKS)
+def test_msgpack_values_are_accepted(payload: bytes, chunk: int) -> None:
+    with mock.patch.object(formats, "_CHUNK", chunk):
+        assert verdicts("msgpack", payload) is None
+
+
+def deep(name: str, depth: int, seed: int) -> bytes:
+    """Arrays and maps nested `depth` levels, some with a sibling after the nested one."""
+    levels = random.Random(seed).choices(range(4), k=depth)
+    if name == "json":
+        opens = [b"[", b'{"k":', b"[1,", b'{"a":1,"k":']
+        closes = [b"]", b"}", b"]", b"}"]
+        return b"".join(opens[k] for k in levels) + b"null" + b"".join(
+            closes[k] for k in reversed(levels))
+    opens = [b"\x91", b"\x81\xa1k", b"\x92", b"\x82\xa1a\x01\xa1k"]
+    return b"".join(opens[k] for k in levels) + b"\xc0" + b"".join(
+        b"\xc0" if k == 2 else b"" for k in reversed(levels))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(["json", "msgpack"]), st.integers(10_000, 100_000), st.integers(),
+       st.floats(0, 1, exclude_max=True))
+def test_deep_nesting(name: str, depth: int, seed: int, cut: float) -> None:
+    payload = deep(name, depth, seed)
+    assert verdicts(name, payload) is None
+    assert verdicts(name, payload[:int(len(payload) * cut)]) is not None
