@@ -1,8 +1,9 @@
 """Payload formats a route may require. Adding one is adding one entry to FORMATS.
 
 A check gets the payload and, when it is not valid, raises ValueError with a short reason
-("... at byte N", at most _REASON_MAX characters), and nothing else whatever the input; the
-message then goes to the dead-letter topic with code `bad_payload`. `raw` checks nothing.
+("... at byte N", or "in bytes N-M" inside a json token longer than _EXACT; at most
+_REASON_MAX characters), and nothing else whatever the input; the message then goes to the
+dead-letter topic with code `bad_payload`. `raw` checks nothing.
 What is valid does not depend on the payload's size:
 
 - json: RFC 8259 text in UTF-8: no BOM, no NaN or Infinity, nothing after the value but
@@ -24,8 +25,9 @@ Each checked format has two entry points, with the same verdict and reason:
   byte per open level for json; 8 bytes per open msgpack container that has items left
   after the one being read), plus a read buffer of _CHUNK bytes, plus the longest single
   string or number, which is decoded whole. Time is linear in the payload: a few MB/s at
-  worst (bench/formats.py). No C call parses more than _CHUNK bytes, or one msgpack value,
-  and about every _SHARE_SECONDS it offers the GIL, so the event loop keeps turning.
+  worst (bench/formats.py). No C call parses more than _CHUNK bytes (or the rest of a
+  longer json token) or one msgpack value (or a run of one-byte values up to _CHUNK), and
+  about every _SHARE_SECONDS the validator offers the GIL, so the event loop keeps turning.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import re
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import ijson
@@ -48,6 +50,7 @@ INLINE_CHECK_MAX = 64 * 1024  # payloads up to this size may be checked on the e
 _CHUNK = 16 * 1024  # bytes per parser call: bounds the read buffer and each hold of the GIL
 _SHARE_SECONDS = 0.001  # a streaming validator offers the GIL about this often
 _SHARE_EVERY = 4 * 1024  # msgpack bytes between looks at the clock: ~1 ms of the worst case
+_EXACT = 256  # naming the byte of an error costs up to this squared per token
 _REASON_MAX = 200
 
 
@@ -102,7 +105,6 @@ def _inline(fast: Callable[[bytes], object],
 # JSON: ijson's C parser (yajl) is the definition, fed the payload a chunk at a time.
 
 _yajl2_c = ijson.get_backend("yajl2_c")  # not IJSON_BACKEND's choice: its quirks are known
-_DISCARD = types.SimpleNamespace(send=collections.deque(maxlen=0).append)  # drop events
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # never raw in JSON; yajl: \v \f space
 _LOW_SURROGATE = re.compile(rb"\\u[dD][c-fC-F]")  # yajl turns a lone one into invalid UTF-8
 _NO_TRAPS = decimal.Context(traps=[])  # 1e99999999999999999999 is JSON: Decimal('NaN')
@@ -123,8 +125,8 @@ def _json_fast(payload: bytes) -> object:
 def check_json_streaming(payload: bytes, share_gil: bool = True) -> None:
     """The JSON validator. yajl's doubles and 64-bit integers are the fast way to take
     numbers; only if one overflows them does the text go again with Decimal and int, which
-    take every number. Where a chunk is refused, its bytes go again one at a time, only to
-    say at which byte."""
+    take every number. Where a piece is refused, the text goes again with pieces of a byte
+    from there, only to say at which byte."""
     decimals, share = False, _gil_sharer(share_gil)
     error = _json_error(payload, decimals, share)
     if error is not None and error[2] in _OVERFLOWS:
@@ -133,28 +135,37 @@ def check_json_streaming(payload: bytes, share_gil: bool = True) -> None:
     if error is not None and error[1] > 1:
         error = _json_error(payload, decimals, share, refine=error[0]) or error
     if error is not None:
-        raise _refused(f"{error[2]} at byte {error[0]}")
+        where, length, why = error
+        span = f"at byte {where}" if length <= 1 else f"in bytes {where}-{where + length - 1}"
+        raise _refused(f"{why} {span}")
 
 
 def _json_error(payload: bytes, decimals: bool, share_gil: Callable[[], None],
                 refine: int = -1) -> tuple[int, int, str] | None:
     """Where the payload stops being JSON: (offset, length of the piece the parser refused,
-    why), or None. The piece at offset `refine` goes in a byte at a time."""
-    parser = _yajl2_c.basic_parse_coro(_DISCARD, use_float=not decimals)
+    why), or None. `pending` counts the bytes sent since the last event: yajl's
+    unfinished token, if any."""
+    events: collections.deque[object] = collections.deque(maxlen=1)  # the last one only
+    parser = _yajl2_c.basic_parse_coro(types.SimpleNamespace(send=events.append),
+                                       use_float=not decimals)
+    view, size, start, pending, last = memoryview(payload), len(payload), 0, 0, None
     with decimal.localcontext(_NO_TRAPS):
-        for start, piece, control in _json_pieces(payload):
-            step = 1 if start == refine else max(len(piece), 1)
-            for at in range(0, len(piece), step):
-                try:
-                    parser.send(piece[at:at + step])
-                except Exception as exc:
-                    return start + at, step, _json_reason(exc)
-                share_gil()
+        while start < size:
+            piece, stop, control = _json_piece(payload, view, start,
+                                               _piece_size(start, pending, refine))
+            try:
+                if piece:
+                    parser.send(piece)
+            except Exception as exc:
+                return start, stop - start, _json_reason(exc)
             if control:
-                end = start + len(piece)
-                return end, 0, f"control character {payload[end]:#04x}"
+                return stop, 0, f"control character {payload[stop]:#04x}"
+            share_gil()
+            newest = events[-1] if events else None
+            pending = 0 if newest is not last else pending + stop - start
+            start, last = stop, newest
         why = _json_end(parser)
-    return None if why is None else (len(payload), 0, why)
+    return None if why is None else (size, 0, why)
 
 
 def _json_end(parser: Any) -> str | None:
@@ -178,27 +189,33 @@ def _json_end(parser: Any) -> str | None:
     return None
 
 
-def _json_pieces(payload: bytes) -> Iterator[tuple[int, bytes | memoryview, bool]]:
-    """The payload in pieces of at most _CHUNK bytes, without copying, as
-    (offset, piece, whether a control character follows it). Control characters, which
-    RFC 8259 text never holds raw, end the text. A low-surrogate escape is never split
-    and becomes \\u00xx: the same grammar, and no invalid UTF-8 from yajl."""
-    view, size, start = memoryview(payload), len(payload), 0
-    while start < size:
-        stop = min(start + _CHUNK, size)
-        split = _LOW_SURROGATE.search(payload, stop - 3, stop + 3) if stop < size else None
-        if split is not None and split.start() < stop:
-            stop = split.start()
-        control = _CONTROL.search(payload, start, stop)
-        if control is not None:
-            stop = control.start()
-        piece: bytes | memoryview = view[start:stop]
-        if _LOW_SURROGATE.search(payload, start, stop) is not None:
-            piece = _LOW_SURROGATE.sub(rb"\\u00", piece)
-        yield start, piece, control is not None
-        if control is not None:
-            return
-        start = stop
+def _piece_size(start: int, pending: int, refine: int) -> int:
+    """_CHUNK bytes, or from `refine` on (never past it) one byte, while yajl holds fewer
+    than _EXACT of an unfinished token. yajl reads such a token again from its start with
+    each piece, so past that, pieces grow with the token to keep the time linear."""
+    if 0 <= refine <= start:
+        return 1 if pending < _EXACT else pending
+    size = max(_CHUNK, pending)
+    return min(size, refine - start) if start < refine else size
+
+
+def _json_piece(payload: bytes, view: memoryview, start: int,
+                want: int) -> tuple[bytes | memoryview, int, bool]:
+    """The next piece for yajl, of about `want` bytes without copying, as (piece, where it
+    stops, whether a control character stops it). Control characters, which RFC 8259 text
+    never holds raw, end the text. A low-surrogate escape the piece would cut is taken in
+    whole, and those in it become \\u00xx: the same grammar, and no invalid UTF-8 from yajl."""
+    stop = min(start + want, len(payload))
+    split = _LOW_SURROGATE.search(payload, max(start, stop - 3), stop + 3)
+    if split is not None and split.start() < stop:
+        stop = split.end()
+    control = _CONTROL.search(payload, start, stop)
+    if control is not None:
+        stop = control.start()
+    piece: bytes | memoryview = view[start:stop]
+    if _LOW_SURROGATE.search(payload, start, stop) is not None:
+        piece = _LOW_SURROGATE.sub(rb"\\u00", piece)
+    return piece, stop, control is not None
 
 
 def _json_reason(exc: Exception) -> str:

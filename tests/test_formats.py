@@ -174,8 +174,25 @@ def test_numbers_past_double_and_int64_in_a_large_payload() -> None:
     assert verdicts("json", filler + b"1e400, 18446744073709551616]") is None
     assert verdicts("json", filler + b"1e400, x]") == \
         f"lexical error: invalid char in json text at byte {len(filler) + 7}"
-    assert verdicts("json", filler + b"1" * 4301 + b"]") == \
-        f"integer longer than 4300 digits at byte {len(filler) + 4301}"
+    refused = verdicts("json", filler + b"1" * 4301 + b"]")
+    assert refused is not None and refused.startswith("integer longer than 4300 digits in bytes ")
+    assert refused.endswith(f"-{len(filler) + 4301}")  # a long token: the span of the piece
+
+
+def test_a_long_token_goes_in_growing_pieces() -> None:
+    """yajl reads an unfinished token again with each piece: a 4 MiB string in 16 KiB
+    pieces would be read 256 times over (4 s at 16 MiB, 60 s for a 16 MiB number)."""
+    sends: list[int] = []
+    parse = formats._yajl2_c.basic_parse_coro
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        parser = parse(*args, **kwargs)
+        return mock.Mock(send=lambda piece: sends.append(len(piece)) or parser.send(piece),
+                         close=parser.close)
+    with mock.patch.object(formats._yajl2_c, "basic_parse_coro", counting):
+        assert verdict(JSON.check_streaming, b'["' + b"a" * (4 << 20) + b'", 1.5]') is None
+        assert verdict(JSON.check_streaming, b"[1." + b"1" * (4 << 20) + b", 1.5]") is None
+    assert len(sends) < 40
 
 
 @pytest.mark.parametrize(("name", "payload"), [
