@@ -11,8 +11,8 @@ What is valid does not depend on the payload's size:
   json.loads). Integers longer than sys.get_int_max_str_digits() digits (4300 by default)
   are refused, as json.loads refuses them: CPython's guard against quadratic conversion.
 - msgpack: exactly one msgpack object, keys of any type (arrays and maps too), str in UTF-8,
-  ext types as msgpack-python decodes them (a timestamp, ext -1, must be 4, 8 or 12 bytes
-  with nanoseconds below 10**9), no trailing bytes.
+  ext types as msgpack-python decodes them (codes 0 to 127, and -1, the timestamp: 4, 8 or
+  12 bytes with nanoseconds below 10**9), no trailing bytes.
 
 Each checked format has two entry points, with the same verdict and reason:
 
@@ -23,15 +23,17 @@ Each checked format has two entry points, with the same verdict and reason:
   whoever calls it, but they should go to `check_streaming` on a worker thread.
 - `check_streaming(payload)`: the streaming validator alone. Memory is O(nesting depth) (a
   byte per open level for json; 8 bytes per open msgpack container that has items left
-  after the one being read), plus a read buffer of _CHUNK bytes, plus the longest single
-  string or number, which is decoded whole. Time is linear in the payload: a few MB/s at
-  worst (bench/formats.py). No C call parses more than _CHUNK bytes (or the rest of a
+  after the one being read), plus a read buffer of _CHUNK bytes, plus for json the longest
+  string or number, which yajl holds and ijson decodes whole (msgpack reads a str, bin or
+  ext longer than _CHUNK in pieces). Time is linear in the payload: a few MB/s at worst
+  (bench/formats.py). No C call parses more than _CHUNK bytes (or the rest of a
   longer json token) or one msgpack value (or a run of one-byte values up to _CHUNK), and
   about every _SHARE_SECONDS the validator offers the GIL, so the event loop keeps turning.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import decimal
 import io
@@ -242,6 +244,9 @@ _KINDS = bytes(
 _ONE_BYTE = bytes(kind <= 0x80 or kind >= 0xE0 or kind in (0x90, 0xA0, 0xC0, 0xC2, 0xC3)
                   for kind in range(256))
 _ONE_BYTE_RUN = re.compile(rb"[\x00-\x80\x90\xa0\xc0\xc2\xc3\xe0-\xff]+")
+# The bytes of the length of str 8/16/32, bin 8/16/32 and ext 8/16/32 (else 0).
+_LENGTH_BYTES = bytes({0xC4: 1, 0xC5: 2, 0xC6: 4, 0xC7: 1, 0xC8: 2, 0xC9: 4,
+                       0xD9: 1, 0xDA: 2, 0xDB: 4}.get(kind, 0) for kind in range(256))
 
 
 def _msgpack_fast(payload: bytes) -> object:
@@ -288,7 +293,8 @@ def _msgpack_walk(payload: bytes, unpacker: msgpack.Unpacker,
                     continue
                 per = _KINDS[kind]
                 if per == _SCALAR:
-                    unpack()
+                    if not (_LENGTH_BYTES[kind] and _read_long(payload, at, read, share_gil)):
+                        unpack()
                     continue
                 count = headers[per]() * per
                 if count:
@@ -300,6 +306,39 @@ def _msgpack_walk(payload: bytes, unpacker: msgpack.Unpacker,
             left = stack.pop()
     except Exception as exc:
         raise _refused(f"{_msgpack_reason(exc, payload, at)} at byte {at}") from None
+
+
+def _read_long(payload: bytes, at: int, read: Callable[[int], bytes],
+               share_gil: Callable[[], None]) -> bool:
+    """Read a str, bin or ext longer than _CHUNK in pieces, decoding a str's as they come,
+    so it costs a piece of memory rather than the value twice over (the unpacker's buffer
+    and the object); False, having read nothing, for a shorter one."""
+    kind = payload[at]
+    width, ext = _LENGTH_BYTES[kind], 0xC7 <= kind <= 0xC9
+    data = at + 1 + width + ext  # an ext's type byte follows its length
+    if data > len(payload):
+        return False  # its header cut short: unpack() says so
+    length = int.from_bytes(payload[at + 1:at + 1 + width], "big")
+    if length <= _CHUNK:
+        return False
+    if data + length > len(payload):
+        raise msgpack.OutOfData
+    if ext and payload[data - 1] == 0xFF:  # a timestamp: 4, 8 or 12 bytes, unpacked
+        if length in (4, 8, 12):
+            return False
+        raise ValueError(f"invalid timestamp data (length {length})")
+    if ext and payload[data - 1] >= 0x80:  # as msgpack-python's ExtType refuses them
+        raise ValueError("code must be 0~127")
+    utf8 = codecs.getincrementaldecoder("utf-8")() if kind >= 0xD9 else None
+    read(data - at)
+    for start in range(data, data + length, _CHUNK):
+        piece = read(min(_CHUNK, data + length - start))
+        if utf8 is not None:
+            utf8.decode(piece)
+        share_gil()
+    if utf8 is not None:
+        utf8.decode(b"", True)
+    return True
 
 
 def _msgpack_reason(exc: Exception, payload: bytes, at: int) -> str:

@@ -118,6 +118,7 @@ DEEP_MSGPACK = b"\x92" * 100_000 + b"\xc0" * 100_001  # each level keeps a sibli
     b"\xd4\x05\x01", b"\xdd\x00\x00\x00\x03\x80\x80\x80", b"\xde\x00\x01\xa1k\xc0",
     b"\x91" * 100_000 + b"\xc0", DEEP_MSGPACK,
     b"\xdc\x00\x06\x80\x90\xa0\xc0\xc3\xff", b"\xdd\x00\x01\x00\x00" + b"\x7f" * 65536,  # runs
+    msgpack.packb(["\u00e9" * 50_000, b"\x00" * 70_000, msgpack.ExtType(3, b"x" * 70_000)]),
     b"\x81\xa1k" * 50_000 + b"\x90",
 ], ids=lambda p: repr(p[:16]))
 def test_msgpack_accepts(payload: bytes) -> None:
@@ -138,6 +139,11 @@ def test_msgpack_accepts(payload: bytes) -> None:
     (b"\xc7\x0c\xff" + b"\xff" * 4 + b"\x00" * 8, "nanoseconds must be"),
     (b"\xdd\xff\xff\xff\xff" + b"\x80" * 1000, "expected a value at byte 1005"),
     (b"\xdb\xff\xff\xff\xff", "at byte 0"), (DEEP_MSGPACK[:-1], "expected a value at byte"),
+    (b"\xd4\x80\x00", "code must be 0~127 at byte 0"),  # reserved ext codes, as unpackb
+    (b"\xc9\x00\x01\x00\x00\xfe" + b"\x00" * 65536, "code must be 0~127 at byte 0"),
+    (b"\xc9\x00\x01\x00\x00\xff" + b"\x00" * 65536, "invalid timestamp data (length 65536)"),
+    (b"\xdb\x00\x01\x00\x00" + b"a" * 65535 + b"\xc3", "str not valid UTF-8 at byte 0"),
+    (b"\xdb\x00\x01\x00\x00" + b"a" * 65535, "truncated value at byte 0"),
 ])
 def test_msgpack_refuses(payload: bytes, reason: str) -> None:
     refused = verdicts("msgpack", payload)
@@ -198,10 +204,11 @@ def test_a_long_token_goes_in_growing_pieces() -> None:
 @pytest.mark.parametrize(("name", "payload"), [
     ("json", b"[" + b"{}," * 100_000 + b"{}]"), ("json", b"[" + b"1.5," * 75_000 + b"1]"),
     ("msgpack", b"\xdd\x00\x04\x00\x00" + b"\x80" * 0x40000),
+    ("msgpack", msgpack.packb("\u00e9" * 150_000)), ("msgpack", msgpack.packb(b"b" * 300_000)),
 ])
 def test_streaming_memory_does_not_grow_with_the_payload(name: str, payload: bytes) -> None:
-    """300 KB of tiny values: the Python heap peaks near the read buffer, not at the values
-    (json.loads takes 7 MB for the first, unpackb 19 MB for the last)."""
+    """300 KB of tiny values, or one str or bin: the Python heap peaks near the read buffer,
+    not at the values (json.loads takes 7 MB for the first, unpackb 19 MB for the third)."""
     check = FORMATS[name].check_streaming
     assert check is not None
     tracemalloc.start()
