@@ -49,7 +49,7 @@ import ijson
 import msgpack
 
 INLINE_CHECK_MAX = 64 * 1024  # payloads up to this size may be checked on the event loop
-_CHUNK = 16 * 1024  # bytes per parser call: bounds the read buffer and each hold of the GIL
+_CHUNK = 16 * 1024  # bytes per parser call (more only to finish a longer json token)
 _SHARE_SECONDS = 0.001  # a streaming validator offers the GIL about this often
 _SHARE_EVERY = 4 * 1024  # msgpack bytes between looks at the clock: ~1 ms of the worst case
 _EXACT = 256  # naming the byte of an error costs up to this squared per token
@@ -104,7 +104,7 @@ def _inline(fast: Callable[[bytes], object],
     return check
 
 
-# JSON: ijson's C parser (yajl) is the definition, fed the payload a chunk at a time.
+# JSON: ijson's C parser (yajl) is the definition, fed the payload a piece at a time.
 
 _yajl2_c = ijson.get_backend("yajl2_c")  # not IJSON_BACKEND's choice: its quirks are known
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # never raw in JSON; yajl: \v \f space
