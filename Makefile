@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help dev test unit check bench bench-files clean
+.PHONY: help dev test unit check bench bench-files bench-formats clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@missing=""; \
@@ -39,6 +39,9 @@ bench: $(STAMP)  ## throughput benchmark: 100k QoS 1 messages through the bridge
 
 bench-files: $(STAMP)  ## large-file benchmark: a 200 MiB file transfer, MiB/s and peak RSS
 	$(BIN)/python bench/large_files.py
+
+bench-formats: $(STAMP)  ## payload-check benchmark: per message, MB/s, memory, loop lag
+	$(BIN)/python bench/formats.py
 
 clean:  ## remove the virtual environment and local state
 	rm -rf $(VENV) .dev *.egg-info
