@@ -339,16 +339,16 @@ def test_fins_waiting_out_their_grace_hold_no_slot(case: Case) -> None:
 
 
 def test_a_file_in_too_many_segments_is_refused_at_its_first_small_segment(case: Case) -> None:
-    files = Files(case, max_segments_per_file=100)
+    files = Files(case, max_segments_per_file=20)
     bridge = case.bridge(hostile_config(case, files))
-    data = bytes(range(256)) * 400  # 102,400 bytes: segments of at least 1,024 bytes
-    upload(files, "chatty", "tiny", data, segment_bytes=200)  # 512 segments and a fin
-    dead = files.dead_letters(513)
+    data = bytes(range(256)) * 80  # 20,480 bytes: segments of at least 1,024 bytes
+    upload(files, "chatty", "tiny", data, segment_bytes=256)  # 80 segments and a fin
+    dead = files.dead_letters(81)
     codes = Counter(env["error"]["code"] for env in dead)
-    assert set(codes) == {"too_many_segments", "unknown_transfer"} and len(dead) == 513
+    assert set(codes) == {"too_many_segments", "unknown_transfer"} and len(dead) == 81
     first = next(env for env in dead if env["error"]["code"] == "too_many_segments")
     assert "at least 1024 bytes" in first["error"]["reason"]
-    fine = upload(files, "chatty", "ok", data, segment_bytes=1024)  # exactly 100
+    fine = upload(files, "chatty", "ok", data, segment_bytes=1024)  # exactly 20
     assert files.references(1)[0]["sha256"] == fine.sha256
     wait_all_acked(bridge)
     # Every later segment of the refused transfer was refused at once, without S3 writes.
@@ -396,7 +396,7 @@ kafka_topic = "{case.topic}"
         before = rss_mib(bridge)
         ledger.publish([(f"{p}/stranger/logs/{i}/{'x' * 30_000}", b"?") for i in range(1000)])
         ledger.publish([(f"{p}/known/trace/{i}/{'y' * 2000}", b"!") for i in range(1000)])
-        envelopes = ledger.assert_settled([case.topic, case.dead_letter])
+    envelopes = ledger.assert_settled([case.topic, case.dead_letter])
     assert {e.get("error", {}).get("code") for k, e in envelopes.items()
             if "/stranger/" in k[0]} == {"unknown_device"}
     wait_all_acked(bridge)
@@ -491,8 +491,8 @@ create_topics = true
         ledger.publish([(f"{p}/sites/berlin/d1/status", b"ok"),
                         (f"{p}/sites/nosuchsite/d1/status", b"no"),
                         (f"{p}/made/lisbon/d1/status", b"new")])
-        envelopes = ledger.assert_settled([case.topic, case.dead_letter, f"site.berlin.{tag}",
-                                           f"made.lisbon.{tag}"])
+    envelopes = ledger.assert_settled([case.topic, case.dead_letter, f"site.berlin.{tag}",
+                                       f"made.lisbon.{tag}"])
     codes = {k[0].split("/")[2]: e.get("error", {}).get("code") for k, e in envelopes.items()
              if "/d1/" in k[0]}
     assert codes == {"berlin": None, "nosuchsite": "kafka_topic_missing", "lisbon": None}
