@@ -499,3 +499,51 @@ create_topics = true
     topics = AdminClient({"bootstrap.servers": case.stack.bootstrap}).list_topics(timeout=10).topics
     assert f"site.nosuchsite.{tag}" not in topics
     assert f"made.lisbon.{tag}" in topics
+
+
+# ------------------------------------------------------------------ 7. checked formats
+
+
+def test_checked_formats_are_bounded_by_size_and_large_checks_leave_the_loop(
+        case: Case) -> None:
+    """A checked payload over format_max_bytes is a payload_too_large dead letter (its body
+    kept); one over 16 KiB is checked on the lane's worker thread by a validator whose memory
+    follows nesting depth, not size; verdicts do not depend on size."""
+    files = Files(case)
+    p = case.prefix
+    case.bridge(hostile_config(case, files, extra_routes=f"""
+[[routes]]
+name = "packed"
+filter = "{p}/{{device_id}}/packed"
+kafka_topic = "{case.topic}"
+format = "msgpack"
+[[routes]]
+name = "bulky"
+filter = "{p}/{{device_id}}/bulky"
+kafka_topic = "{case.topic}"
+format = "json"
+format_max_bytes = 16777216
+"""))
+    maps = b"[" + b"{}," * 70_000 + b"{}]"  # 210 KB: what json.loads builds 60x larger
+    huge = b"[" + b"{}," * (16 * 2**20 // 3 - 1) + b"{}]"
+    ledger = Ledger(case, files)
+    with Canary(ledger, "alerts"):  # the fast lane, while the bulk lane checks
+        ledger.publish([
+            (f"{p}/d1/readings", maps),
+            (f"{p}/d1/readings", b"[" * 100_000 + b"]" * 100_000),  # deep but valid
+            (f"{p}/d1/readings", maps[:-1]),  # cut short: refused whatever its size
+            (f"{p}/d1/readings", b"[" + b"1," * 600_000 + b"1]"),  # 1.2 MB > 1 MiB default
+            (f"{p}/d1/packed", b"\xdd\x00\x04\x00\x00" + b"\x80" * 0x40000),  # 256 Ki maps
+            (f"{p}/d1/packed", b"\xdd\x00\x04\x00\x00" + b"\x80" * 0x3ffff),  # one short
+            (f"{p}/d1/bulky", huge),  # 16 MiB, allowed on this route
+        ])
+    envelopes = ledger.assert_settled([case.topic, case.dead_letter], timeout=120)
+    verdicts = sorted((k[0].rsplit("/", 1)[1], e.get("error", {}).get("code", "bridged"),
+                       e["size"] if "size" in e else len(e["body"]))
+                      for k, e in envelopes.items() if "/d1/" in k[0])
+    assert verdicts == [
+        ("bulky", "bridged", len(huge)),
+        ("packed", "bad_payload", 5 + 0x3ffff), ("packed", "bridged", 5 + 0x40000),
+        ("readings", "bad_payload", len(maps) - 1), ("readings", "bridged", 200_000),
+        ("readings", "bridged", len(maps)), ("readings", "payload_too_large", 1_200_003),
+    ]
