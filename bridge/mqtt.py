@@ -357,6 +357,7 @@ class BrokerSession:
                     if type(packet) is publish_type:
                         published += 1
                         waiting = self._on_publish(connection, packet)
+                        del packet  # the session keeps no payload once it is handed on
                         if waiting is not None:
                             await self._paused(connection, waiting)
                     else:

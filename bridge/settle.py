@@ -204,24 +204,11 @@ class Lane:
         self._spawn(self._settle(pipeline, job, size))
 
     async def _settle(self, pipeline: Pipeline, job: Job, size: int | None) -> None:
-        """Run a job to its Delivery and send it; whatever it raises is dead-lettered (and if
-        the dead letter's own job raises too, it is sent inline, without S3)."""
+        """Run a job to its Delivery and send it; the slot is given back once the job's
+        payload is let go."""
         try:
-            outcome: Delivery | Job | None = job
-            crashed = False
-            while isinstance(outcome, Job):
-                current = outcome
-                try:
-                    outcome = await current.run()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    if _settled(current.on_durable):
-                        self._log_crash(current.message, exc, settled=True)
-                        return
-                    outcome = self._crashed(pipeline, current.message, current.on_durable, exc,
-                                            inline=crashed, device_id=current.device_id)
-                    crashed = True
+            outcome = await self._run(pipeline, job)
+            del job  # only the Delivery travels on: an offloaded body is not held meanwhile
             if outcome is not None:
                 waiting = self._send(pipeline, outcome)
                 if waiting is not None:
@@ -229,6 +216,27 @@ class Lane:
         finally:
             if size is not None:
                 self.pool.give(size)
+
+    async def _run(self, pipeline: Pipeline, job: Job) -> Delivery | None:
+        """A job's Delivery (None: it settled its message itself). Whatever it raises is
+        dead-lettered, and if the dead letter's own job raises too, that one goes inline,
+        without S3."""
+        outcome: Delivery | Job | None = job
+        crashed = False
+        while isinstance(outcome, Job):
+            current = outcome
+            try:
+                outcome = await current.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if _settled(current.on_durable):
+                    self._log_crash(current.message, exc, settled=True)
+                    return None
+                outcome = self._crashed(pipeline, current.message, current.on_durable, exc,
+                                        inline=crashed, device_id=current.device_id)
+                crashed = True
+        return outcome
 
     def _crashed(self, pipeline: Pipeline, message: Message,
                  on_durable: Callable[[], None] | None, exc: BaseException,
