@@ -211,7 +211,15 @@ class Daemon:
         else:
             self._reloading = True
             task = asyncio.create_task(self._reload())
-            task.add_done_callback(lambda _: setattr(self, "_reloading", False))
+            task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[None]) -> None:
+        """A reload that crashed is said, not left as an unretrieved task exception."""
+        self._reloading = False
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.inc("reloads_failed")
+            log.error("reload_failed", error=repr(task.exception())[:500],
+                      map_version=self.config.version)
 
     async def _reload(self) -> None:
         """Validate the new config fully (off the loop: a registry can be large), then apply

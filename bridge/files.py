@@ -186,7 +186,7 @@ class FileTransfers:
         stored = await self._retrying(lambda: self.store.finish(
             device_id, file_id, size, message.arrival_millis))
         await self._durably(self._reference(message, device_id, file_id, stored))
-        await self._clean_up(device_id, file_id)
+        await self._clean_up(device_id, file_id, newer_than=stored.meta.created_millis)
         self.metrics.inc("files_completed")
         log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
                  reference=stored.reference)
@@ -214,17 +214,19 @@ class FileTransfers:
                                                   None))
         if device_id and file_id and rejected.code not in _KEEPS_STAGING and \
                 not self.store.known_refusal(device_id, file_id):
-            await self._clean_up(device_id, file_id, rejected)
+            await self._clean_up(device_id, file_id, rejected, message.arrival_millis)
         self.metrics.inc("file_transfers_failed")
         if on_durable is not None:
             on_durable()
 
-    async def _clean_up(self, device_id: str, file_id: str,
-                        refusal: Rejected | None = None) -> None:
-        """Remove staging data once the outcome is durable. A failure here is logged, not
-        raised: the outcome stands, and leftovers expire (sweeper, bucket lifecycle)."""
+    async def _clean_up(self, device_id: str, file_id: str, refusal: Rejected | None = None,
+                        newer_than: int | None = None) -> None:
+        """Remove staging data once the outcome is durable, unless a newer transfer reuses
+        the file id by now. A failure here is logged, not raised: the outcome stands, and
+        leftovers expire (sweeper, bucket lifecycle)."""
         try:
-            await self._retrying(lambda: self.store.discard(device_id, file_id, refusal))
+            await self._retrying(lambda: self.store.discard(device_id, file_id, refusal,
+                                                            newer_than))
         except Exception as exc:
             log.error("file_cleanup_failed", device_id=device_id, file_id=file_id,
                       error=repr(exc)[:500], why="staging data stays until it expires")
@@ -236,7 +238,7 @@ class FileTransfers:
         for device_id, file_id, state in expired:
             async with self.pool.slot():
                 if isinstance(state, Refusal):
-                    await self._clean_up(device_id, file_id)
+                    await self._clean_up(device_id, file_id, newer_than=state.created_millis)
                     continue
                 topic = self.settings.filter.pattern.split("{file_id}")[0].replace(
                     "{device_id}", device_id) + f"{file_id}/init"

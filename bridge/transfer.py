@@ -177,20 +177,28 @@ class TransferStore:
         pieces = await self._coverage(prefix, meta, device_id)
         return await self._assemble(device_id, file_id, meta, pieces)
 
-    async def discard(self, device_id: str, file_id: str,
-                      refusal: Rejected | None = None) -> int:
+    async def discard(self, device_id: str, file_id: str, refusal: Rejected | None = None,
+                      newer_than: int | None = None) -> int:
         """Delete the staging objects, aborting any upload a crashed finish left open;
         returns how many objects were deleted. With `refusal`, the transfer's init is
         replaced by that refusal first (an earlier refusal is kept as it was), so later
-        messages of the transfer are refused at once by every bridge."""
+        messages of the transfer are refused at once by every bridge. With `newer_than`
+        (when the outcome was decided), a transfer whose init or refusal was recorded later
+        is a newer one reusing the file id, and is left alone."""
         self._states.pop((device_id, file_id), None)
         if DEVICE_ID.fullmatch(device_id) is None or FILE_ID.fullmatch(file_id) is None:
             return 0  # no key was ever made from it
         prefix = f"{STAGING_PREFIX}{device_id}/{file_id}/"
+        state = None
+        if refusal is not None or newer_than is not None:
+            state = await self._state(device_id, file_id)
+            if newer_than is not None and state is not None and \
+                    state.created_millis > newer_than:
+                return 0
         keep = None
         if refusal is not None:
             keep = prefix + "init"
-            if not isinstance(await self._state(device_id, file_id), Refusal):
+            if not isinstance(state, Refusal):
                 await self.store.put(keep, _dump_refusal(refusal, _now(None)),
                                      {"created-millis": str(_now(None)),
                                       "refused": refusal.code}, "application/json")
@@ -516,8 +524,9 @@ def _parse_init(payload: bytes, now_millis: int, device_id: str) -> FileMeta:
         raise bad("not a JSON object")
     name, size, checksum = doc.get("name"), doc.get("size"), doc.get("checksum")
     content_type = doc.get("content_type", "application/octet-stream")
-    if not isinstance(name, str) or not 0 < len(name.encode()) <= _MAX_NAME_BYTES:
-        raise bad(f"name must be a string of 1-{_MAX_NAME_BYTES} bytes")
+    if not isinstance(name, str) or not 0 < len(name.encode("utf-8", "replace")) \
+            <= _MAX_NAME_BYTES or not _encodable(name):
+        raise bad(f"name must be text of 1-{_MAX_NAME_BYTES} bytes of UTF-8")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise bad("size must be a non-negative integer")
     if not isinstance(checksum, str) or not _CHECKSUM.fullmatch(checksum):
@@ -532,6 +541,15 @@ def _parse_init(payload: bytes, now_millis: int, device_id: str) -> FileMeta:
         raise bad(f"user_data cannot be carried in an envelope: {type(exc).__name__}: "
                   f"{str(exc)[:200]}") from None
     return FileMeta(name, size, checksum.lower(), content_type, user_data, now_millis)
+
+
+def _encodable(text: str) -> bool:
+    """False for text UTF-8 cannot carry (a lone surrogate, from a JSON escape)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _dump_meta(meta: FileMeta) -> str:
