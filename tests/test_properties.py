@@ -119,7 +119,7 @@ def topic_for(draw: st.DrawFn, f: RouteFilter,
 ROUTED_TOPICS = st.sampled_from([r.filter for r in ROUTER.routes]).flatmap(topic_for)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(topic=often(ROUTED_TOPICS, TOPICS))
 def test_a_topic_routes_to_a_safe_device_and_a_legal_kafka_topic_or_is_refused(
         topic: str) -> None:
@@ -205,7 +205,7 @@ def filter_and_topic(draw: st.DrawFn) -> tuple[RouteFilter, str]:
     return f, "/".join(parts)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(case=filter_and_topic())
 def test_a_route_filter_matches_exactly_what_its_subscription_matches(
         case: tuple[RouteFilter, str]) -> None:
@@ -234,7 +234,7 @@ PROPERTIES = st.lists(st.tuples(st.one_of(st.just("signature"), st.just("Signatu
 TOPIC_TEXT = st.text(SAFE, max_size=60).map(lambda t: "devices/" + t)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(mode=st.one_of(st.sampled_from(AUTH_MODES), st.text(max_size=10)),
        devices=st.dictionaries(
            st.text(max_size=8),
@@ -260,7 +260,7 @@ def test_the_registry_admits_or_refuses_with_a_code(mode: str, devices: dict[str
     assert admitted is (None if mode == "none" else device)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(key=KEYS, device_id=ANY_TEXT, topic=TOPIC_TEXT, payload=st.binary(max_size=300),
        properties=PROPERTIES)
 def test_verify_only_ever_refuses_and_passes_only_the_one_right_signature(
@@ -290,7 +290,7 @@ def test_a_correctly_signed_message_passes(key: bytes, topic: str, payload: byte
     auth.verify(key, "d1", topic, payload, tuple(others))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(key=KEYS, topic=TOPIC_TEXT, payload=st.binary(max_size=300), data=st.data())
 def test_any_single_byte_change_to_topic_or_payload_fails_the_signature(
         key: bytes, topic: str, payload: bytes, data: st.DataObject) -> None:
@@ -331,7 +331,7 @@ def messages(text: st.SearchStrategy[str] | None = None,
                      arrival_millis=MILLIS)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(topic=st.text(SAFE, max_size=300), broker=st.text(SAFE, max_size=30),
        device_id=st.text(SAFE, max_size=30), lineage=LINEAGES,
        content_type=st.text(SAFE, max_size=30),
@@ -351,7 +351,7 @@ def backslashed(text: str, codec: str = "utf-8") -> str:
     return text.encode(codec, "backslashreplace").decode(codec)
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(message=messages(ANY_TEXT, sized_bytes(20_000)), device_id=ANY_TEXT,
        lineage=st.builds(envelope.Lineage, ANY_TEXT, ANY_TEXT, ANY_TEXT),
        code=st.one_of(st.sampled_from(sorted(documented_codes())), ANY_TEXT),
@@ -457,7 +457,7 @@ def envelope_like(draw: st.DrawFn) -> bytes:
     return bytes(packed[:draw(st.integers(0, len(packed)))] if draw(st.booleans()) else packed)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(value=st.binary(max_size=300) | envelope_like())
 def test_decode_refuses_with_value_error_only(value: bytes) -> None:
     try:
@@ -612,7 +612,7 @@ def signed(topic: str, payload: bytes) -> Message:
 LONG_JSON = b"[" + b"1," * 20_000 + b"2]"  # past INLINE_CHECK_MAX: checked in a job
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(message=pipeline_messages())
 @example(signed("devices/d1/signed", LONG_JSON))  # checked in a job, then bridged
 @example(signed("devices/d1/signed", LONG_JSON[:-1]))  # refused in a job
