@@ -5,6 +5,7 @@ documented one that no longer exists, is a broken contract either way."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterator
 
@@ -97,7 +98,8 @@ def scan(sources: dict[str, str]) -> tuple[set[str], set[tuple[str, str]]]:
     return codes, unresolved
 
 
-def emitted_codes() -> set[str]:
+@functools.cache
+def emitted_codes() -> frozenset[str]:
     """Every code under bridge/ (subpackages too, once modules are grouped): the literals,
     Kafka's permanent errors and the guard's `internal_error`. Any other variable code must
     be a known site, so a new one cannot hide a code from this check."""
@@ -107,10 +109,12 @@ def emitted_codes() -> set[str]:
     assert unresolved <= set(_NON_LITERAL_SITES), \
         f"Rejected(<variable>) in {sorted(unresolved - set(_NON_LITERAL_SITES))}: add the " \
         "site and where its codes come from to _NON_LITERAL_SITES"
-    return codes | set(kafka._PERMANENT.values()) | {Rejected.internal(Exception()).code}
+    return frozenset(codes | set(kafka._PERMANENT.values())
+                     | {Rejected.internal(Exception()).code})
 
 
-def documented_codes() -> set[str]:
+@functools.cache
+def documented_codes() -> frozenset[str]:
     """The codes README lists after "Codes:" and the file-transfer doc's code table."""
     readme, transfers = (path.read_text() for path in DOCS)
     listed = re.search(r"^Codes:(.*?)\.\s", readme, re.MULTILINE | re.DOTALL)
@@ -118,7 +122,7 @@ def documented_codes() -> set[str]:
     table = re.search(r"^\| code \| cause \|\n\|[-|]+\|\n((?:\|.*\n)+)", transfers, re.MULTILINE)
     assert table, "docs/file-transfer.md has no '| code | cause |' table"
     rows = re.findall(r"^\| `([a-z_]+)` \|", table[1], re.MULTILINE)
-    return set(re.findall(r"`([a-z_]+)`", listed[1])) | set(rows)
+    return frozenset(re.findall(r"`([a-z_]+)`", listed[1])) | frozenset(rows)
 
 
 def _mentioned(code: str) -> bool:
