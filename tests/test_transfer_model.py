@@ -358,7 +358,8 @@ class Model:
     does (bridge/files.py `_refuse`): `discard(device, file, rejected)` unless the code keeps
     staging or the refusal is known already; a completed fin by a plain `discard`. Both wait
     for a `settle` step, as the daemon waits for the dead letter or the reference to be in
-    Kafka, so other steps can come between."""
+    Kafka, so other steps can come between. (The daemon also passes `newer_than`, so a
+    newer transfer of the same file id taken meanwhile is spared; that has its own test.)"""
 
     def __init__(self, limits: TransferLimits) -> None:
         self.limits = limits
@@ -735,12 +736,10 @@ def init_of(data: bytes) -> bytes:
     return json.dumps({"name": "x", "size": len(data), "checksum": sha256(data)}).encode()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bridge/files.py _finish cleans up with TransferStore.discard(device, file) only after "
-    "the reference is in Kafka; an init of the same file id taken meanwhile (docs: re-using "
-    "an id overwrites) loses its init and acked segments to that clean-up, and its fin then "
-    "reports the earlier file (TransferStore._finished)"))
 def test_the_clean_up_of_a_finished_transfer_spares_a_newer_one_of_the_same_file_id() -> None:
+    """files._finish cleans up only after the reference is in Kafka; an init of the same
+    file id taken meanwhile must keep its init and acked segments, and its fin must report
+    the new file, not the earlier one."""
     async def body() -> str:
         store = TransferStore(cast(ObjectStore, MemoryStore()), TransferLimits(
             fin_grace_seconds=0))
@@ -750,7 +749,8 @@ def test_the_clean_up_of_a_finished_transfer_spares_a_newer_one_of_the_same_file
         await store.finish("d1", "f1", "100", NOW)  # its reference is on its way to Kafka
         await store.init("d1", "f1", init_of(new), NOW + 1)  # the device starts the next file
         await store.segment("d1", "f1", "0", new, NOW + 1)  # stored, so acked
-        await store.discard("d1", "f1")  # the first fin's clean-up, once its reference is in
+        # The first fin's clean-up, once its reference is in, as files._finish makes it:
+        await store.discard("d1", "f1", newer_than=NOW)
         return (await store.finish("d1", "f1", "100", NOW + 2)).sha256
 
     assert asyncio.run(body()) == sha256(b"B" * 100)
@@ -820,10 +820,6 @@ def test_parse_init_accepts_what_the_docs_allow_and_refuses_the_rest(
         assert_faithful(meta, json.loads(payload))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bridge/transfer.py _parse_init measures the name with name.encode() before knowing it "
-    "is UTF-8: a JSON-escaped lone surrogate raises UnicodeEncodeError instead of Rejected, "
-    "so the daemon's guard dead-letters the init as internal_error"))
 def test_an_init_whose_name_is_a_lone_surrogate_is_refused() -> None:
     payload = b'{"name": "\\ud800", "size": 3, "checksum": "' + CHECKSUM.encode() + b'"}'
     assert parsed(payload) == "bad_transfer_init"
@@ -839,7 +835,7 @@ HEX = often(st.text("0123456789abcdefABCDEF", min_size=64, max_size=64),
 PRINTABLE = often(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1,
                           max_size=255),
                   st.text(st.characters(min_codepoint=0x1F, max_codepoint=0x7F), max_size=257))
-# A lone surrogate in `name` raises (the xfail above): names here are text MQTT could carry.
+# Names here are text MQTT could carry; a lone surrogate has its own test above.
 INIT_DOCS = often(
     st.fixed_dictionaries(
         {"name": often(st.text(SAFE, max_size=300), JSON),
