@@ -171,12 +171,13 @@ def encode_reference(message: Message, device_id: str, lineage: Lineage, content
 
 
 def encode_truncated(message: Message, device_id: str, lineage: Lineage, content_type: str,
-                     keep: int) -> bytes:
+                     keep: int, sha256: str | None = None) -> bytes:
     """The envelope of a route that keeps only the head of each body: `truncated: true`,
-    with `size` and `sha256` of the whole payload."""
+    with `size` and `sha256` of the whole payload (given when hashed elsewhere)."""
     payload = message.payload
     fields = _fields(message, device_id, lineage, payload[:keep], content_type)
-    fields.update(size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), truncated=True)
+    fields.update(size=len(payload), sha256=sha256 or hashlib.sha256(payload).hexdigest(),
+                  truncated=True)
     packed: bytes = msgpack.packb(fields)
     return packed
 

@@ -52,10 +52,18 @@ class Rejected(BridgeError):
     def internal(cls, exc: BaseException, device_id: str = "") -> Rejected:
         """The verdict for a message a stage crashed on: the exception's class and message,
         cut to a size a dead-letter record can always carry."""
-        text = f"{type(exc).__name__}: {exc}"
+        text = f"{type(exc).__name__}: {describe(exc)}"
         if len(text) > REASON_MAX:
             text = text[:REASON_MAX] + "..."
         return cls("internal_error", text, device_id)
 
 
 REASON_MAX = 1000  # characters of a dead-letter reason; exception texts can embed payloads
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's text, even when its __str__ itself raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return "(its message cannot be printed)"

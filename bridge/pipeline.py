@@ -129,8 +129,8 @@ class Pipeline:
         }
         self.no_route_lineage = envelope.Lineage(config.bridge.instance, "", config.version)
         # Half the producer's record limit leaves room for the envelope around the body.
-        self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX,
-                                         config.record_max(lane) // 2)
+        self._record_max = config.record_max(lane)
+        self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX, self._record_max // 2)
         self._plans: dict[tuple[str, str], Plan] = {}
         self._plans_bytes = 0
 
@@ -186,13 +186,30 @@ class Pipeline:
                 on_durable: Callable[[], None] | None) -> Delivery | Job:
         size = len(message.payload)
         if plan.truncate is not None and size > plan.truncate:
-            return self._delivery(message, plan, on_durable, envelope.encode_truncated(
-                message, plan.device_id, plan.lineage, plan.template.content_type,
-                plan.truncate), self.sink)
+            if size > _HASH_ON_LOOP_MAX:  # the whole payload's sha256 is hashed off the loop
+                return Job(message, on_durable,
+                           lambda: self._truncated_off_loop(message, plan, on_durable))
+            return self._truncated(message, plan, on_durable, None)
         if plan.inline_max is not None and size > plan.inline_max:
             return Job(message, on_durable, lambda: self._offload(message, plan, on_durable))
+        if size > self._record_max:  # the producer would refuse it: no envelope is built
+            return self.refuse(message, plan.device_id, plan.lineage, Rejected(
+                "record_too_large", f"{size} bytes inline, more than this lane's "
+                f"message.max.bytes {self._record_max}; with [s3] it would go by reference",
+                plan.device_id), on_durable)
         return self._delivery(message, plan, on_durable, plan.template.encode(message),
                               self.sink)
+
+    def _truncated(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
+                   sha256: str | None) -> Delivery:
+        assert plan.truncate is not None
+        return self._delivery(message, plan, on_durable, envelope.encode_truncated(
+            message, plan.device_id, plan.lineage, plan.template.content_type, plan.truncate,
+            sha256), self.sink)
+
+    async def _truncated_off_loop(self, message: Message, plan: Plan,
+                                  on_durable: Callable[[], None] | None) -> Delivery:
+        return self._truncated(message, plan, on_durable, await self._digest(message.payload))
 
     def _delivery(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
                   value: bytes, sink: KafkaSink | None) -> Delivery:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from bridge.errors import Rejected
+from bridge.errors import Rejected, describe
 from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
@@ -184,7 +184,17 @@ class Lane:
                 return None
         except Exception as exc:
             return self._resend_as_dead_letter(pipeline, delivery, exc)
-        return sink.send(delivery)
+        return self._send_when_room(pipeline, delivery)
+
+    async def _send_when_room(self, pipeline: Pipeline, delivery: Delivery) -> None:
+        """Kafka's local queue is full: wait for room, under the same guard."""
+        assert delivery.sink is not None
+        try:
+            await delivery.sink.send(delivery)
+        except Exception as exc:
+            waiting = self._resend_as_dead_letter(pipeline, delivery, exc)
+            if waiting is not None:
+                await waiting
 
     def _resend_as_dead_letter(self, pipeline: Pipeline, delivery: Delivery,
                                exc: Exception) -> Awaitable[None] | None:
@@ -194,7 +204,7 @@ class Lane:
         message = origin.message if origin is not None else None
         if message is None or delivery.topic == pipeline.dead_letter_topic:
             self.metrics.inc("unsettled_messages")
-            log.critical("message_unsettled", topic=delivery.topic, error=repr(exc)[:500],
+            log.critical("message_unsettled", topic=delivery.topic, error=_text(exc),
                          why="producing its dead letter failed too; it stays unacked")
             return None
         return self.start(pipeline, self._crashed(pipeline, message, delivery.on_durable, exc))
@@ -253,7 +263,7 @@ class Lane:
         self.metrics.inc("internal_errors")
         now = asyncio.get_running_loop().time()
         fields: dict[str, Any] = {"lane": self.name, "topic": message.topic[:LOG_TOPIC_MAX],
-                                  "error": repr(exc)[:500]}
+                                  "error": _text(exc)}
         if settled:
             fields["why"] = "its outcome was already durable; acked as it is"
         if now - self._traced.get(type(exc), -_TRACE_EVERY) >= _TRACE_EVERY:
@@ -271,7 +281,7 @@ class Lane:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:  # the guard itself failed
             self.metrics.inc("unsettled_messages")
-            log.critical("message_unsettled", error=repr(task.exception())[:500])
+            log.critical("message_unsettled", error=_text(task.exception()))
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -288,6 +298,10 @@ class _PipelineRunner:
 
     def in_thread(self, work: Callable[[], T]) -> Awaitable[T]:
         return self.lane.in_thread(work)
+
+
+def _text(exc: BaseException | None) -> str:
+    return f"{type(exc).__name__}: {describe(exc)}"[:500] if exc is not None else ""
 
 
 def _settled(on_durable: Callable[[], None] | None) -> bool:

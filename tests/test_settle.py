@@ -304,3 +304,41 @@ def test_a_dead_letter_record_is_encoded_whatever_the_message_holds(
     assert record["size"] == len(payload)
     assert record["body"] == payload[:body_max]
 
+
+
+def test_a_payload_no_record_can_hold_is_dead_lettered_without_building_its_envelope() -> None:
+    async def body() -> None:
+        pipe, sink, lane = make()  # no [s3]: nothing goes by reference
+        ack = Ack()
+        await settle(lane, lane.accept(pipe, message(payload=b"x" * 2_000_000), ack))
+        [record] = [envelope.decode(d.value) for d in sink.sent]
+        assert record["error"]["code"] == "record_too_large"
+        assert record["truncated"] is True and record["size"] == 2_000_000
+        sink.deliver()
+        assert ack.done
+
+    asyncio.run(body())
+
+
+def test_producing_that_raises_after_waiting_for_room_sends_the_dead_letter() -> None:
+    async def body() -> None:
+        pipe, sink, lane = make()
+
+        def full(delivery: Delivery) -> bool:
+            if "error.code" in dict(delivery.headers):
+                sink.sent.append(delivery)
+                return True
+            return False  # the local queue is full: the source must wait
+
+        async def broken_send(delivery: Delivery) -> None:
+            raise RuntimeError("a bug while waiting for room")
+
+        sink.try_send = full  # type: ignore[method-assign]
+        sink.send = broken_send  # type: ignore[method-assign]
+        ack = Ack()
+        await settle(lane, lane.accept(pipe, message(), ack))
+        assert sink.codes() == ["internal_error"]
+        sink.deliver()
+        assert ack.done
+
+    asyncio.run(body())
