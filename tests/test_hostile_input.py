@@ -281,12 +281,15 @@ def test_a_file_id_used_again_never_reports_the_old_file(case: Case) -> None:
     [old] = files.references(1)
     assert old["sha256"] == first.sha256
     base, data = f"{case.prefix}/cam/files/clip", b"second" * 3000
-    publish_as_device(case, [
-        (f"{base}/init", json.dumps({"name": "x", "size": len(data),
-                                     "checksum": "not a sha256"}).encode()),
-        *[(f"{base}/{o}", data[o:o + 6000]) for o in range(0, len(data), 6000)],
-        (f"{base}/fin/{len(data)}", b""),
-    ])
+    ledger = Ledger(case, files)
+    with Canary(ledger):
+        publish_as_device(case, [
+            (f"{base}/init", json.dumps({"name": "x", "size": len(data),
+                                         "checksum": "not a sha256"}).encode()),
+            *[(f"{base}/{o}", data[o:o + 6000]) for o in range(0, len(data), 6000)],
+            (f"{base}/fin/{len(data)}", b""),
+        ])
+    ledger.assert_settled([case.topic])
     dead = files.dead_letters(5)
     codes = sorted(env["error"]["code"] for env in dead)
     assert codes == ["bad_transfer_init"] + ["unknown_transfer"] * 4
@@ -303,8 +306,11 @@ def test_a_fin_without_its_size_is_refused_and_leaves_the_transfer(case: Case) -
     files = Files(case)
     case.bridge(hostile_config(case, files))
     base, data = f"{case.prefix}/cam/files/f1", b"0123456789" * 1000
-    sent = upload(files, "cam", "f1", data, segment_bytes=5000, fin=False)
-    publish_as_device(case, [(f"{base}/fin", b"")])
+    ledger = Ledger(case, files)
+    with Canary(ledger):
+        sent = upload(files, "cam", "f1", data, segment_bytes=5000, fin=False)
+        publish_as_device(case, [(f"{base}/fin", b"")])
+    ledger.assert_settled([case.topic])
     [dead] = files.dead_letters(1)
     assert dead["error"]["code"] == "bad_transfer_fin"
     publish_as_device(case, [(f"{base}/fin/{len(data)}", b"")])
@@ -362,7 +368,11 @@ def test_concurrent_inits_cannot_pass_the_per_device_transfer_limit(case: Case) 
     files = Files(case, max_transfers_per_device=4)
     case.bridge(hostile_config(case, files, receive_max=100))
     init = json.dumps({"name": "x", "size": 10, "checksum": "0" * 64}).encode()
-    publish_as_device(case, [(f"{case.prefix}/greedy/files/t{i}/init", init) for i in range(8)])
+    ledger = Ledger(case, files)
+    with Canary(ledger):
+        publish_as_device(case, [(f"{case.prefix}/greedy/files/t{i}/init", init)
+                                 for i in range(8)])
+    ledger.assert_settled([case.topic])
     dead = files.dead_letters(4)
     assert [env["error"]["code"] for env in dead] == ["too_many_transfers"] * 4
     time.sleep(1)
@@ -429,13 +439,16 @@ def test_a_kill_during_assembly_leaves_no_multipart_upload_open(case: Case,
     uploader = threading.Thread(target=upload, args=(files, "cam", "clip", source.read_bytes()),
                                 kwargs={"segment_bytes": 1 << 20})
     uploader.start()
-    deadline = time.monotonic() + 120
-    while not files.open_uploads() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert files.open_uploads(), "the assembly never opened its multipart upload"
-    bridge.kill9()
-    uploader.join(60)
-    case.bridge(config)
+    ledger = Ledger(case, files)
+    with Canary(ledger):
+        deadline = time.monotonic() + 120
+        while not files.open_uploads() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert files.open_uploads(), "the assembly never opened its multipart upload"
+        bridge.kill9()
+        uploader.join(60)
+        case.bridge(config)
+    ledger.assert_settled([case.topic])  # the canary too, duplicates allowed
     [reference] = files.references(1, timeout=120)
     assert files.object_sha256(reference["reference"]) == reference["sha256"]
     assert files.open_uploads() == []
