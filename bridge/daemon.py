@@ -128,6 +128,7 @@ class Daemon:
                 sink.start()
         for lane, old in self.sinks.items():
             if sinks.get(lane) is not old:
+                old.successor = sinks.get(lane)
                 self._retired_sinks.append(old)
                 self._retire(self._retire_sink(old))
         self.sinks = sinks
@@ -190,8 +191,14 @@ class Daemon:
         task.add_done_callback(self._retiring.discard)
 
     async def _retire_sink(self, sink: KafkaSink) -> None:
-        """A lane's old producer finishes what it has (retries included), then closes."""
+        """A lane's old producer finishes what it has (retries included), then closes and
+        hands what jobs of older pipelines still produce to its successor. A lane the reload
+        removed has none: its producer stays open, idle, until shutdown."""
         await sink.drain(float("inf"))
+        if sink.successor is None:
+            log.info("kafka_producer_idle", lane=sink.lane,
+                     why="its lane is gone; kept for jobs begun before the reload")
+            return
         sink.close()
         self._retired_sinks.remove(sink)
         log.info("kafka_producer_retired", lane=sink.lane)
@@ -359,6 +366,7 @@ class Daemon:
         while True:
             await asyncio.sleep(self.config.bridge.stats_interval)
             caches = [p.plan_cache() for p in self.pipelines.values()]
-            log.info("bridge_stats", pending=sum(s.pending for s in self.sinks.values()),
+            sinks = [*self.sinks.values(), *self._retired_sinks]
+            log.info("bridge_stats", pending=sum(s.pending for s in sinks),
                      plans=sum(n for n, _ in caches), plan_bytes=sum(b for _, b in caches),
                      **self.metrics.snapshot())

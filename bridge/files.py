@@ -52,7 +52,12 @@ class FileTransfers:
             max_file_bytes=settings.max_file_bytes, max_segment_bytes=settings.max_segment_bytes,
             max_transfers_per_device=settings.max_transfers_per_device,
             expiry_seconds=settings.expiry_seconds, fin_grace_seconds=settings.fin_grace_seconds,
-            max_segments_per_file=settings.max_segments_per_file), idle=pool.idle)
+            max_segments_per_file=settings.max_segments_per_file), idle=pool.idle,
+            assembling=self._assembling,
+            stage_orphans=any(b.share_group for b in config.brokers))
+        # A quarter of the lane's slots may assemble at once (two by default): each holds
+        # about 21 MiB (two 8 MiB parts and prefetched segments) that no payload counts.
+        self._assemblies = asyncio.Semaphore(max(1, pool.slots // 4))
         self.registry = config.registry
         self.lineage = envelope.Lineage(config.bridge.instance, ROUTE_NAME, config.version)
         self._depth = len(settings.filter.pattern.split("/")) - 1  # levels before the `#`
@@ -137,6 +142,19 @@ class FileTransfers:
         self.metrics.inc("file_inits")
 
     @contextlib.asynccontextmanager
+    async def _assembling(self) -> AsyncIterator[None]:
+        """An assembly's turn; the wait for it lends the job's slot out."""
+        if self._assemblies.locked():
+            async with self.pool.idle():
+                await self._assemblies.acquire()
+        else:
+            await self._assemblies.acquire()
+        try:
+            yield
+        finally:
+            self._assemblies.release()
+
+    @contextlib.asynccontextmanager
     async def _device_lock(self, device_id: str) -> AsyncIterator[None]:
         lock = self._locks.setdefault(device_id, asyncio.Lock())
         self._lock_users[device_id] += 1
@@ -186,7 +204,7 @@ class FileTransfers:
         stored = await self._retrying(lambda: self.store.finish(
             device_id, file_id, size, message.arrival_millis))
         await self._durably(self._reference(message, device_id, file_id, stored))
-        await self._clean_up(device_id, file_id, newer_than=stored.meta.created_millis)
+        await self._clean_up(device_id, file_id, before=stored.meta.created_millis + 1)
         self.metrics.inc("files_completed")
         log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
                  reference=stored.reference)
@@ -220,13 +238,13 @@ class FileTransfers:
             on_durable()
 
     async def _clean_up(self, device_id: str, file_id: str, refusal: Rejected | None = None,
-                        newer_than: int | None = None) -> None:
+                        before: int | None = None) -> None:
         """Remove staging data once the outcome is durable, unless a newer transfer reuses
         the file id by now. A failure here is logged, not raised: the outcome stands, and
         leftovers expire (sweeper, bucket lifecycle)."""
         try:
             await self._retrying(lambda: self.store.discard(device_id, file_id, refusal,
-                                                            newer_than))
+                                                            before))
         except Exception as exc:
             log.error("file_cleanup_failed", device_id=device_id, file_id=file_id,
                       error=repr(exc)[:500], why="staging data stays until it expires")
@@ -238,7 +256,7 @@ class FileTransfers:
         for device_id, file_id, state in expired:
             async with self.pool.slot():
                 if isinstance(state, Refusal):
-                    await self._clean_up(device_id, file_id, newer_than=state.created_millis)
+                    await self._clean_up(device_id, file_id, before=state.created_millis + 1)
                     continue
                 topic = self.settings.filter.pattern.split("{file_id}")[0].replace(
                     "{device_id}", device_id) + f"{file_id}/init"

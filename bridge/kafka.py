@@ -198,6 +198,9 @@ class KafkaSink:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self.successor: KafkaSink | None = None  # the lane's producer after a reload
+        self._waiting_max = int(str(self.properties.get("queue.buffering.max.messages",
+                                                        100000)))
         self._poller: asyncio.TimerHandle | None = None
         self.catalog = TopicCatalog(self._list_topics, loop)
 
@@ -234,7 +237,19 @@ class KafkaSink:
         return len(self._pending) + len(self._waiting)
 
     def try_send(self, delivery: Delivery) -> bool:
-        """Produce now; False means the local queue is full and the caller must wait."""
+        """Produce now; False means the local queue is full and the caller must wait.
+
+        A retired sink hands the record to its successor: a job of a pipeline from before a
+        reload may still produce after this producer drained and stopped polling. Records
+        waiting to be produced again (Kafka failed them) live outside librdkafka's capped
+        queue, so they count against a second cap of the same size: a Kafka outage must not
+        let the source read on without end."""
+        if self._stopping and self.successor is not None:
+            delivery.sink = self.successor
+            return self.successor.try_send(delivery)
+        if len(self._waiting) >= self._waiting_max and delivery not in self._waiting:
+            self._metrics.inc("kafka_backpressure")
+            return False
         delivery.reports = self._reports
         try:
             self._producer.produce(delivery.topic, delivery.value, delivery.key,

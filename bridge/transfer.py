@@ -114,10 +114,19 @@ class TransferStore:
     grace), so the caller can lend its job slot out meanwhile."""
 
     def __init__(self, store: ObjectStore, limits: TransferLimits,
-                 idle: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> None:
+                 idle: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+                 assembling: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+                 stage_orphans: bool = True) -> None:
         self.store = store
         self.limits = limits
         self.idle = idle or contextlib.nullcontext
+        # Held around each assembly: what bounds their number, and so their memory (two
+        # parts and a few prefetched segments each), whatever the fins that wait meanwhile.
+        self.assembling = assembling or contextlib.nullcontext
+        # Segments without a known init: staged when another bridge of a share group may be
+        # storing the init right now, refused when this bridge sees every message in order.
+        self.stage_orphans = stage_orphans
+        self._orphans: OrderedDict[tuple[str, str], int] = OrderedDict()  # segments seen
         self._states: OrderedDict[tuple[str, str], FileMeta | Refusal] = OrderedDict()
 
     async def init(self, device_id: str, file_id: str, payload: bytes,
@@ -130,9 +139,18 @@ class TransferStore:
             raise Rejected("file_too_large", f"{meta.size} bytes is more than the "
                            f"{self.limits.max_file_bytes} allowed", device_id)
         await self._check_room(device_id, prefix, now_millis)
+        previous = await self._state(device_id, file_id)
+        if isinstance(previous, Refusal) or (isinstance(previous, FileMeta) and (
+                previous.size, previous.checksum) != (meta.size, meta.checksum)):
+            # The id starts over: what the earlier transfer staged is not this file's. (A
+            # redelivered init keeps its segments; segments staged before any init may be
+            # this transfer's own, early through another bridge, and stay.)
+            await self._abort_all(device_id, file_id)
+            await self.store.delete_prefix(prefix)
         await self.store.put(prefix + "init", _dump_meta(meta).encode(),
                              {"created-millis": str(now_millis)}, "application/json")
         self._remember(device_id, file_id, meta)
+        self._orphans.pop((device_id, file_id), None)
         return meta
 
     async def segment(self, device_id: str, file_id: str, offset_text: str, data: bytes,
@@ -151,8 +169,11 @@ class TransferStore:
         prefix = _staging(device_id, file_id, "unknown_transfer")
         state = await self._checked(device_id, file_id, lambda state: self._segment_fits(
             state, offset, len(data), _now(now_millis), device_id))
-        if state is None and await self._already_stored(device_id, file_id, offset, data):
-            return  # redelivered after the file was assembled and its staging removed
+        if state is None:
+            if await self._already_stored(device_id, file_id, offset, data):
+                return  # redelivered after the file was assembled and its staging removed
+            await self._admit_orphan(device_id, file_id, prefix, offset + len(data),
+                                     _now(now_millis))
         if data:
             await self.store.put(f"{prefix}seg/{offset:016d}", data)
 
@@ -175,25 +196,26 @@ class TransferStore:
                            device_id)
         self._check_age(meta, now_millis, device_id)
         pieces = await self._coverage(prefix, meta, device_id)
-        return await self._assemble(device_id, file_id, meta, pieces)
+        async with self.assembling():
+            return await self._assemble(device_id, file_id, meta, pieces)
 
     async def discard(self, device_id: str, file_id: str, refusal: Rejected | None = None,
-                      newer_than: int | None = None) -> int:
+                      before: int | None = None) -> int:
         """Delete the staging objects, aborting any upload a crashed finish left open;
         returns how many objects were deleted. With `refusal`, the transfer's init is
         replaced by that refusal first (an earlier refusal is kept as it was), so later
-        messages of the transfer are refused at once by every bridge. With `newer_than`
-        (when the outcome was decided), a transfer whose init or refusal was recorded later
-        is a newer one reusing the file id, and is left alone."""
+        messages of the transfer are refused at once by every bridge. With `before` (when the
+        outcome was decided), a transfer whose init or refusal was recorded at that time or
+        later is a newer one reusing the file id, and is left alone."""
         self._states.pop((device_id, file_id), None)
         if DEVICE_ID.fullmatch(device_id) is None or FILE_ID.fullmatch(file_id) is None:
             return 0  # no key was ever made from it
         prefix = f"{STAGING_PREFIX}{device_id}/{file_id}/"
         state = None
-        if refusal is not None or newer_than is not None:
+        if refusal is not None or before is not None:
             state = await self._state(device_id, file_id)
-            if newer_than is not None and state is not None and \
-                    state.created_millis > newer_than:
+            if before is not None and state is not None and \
+                    state.created_millis >= before:
                 return 0
         keep = None
         if refusal is not None:
@@ -231,8 +253,9 @@ class TransferStore:
         return (device_id, file_id, None) if newest < cutoff else None
 
     async def _check_room(self, device_id: str, prefix: str, now_millis: int) -> None:
-        """Refuse a new transfer when the device has enough others still alive; expired,
-        refused and orphaned ones do not count, the sweeper is about to remove them."""
+        """Refuse a new transfer when the device has enough others still alive: an init
+        within expiry, or segments staged without one (the sweeper removes those once
+        expired); refusals do not count."""
         limit = self.limits.max_transfers_per_device
         _, transfers = await self.store.list(f"{STAGING_PREFIX}{device_id}/", "/")
         others = [t for t in transfers if t != prefix]
@@ -240,8 +263,8 @@ class TransferStore:
             return
         cutoff = now_millis - self.limits.expiry_seconds * 1000
         heads = await asyncio.gather(*(self.store.head(t + "init") for t in others))
-        alive = sum(1 for h in heads if h is not None and _created(h) >= cutoff
-                    and "refused" not in h.get("Metadata", {}))
+        alive = sum(1 for h in heads if h is None or (
+            _created(h) >= cutoff and "refused" not in h.get("Metadata", {})))
         if alive >= limit:
             raise Rejected("too_many_transfers", f"{alive} transfers of this device are in "
                            f"progress, {limit} allowed", device_id)
@@ -270,6 +293,32 @@ class TransferStore:
                            f"{state.size} bytes may come in at most "
                            f"{self.limits.max_segments_per_file} segments, so each but the "
                            f"last must have at least {smallest} bytes", device_id)
+
+    async def _admit_orphan(self, device_id: str, file_id: str, prefix: str, end: int,
+                            now_millis: int) -> None:
+        """A segment whose init is unknown. With one bridge the init always comes first, so
+        there is none: refused. In a share group it may be on its way through another
+        bridge: staged, within what an init would have allowed (the device's transfers, the
+        largest file, the segment count, here), so a device cannot stage without bound."""
+        if not self.stage_orphans:
+            raise Rejected("unknown_transfer", f"no init for file {file_id!r}", device_id)
+        if end > self.limits.max_file_bytes:
+            raise Rejected("segment_beyond_size", f"a segment ending at {end} passes "
+                           f"max_file_bytes {self.limits.max_file_bytes}", device_id)
+        key = (device_id, file_id)
+        seen = self._orphans[key] = self._orphans.get(key, 0) + 1  # before any await: exact
+        if len(self._orphans) > _CACHE_SIZE:
+            self._orphans.popitem(last=False)
+        if seen > self.limits.max_segments_per_file:
+            raise Rejected("too_many_segments", f"more than "
+                           f"{self.limits.max_segments_per_file} segments without an init",
+                           device_id)
+        if seen == 1:  # a new transfer without an init counts against the device's limit
+            try:
+                await self._check_room(device_id, prefix, now_millis)
+            except Rejected:
+                self._orphans.pop(key, None)
+                raise
 
     def known_refusal(self, device_id: str, file_id: str) -> bool:
         """True when the last read of this transfer found its refusal."""

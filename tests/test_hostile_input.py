@@ -136,12 +136,13 @@ def upload(files: Files, device: str, file_id: str, data: bytes, **kwargs: Any) 
 
 
 def hostile_config(case: Case, files: Files, receive_max: int = 5, extra_routes: str = "",
-                   registry: str = "") -> Path:
+                   registry: str = "", shared: bool = False) -> Path:
     """Routes on every lane; a small window, so one unsettled message would stop its lane."""
     (case.tmp / "devices.toml").write_text(registry or '[devices."canary-alerts"]\n'
                                            '[devices."fault-auth"]\n')
     p = case.prefix
-    return case.config(extra_broker=f"receive_max = {receive_max}", extra=files.extra +
+    share = '\nshare_group = "bridges"' if shared else ""
+    return case.config(extra_broker=f"receive_max = {receive_max}{share}", extra=files.extra +
                        '[registry]\nfile = "devices.toml"\n', routes=f"""
 [[routes]]
 name = "telemetry"
@@ -322,14 +323,15 @@ def test_a_fin_without_its_size_is_refused_and_leaves_the_transfer(case: Case) -
 
 
 def test_fins_waiting_out_their_grace_hold_no_slot(case: Case) -> None:
-    """Forty fins of transfers whose init never comes each wait the whole fin grace (30 s
-    here), with two S3 slots per lane: another device's upload and the bulk lane's S3 work
-    finish while they all still wait."""
-    files = Files(case, fin_grace_seconds=30)
+    """In a share group, forty fins of transfers whose init never comes (their segments are
+    staged: the init may be on its way through another bridge) each wait the whole fin grace
+    (30 s here), with two S3 slots per lane: another device's upload and the bulk lane's S3
+    work finish while they all still wait."""
+    files = Files(case, fin_grace_seconds=30, max_transfers_per_device=50)
     extra = files.extra.replace("inline_max_bytes = 65536",
                                 "inline_max_bytes = 65536\nconcurrency = 2")
     files.extra = extra
-    bridge = case.bridge(hostile_config(case, files, receive_max=200))
+    bridge = case.bridge(hostile_config(case, files, receive_max=200, shared=True))
     p = f"{case.prefix}/mallory/files"
     publish_as_device(case, [m for i in range(40) for m in (
         (f"{p}/never-{i}/0", b"x"), (f"{p}/never-{i}/fin/1", b""))])
@@ -560,3 +562,135 @@ format_max_bytes = 16777216
         ("readings", "bad_payload", len(maps) - 1), ("readings", "bridged", 200_000),
         ("readings", "bridged", len(maps)), ("readings", "payload_too_large", 1_200_003),
     ]
+
+
+# ------------------------------------------------------------------ found attacking the fixes
+
+
+def test_a_reload_that_replaces_a_producer_under_a_waiting_job_settles_that_job(
+        case: Case) -> None:
+    """A fin waits out its grace under the old map while a reload replaces the fat lane's
+    producer (a new linger.ms): its dead letter goes through the new producer, is acked, and
+    the lane keeps flowing (the old producer, closed, used to swallow its delivery report)."""
+    files = Files(case, fin_grace_seconds=6)
+    config = hostile_config(case, files, receive_max=5)
+    bridge = case.bridge(config)
+    data = b"0123456789" * 2000
+    base = f"{case.prefix}/cam/files/gap"
+    publish_as_device(case, [
+        (f"{base}/init", json.dumps({"name": "g", "size": len(data),
+                                     "checksum": _sha(data)}).encode()),
+        *[(f"{base}/{o}", data[o:o + 5000]) for o in (0, 10000, 15000)],  # 5000.. never comes
+        (f"{base}/fin/{len(data)}", b""),
+    ])
+    before = bridge.events_count()
+    config.write_text(config.read_text().replace('[kafka]\n', '[kafka]\n"linger.ms" = 7\n'))
+    assert bridge.proc is not None
+    bridge.proc.send_signal(signal.SIGHUP)
+    bridge.wait_for("reload_applied", after=before)
+    [dead] = files.dead_letters(1)
+    assert dead["error"]["code"] == "missing_segments"
+    again = upload(files, "cam", "after", data, segment_bytes=5000)
+    assert [r["sha256"] for r in files.references(1)] == [again.sha256]
+    assert wait_all_acked(bridge)
+
+
+def test_assemblies_are_bounded_whatever_fins_wait_for(case: Case) -> None:
+    """Fins that waited (lending their slots out) come back together: still at most a
+    quarter of the lane's slots assemble at once, each holding two parts of memory."""
+    files = Files(case, fin_grace_seconds=5)
+    files.extra = files.extra.replace("inline_max_bytes = 65536",
+                                      "inline_max_bytes = 65536\nconcurrency = 4")
+    case.bridge(hostile_config(case, files, receive_max=50))
+    data = hashlib.sha256(b"big").digest() * (9 * 2**20 // 32)  # two parts each
+    clients = []
+    for device in ("a", "b", "c", "d"):  # every fin waits for one late segment
+        client = simulate.device_client(case.stack.mqtt_url, f"asm-{device}")
+        clients.append(client)
+        base = f"{case.prefix}/{device}/files/f"
+        simulate.publish_all(client, [(f"{base}/init", json.dumps({
+            "name": "f", "size": len(data), "checksum": _sha(data)}).encode())], qos=1)
+        simulate.publish_all(client, [(f"{base}/{o}", data[o:o + 2**20])
+                                      for o in range(2**20, len(data), 2**20)], qos=1)
+        simulate.publish_all(client, [(f"{base}/fin/{len(data)}", b"")], qos=1)
+    time.sleep(1)
+    for device, client in zip("abcd", clients, strict=True):  # now all fins can go at once
+        simulate.publish_all(client, [(f"{case.prefix}/{device}/files/f/0", data[:2**20])],
+                             qos=1)
+        client.disconnect()
+        client.loop_stop()
+    seen: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen.append(len(files.open_uploads()))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert len(files.references(4, timeout=90)) == 4
+    finally:
+        done.set()
+        sampler.join()
+    assert max(seen) == 1, f"{max(seen)} assemblies at once with concurrency = 4"
+
+
+def test_records_kafka_failed_count_against_the_producer_queue(case: Case) -> None:
+    """With Kafka stopped, records that time out wait outside librdkafka's queue to be
+    produced again; they count against a cap of the queue's size, so a QoS 0 flood pushes
+    back instead of growing the bridge."""
+    bridge = case.bridge(case.config(extra_kafka='"message.timeout.ms" = 1000\n'
+                                     '"queue.buffering.max.messages" = 200'))
+    case.stack.kafka.pause()
+    try:
+        flood = threading.Thread(target=simulate.telemetry, kwargs={
+            "url": case.stack.mqtt_url, "devices": 10, "messages": 400, "qos": 0,
+            "prefix": case.prefix})
+        flood.start()
+        time.sleep(8)
+        held = max(e.get("pending", 0) for e in bridge.stats())
+    finally:
+        case.stack.kafka.resume()
+    flood.join(60)
+    assert 0 < held <= 2 * 200 + 50, f"{held} records held with a queue of 200"
+
+
+def test_segments_without_an_init_are_bounded(case: Case) -> None:
+    """One bridge: a segment whose init it never saw is refused at once. In a share group it
+    is staged (the init may be elsewhere), within the device's transfer and segment limits."""
+    files = Files(case, max_transfers_per_device=2, max_segments_per_file=3)
+    case.bridge(hostile_config(case, files))
+    publish_as_device(case, [(f"{case.prefix}/solo/files/f1/0", b"x" * 100)])
+    [alone] = files.dead_letters(1)
+    assert alone["error"]["code"] == "unknown_transfer"
+    assert files.keys("staging/solo/") == ["staging/solo/f1/init"]  # its refusal, no bytes
+    case.bridges[0].stop()
+    config = hostile_config(case, files, shared=True)
+    config.write_text(config.read_text().replace(f'client_id = "{case.client_id}"',
+                                                 f'client_id = "{case.client_id}-shared"'))
+    bridge = case.bridge(config)
+    p = f"{case.prefix}/evil/files"
+    publish_as_device(case, [(f"{p}/o{i}/{o}", b"y" * 10) for i in range(3)
+                             for o in range(0, 50, 10)])
+    wait_all_acked(bridge)
+    dead = [e for e in files.dead_letters(2) if e["device_id"] == "evil"]
+    codes = {e["error"]["code"] for e in dead}
+    assert codes & {"too_many_segments", "too_many_transfers"}, codes
+    assert codes <= {"too_many_segments", "too_many_transfers", "unknown_transfer"}
+    assert len([k for k in files.keys("staging/evil/") if "/seg/" in k]) <= 2 * 3
+
+
+def test_an_id_started_over_after_an_abandoned_transfer_completes(case: Case) -> None:
+    """A transfer left unfinished, then the same file id with new content in other segment
+    sizes: the new init clears the old transfer's segments, so none of them is assembled
+    into the new file."""
+    files = Files(case)
+    case.bridge(hostile_config(case, files))
+    old, new = b"o" * 1500, b"n" * 1500
+    upload(files, "cam", "same", old, segment_bytes=500, fin=False)
+    sent = upload(files, "cam", "same", new, segment_bytes=750)
+    [reference] = files.references(1)
+    assert reference["sha256"] == sent.sha256 == files.object_sha256(reference["reference"])
+    assert files.dead_letters(0) == []

@@ -298,6 +298,7 @@ class Transfer:
     staged: dict[int, bytes] = field(default_factory=dict)
     completed: bytes | None = None  # files/{device}/{file}
     sending: Sending = Sending(b"", 1, sha256(b""), 0)
+    orphans: int | None = None  # segments taken with no init, once admitted (in process)
 
 
 def malformed(variant: str, doc: dict[str, Any]) -> bytes | None:
@@ -358,7 +359,7 @@ class Model:
     does (bridge/files.py `_refuse`): `discard(device, file, rejected)` unless the code keeps
     staging or the refusal is known already; a completed fin by a plain `discard`. Both wait
     for a `settle` step, as the daemon waits for the dead letter or the reference to be in
-    Kafka, so other steps can come between. (The daemon also passes `newer_than`, so a
+    Kafka, so other steps can come between. (The daemon also passes `before`, so a
     newer transfer of the same file id taken meanwhile is spared; that has its own test.)"""
 
     def __init__(self, limits: TransferLimits) -> None:
@@ -427,17 +428,24 @@ class Model:
         if self.judge(op, got, want):
             assert (got.size, got.checksum, got.created_millis) == (declared, checksum,
                                                                     self.clock)
-            t.state = sending
+            previous = t.state
+            if isinstance(previous, str) or (isinstance(previous, Sending) and (
+                    previous.declared, previous.checksum) != (declared, checksum)):
+                t.staged = {}  # the id starts over: the earlier transfer's segments go
+            t.state, t.orphans = sending, None
 
     def init_verdict(self, op: Op, declared: int) -> str:
         if FILE_ID.fullmatch(op.file) is None or op.variant in MALFORMED:
             return "bad_transfer_init"
         if declared > self.limits.max_file_bytes:
             return "file_too_large"
-        alive = [t for (d, f), t in self.transfers.items()
-                 if d == op.device and f != op.file and isinstance(t.state, Sending)]
-        return "too_many_transfers" if len(alive) >= self.limits.max_transfers_per_device \
-            else "ok"
+        return "too_many_transfers" if self.room_full(op.device, op.file) else "ok"
+
+    def room_full(self, device: str, file: str) -> bool:
+        """The device's other transfers alive: an init, or segments staged without one."""
+        alive = [t for (d, f), t in self.transfers.items() if d == device and f != file and (
+            isinstance(t.state, Sending) or (t.state is None and t.staged))]
+        return len(alive) >= self.limits.max_transfers_per_device
 
     # -- segments
 
@@ -514,10 +522,23 @@ class Model:
                 return "segment_beyond_size", False
             if 0 < len(data) < smallest and end != size:
                 return "too_many_segments", False
-        elif t.completed is not None and t.completed[offset:end] == data and \
-                end <= len(t.completed):
-            return "ok", False  # a redelivery after the file was assembled
+        else:
+            if t.completed is not None and t.completed[offset:end] == data and \
+                    end <= len(t.completed):
+                return "ok", False  # a redelivery after the file was assembled
+            if end > self.limits.max_file_bytes:  # no init: within what one would allow
+                return "segment_beyond_size", False
+            if t.orphans is None:
+                if self.room_full(self.device_of(t), file):
+                    return "too_many_transfers", False
+                t.orphans = 0
+            t.orphans += 1
+            if t.orphans > self.limits.max_segments_per_file:
+                return "too_many_segments", False
         return "ok", bool(data)
+
+    def device_of(self, t: Transfer) -> str:
+        return next(d for (d, _), other in self.transfers.items() if other is t)
 
     # -- fin
 
@@ -750,7 +771,7 @@ def test_the_clean_up_of_a_finished_transfer_spares_a_newer_one_of_the_same_file
         await store.init("d1", "f1", init_of(new), NOW + 1)  # the device starts the next file
         await store.segment("d1", "f1", "0", new, NOW + 1)  # stored, so acked
         # The first fin's clean-up, once its reference is in, as files._finish makes it:
-        await store.discard("d1", "f1", newer_than=NOW)
+        await store.discard("d1", "f1", before=NOW + 1)
         return (await store.finish("d1", "f1", "100", NOW + 2)).sha256
 
     assert asyncio.run(body()) == sha256(b"B" * 100)
