@@ -14,7 +14,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 from confluent_kafka import KafkaException
@@ -128,7 +128,7 @@ class Daemon:
                 sink.start()
         for lane, old in self.sinks.items():
             if sinks.get(lane) is not old:
-                old.successor = sinks.get(lane)
+                old.successor = sinks.get(lane) or _same_cluster(old, sinks.values())
                 self._retired_sinks.append(old)
                 self._retire(self._retire_sink(old))
         self.sinks = sinks
@@ -370,3 +370,10 @@ class Daemon:
             log.info("bridge_stats", pending=sum(s.pending for s in sinks),
                      plans=sum(n for n, _ in caches), plan_bytes=sum(b for _, b in caches),
                      **self.metrics.snapshot())
+
+
+def _same_cluster(old: KafkaSink, sinks: Iterable[KafkaSink]) -> KafkaSink | None:
+    """For a lane a reload removed: a new producer writing to the same cluster, which can
+    take what jobs begun before the reload still produce."""
+    servers = old.properties.get("bootstrap.servers")
+    return next((s for s in sinks if s.properties.get("bootstrap.servers") == servers), None)

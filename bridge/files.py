@@ -204,7 +204,7 @@ class FileTransfers:
         stored = await self._retrying(lambda: self.store.finish(
             device_id, file_id, size, message.arrival_millis))
         await self._durably(self._reference(message, device_id, file_id, stored))
-        await self._clean_up(device_id, file_id, before=stored.meta.created_millis + 1)
+        await self._clean_up(device_id, file_id, before=stored.meta.created_millis)
         self.metrics.inc("files_completed")
         log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
                  reference=stored.reference)
@@ -256,7 +256,7 @@ class FileTransfers:
         for device_id, file_id, state in expired:
             async with self.pool.slot():
                 if isinstance(state, Refusal):
-                    await self._clean_up(device_id, file_id, before=state.created_millis + 1)
+                    await self._clean_up(device_id, file_id, before=state.created_millis)
                     continue
                 topic = self.settings.filter.pattern.split("{file_id}")[0].replace(
                     "{device_id}", device_id) + f"{file_id}/init"

@@ -61,22 +61,17 @@ class ObjectStore:
 
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or None if there is none."""
-        try:
-            response = await self._call(self.client.get_object, Bucket=self.bucket, Key=key)
-        except S3Error as exc:
-            if _missing(exc):
-                return None
-            raise
-        body: bytes = await self._call(response["Body"].read)
-        return body
+        return await self._read(Key=key)
 
     async def get_range(self, key: str, start: int, length: int) -> bytes | None:
         """`length` bytes of an object from `start`, or None if there is no object."""
         if length <= 0:
             return b""
+        return await self._read(Key=key, Range=f"bytes={start}-{start + length - 1}")
+
+    async def _read(self, **request: Any) -> bytes | None:
         try:
-            response = await self._call(self.client.get_object, Bucket=self.bucket, Key=key,
-                                        Range=f"bytes={start}-{start + length - 1}")
+            response = await self._call(self.client.get_object, Bucket=self.bucket, **request)
         except S3Error as exc:
             if _missing(exc):
                 return None

@@ -205,8 +205,9 @@ class TransferStore:
         returns how many objects were deleted. With `refusal`, the transfer's init is
         replaced by that refusal first (an earlier refusal is kept as it was), so later
         messages of the transfer are refused at once by every bridge. With `before` (when the
-        outcome was decided), a transfer whose init or refusal was recorded at that time or
-        later is a newer one reusing the file id, and is left alone."""
+        outcome was decided), a transfer whose init or refusal was recorded later is a newer one
+        reusing the file id, and is left alone (one recorded in the same millisecond cannot be
+        told apart: it is taken for the same transfer)."""
         self._states.pop((device_id, file_id), None)
         if DEVICE_ID.fullmatch(device_id) is None or FILE_ID.fullmatch(file_id) is None:
             return 0  # no key was ever made from it
@@ -215,7 +216,7 @@ class TransferStore:
         if refusal is not None or before is not None:
             state = await self._state(device_id, file_id)
             if before is not None and state is not None and \
-                    state.created_millis >= before:
+                    state.created_millis > before:
                 return 0
         keep = None
         if refusal is not None:

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from bridge import simulate
-from bridge.device import upload_file
 from tests.conftest import Bridge, Case
 from tests.test_bridge import publish_as_device
 from tests.test_large_payloads import Files
@@ -126,15 +125,6 @@ def wait_all_acked(bridge: Bridge, timeout: float = 60) -> dict[str, Any]:
     raise AssertionError(f"received {last.get('received')} but acked {last.get('acked')}")
 
 
-def upload(files: Files, device: str, file_id: str, data: bytes, **kwargs: Any) -> Any:
-    client = simulate.device_client(files.case.stack.mqtt_url, f"up-{uuid.uuid4().hex[:8]}")
-    try:
-        return upload_file(client, device, file_id, data, prefix=files.case.prefix, **kwargs)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def hostile_config(case: Case, files: Files, receive_max: int = 5, extra_routes: str = "",
                    registry: str = "", shared: bool = False) -> Path:
     """Routes on every lane; a small window, so one unsettled message would stop its lane."""
@@ -191,9 +181,9 @@ def test_whatever_a_stage_raises_the_message_is_dead_lettered_and_its_lane_flows
             (f"{p}/fault-toolarge/big", b"b" * 400_000),  # inline, refused, kept in S3
         ])
         for stage in ("init", "segment", "finish", "reference"):
-            upload(files, f"fault-{stage}", "f1", b"%d" % time.time_ns() * 1000,
+            files.upload(f"fault-{stage}", "f1", b"%d" % time.time_ns() * 1000,
                    segment_bytes=4000)
-        good = upload(files, "canary-files", "after", b"fine" * 5000, segment_bytes=4000)
+        good = files.upload("canary-files", "after", b"fine" * 5000, segment_bytes=4000)
         time.sleep(2)
     envelopes = ledger.assert_settled([case.topic, case.dead_letter])
     dead = [env for env in envelopes.values() if "error" in env]
@@ -237,7 +227,7 @@ def test_poison_inits_are_refused_and_other_uploads_complete_across_a_restart(
     huge = json.dumps({"name": "x", "size": 1, "checksum": checksum,
                        "user_data": {"n": 2**70}}).encode()
     publish_as_device(case, [(f"{p}/deep/init", deep), (f"{p}/huge/init", huge)])
-    uploads = [upload(files, "other", f"clip-{i}", b"%05d" % i * 2000, segment_bytes=3000)
+    uploads = [files.upload("other", f"clip-{i}", b"%05d" % i * 2000, segment_bytes=3000)
                for i in range(8)]
     assert {env["sha256"] for env in files.references(8)} == {u.sha256 for u in uploads}
     dead = {env["mqtt"]["topic"].split("/")[3]: env["error"] for env in files.dead_letters(2)}
@@ -278,7 +268,7 @@ def test_a_file_id_used_again_never_reports_the_old_file(case: Case) -> None:
     dead letters (never a success carrying the old sha256); a good init starts it over."""
     files = Files(case)
     case.bridge(hostile_config(case, files))
-    first = upload(files, "cam", "clip", b"first" * 3000, segment_bytes=5000)
+    first = files.upload("cam", "clip", b"first" * 3000, segment_bytes=5000)
     [old] = files.references(1)
     assert old["sha256"] == first.sha256
     base, data = f"{case.prefix}/cam/files/clip", b"second" * 3000
@@ -297,7 +287,7 @@ def test_a_file_id_used_again_never_reports_the_old_file(case: Case) -> None:
     assert all("refused earlier" in env["error"]["reason"] for env in dead
                if env["error"]["code"] == "unknown_transfer")
     assert len(files.references(1, timeout=5)) == 1  # no second "success"
-    again = upload(files, "cam", "clip", data, segment_bytes=6000)
+    again = files.upload("cam", "clip", data, segment_bytes=6000)
     references = files.references(2)
     assert [r["sha256"] for r in references] == [first.sha256, again.sha256]
     assert files.object_sha256(references[1]["reference"]) == again.sha256
@@ -309,7 +299,7 @@ def test_a_fin_without_its_size_is_refused_and_leaves_the_transfer(case: Case) -
     base, data = f"{case.prefix}/cam/files/f1", b"0123456789" * 1000
     ledger = Ledger(case, files)
     with Canary(ledger):
-        sent = upload(files, "cam", "f1", data, segment_bytes=5000, fin=False)
+        sent = files.upload("cam", "f1", data, segment_bytes=5000, fin=False)
         publish_as_device(case, [(f"{base}/fin", b"")])
     ledger.assert_settled([case.topic])
     [dead] = files.dead_letters(1)
@@ -336,7 +326,7 @@ def test_fins_waiting_out_their_grace_hold_no_slot(case: Case) -> None:
     publish_as_device(case, [m for i in range(40) for m in (
         (f"{p}/never-{i}/0", b"x"), (f"{p}/never-{i}/fin/1", b""))])
     ledger = Ledger(case, files)
-    canary = upload(files, "canary", "photo", b"c" * 20_000, segment_bytes=5000)
+    canary = files.upload("canary", "photo", b"c" * 20_000, segment_bytes=5000)
     ledger.publish([(f"{case.prefix}/canary/telemetry", b"o" * 100_000)])  # bulk lane, S3
     [reference] = files.references(1)
     assert reference["sha256"] == canary.sha256
@@ -350,13 +340,13 @@ def test_a_file_in_too_many_segments_is_refused_at_its_first_small_segment(case:
     files = Files(case, max_segments_per_file=20)
     bridge = case.bridge(hostile_config(case, files))
     data = bytes(range(256)) * 80  # 20,480 bytes: segments of at least 1,024 bytes
-    upload(files, "chatty", "tiny", data, segment_bytes=256)  # 80 segments and a fin
+    files.upload("chatty", "tiny", data, segment_bytes=256)  # 80 segments and a fin
     dead = files.dead_letters(81)
     codes = Counter(env["error"]["code"] for env in dead)
     assert set(codes) == {"too_many_segments", "unknown_transfer"} and len(dead) == 81
     first = next(env for env in dead if env["error"]["code"] == "too_many_segments")
     assert "at least 1024 bytes" in first["error"]["reason"]
-    fine = upload(files, "chatty", "ok", data, segment_bytes=1024)  # exactly 20
+    fine = files.upload("chatty", "ok", data, segment_bytes=1024)  # exactly 20
     assert files.references(1)[0]["sha256"] == fine.sha256
     wait_all_acked(bridge)
     # Every later segment of the refused transfer was refused at once, without S3 writes.
@@ -438,7 +428,7 @@ def test_a_kill_during_assembly_leaves_no_multipart_upload_open(case: Case,
     bridge = case.bridge(config)
     source = tmp_path / "40mb.bin"
     source.write_bytes(hashlib.sha256(b"x").digest() * (40 * 2**20 // 32))
-    uploader = threading.Thread(target=upload, args=(files, "cam", "clip", source.read_bytes()),
+    uploader = threading.Thread(target=files.upload, args=("cam", "clip", source.read_bytes()),
                                 kwargs={"segment_bytes": 1 << 20})
     uploader.start()
     ledger = Ledger(case, files)
@@ -590,7 +580,7 @@ def test_a_reload_that_replaces_a_producer_under_a_waiting_job_settles_that_job(
     bridge.wait_for("reload_applied", after=before)
     [dead] = files.dead_letters(1)
     assert dead["error"]["code"] == "missing_segments"
-    again = upload(files, "cam", "after", data, segment_bytes=5000)
+    again = files.upload("cam", "after", data, segment_bytes=5000)
     assert [r["sha256"] for r in files.references(1)] == [again.sha256]
     assert wait_all_acked(bridge)
 
@@ -689,8 +679,8 @@ def test_an_id_started_over_after_an_abandoned_transfer_completes(case: Case) ->
     files = Files(case)
     case.bridge(hostile_config(case, files))
     old, new = b"o" * 1500, b"n" * 1500
-    upload(files, "cam", "same", old, segment_bytes=500, fin=False)
-    sent = upload(files, "cam", "same", new, segment_bytes=750)
+    files.upload("cam", "same", old, segment_bytes=500, fin=False)
+    sent = files.upload("cam", "same", new, segment_bytes=750)
     [reference] = files.references(1)
     assert reference["sha256"] == sent.sha256 == files.object_sha256(reference["reference"])
     assert files.dead_letters(0) == []

@@ -771,7 +771,7 @@ def test_the_clean_up_of_a_finished_transfer_spares_a_newer_one_of_the_same_file
         await store.init("d1", "f1", init_of(new), NOW + 1)  # the device starts the next file
         await store.segment("d1", "f1", "0", new, NOW + 1)  # stored, so acked
         # The first fin's clean-up, once its reference is in, as files._finish makes it:
-        await store.discard("d1", "f1", before=NOW + 1)
+        await store.discard("d1", "f1", before=NOW)
         return (await store.finish("d1", "f1", "100", NOW + 2)).sha256
 
     assert asyncio.run(body()) == sha256(b"B" * 100)
