@@ -68,7 +68,7 @@ def acked(log: Path) -> int:
     """Messages the bridge has acked, from its last bridge_stats line (once a second)."""
     for line in reversed(log.read_text().splitlines()):
         if '"bridge_stats"' in line:
-            return int(json.loads(line).get("acked", 0))
+            return int(json.loads(line).get("mqtt_acks_sent", 0))
     return 0
 
 

@@ -82,7 +82,7 @@ async def drain_with_bridge(config: config_module.Config, messages: int) -> tupl
     daemon = Daemon(config)
     running = asyncio.create_task(daemon.run())
     start = time.monotonic()
-    while daemon_metric(daemon, "acked") < messages:
+    while daemon_metric(daemon, "mqtt_acks_sent") < messages:
         if running.done():
             running.result()
         await asyncio.sleep(0.005)
@@ -113,7 +113,7 @@ def thread_cpu() -> Counter[str]:
 
 def daemon_metric(daemon: Daemon, name: str) -> int:
     metrics = getattr(daemon, "metrics", None)
-    return metrics.counts[name] if metrics else 0
+    return int(metrics.value(name)) if metrics else 0
 
 
 def main() -> None:

@@ -153,6 +153,29 @@ class S3Config:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """`[http]`: where /metrics, /healthz and /readyz are served (README, "Watching it")."""
+
+    host: str
+    port: int
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def http_listen(value: str) -> HttpConfig:
+    """`HOST:PORT` (`[v6]:PORT` for IPv6; `0.0.0.0` for every interface), or ValueError."""
+    example = "127.0.0.1:9108"
+    if "/" in value or "@" in value:
+        raise ValueError(f"must be HOST:PORT, e.g. {example}")
+    found = endpoint(f"http://{value}", {"http": 0}, example)
+    if found.port == 0:
+        raise ValueError(f"needs a port, e.g. {example}")
+    return HttpConfig(found.host, found.port)
+
+
+@dataclass(frozen=True, slots=True)
 class FileTransferConfig:
     """File transfer over MQTT (docs/file-transfer.md): reassembled into S3, fat lane."""
 
@@ -194,6 +217,7 @@ class Config:
     file_transfer: FileTransferConfig | None = None
     registry: Registry = field(default_factory=Registry)
     version: str = field(default="")
+    http: HttpConfig | None = None
 
     def fixed_topics(self) -> list[str]:
         """The Kafka topics known before any message: the dead-letter topic and every route
@@ -792,6 +816,14 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         )
         s.finish()
 
+    http = None
+    if "http" in data:
+        h = _Table(top.get("http", dict, {}), "http", problems)
+        listen = h.get("listen", str, check=_parses(http_listen))
+        h.finish()
+        if listen is not None and not any(p.startswith("http.") for p in problems):
+            http = http_listen(listen)
+
     d = _Table(top.get("dead_letter", dict, {}), "dead_letter", problems)
     dead_letter_topic = d.get("kafka_topic", str, check=kafka_topic_problem)
     d.finish()
@@ -860,6 +892,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         file_transfer=file_transfer,
         registry=registry,
         version=hashlib.sha256(source + registry_bytes).hexdigest()[:12],
+        http=http,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib.metadata
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from confluent_kafka import KafkaException
 from bridge.config import LANES, Config
 from bridge.errors import ConfigError
 from bridge.files import FileTransfers
+from bridge.http import Status, StatusServer
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
 from bridge.metrics import Metrics
@@ -32,7 +34,10 @@ from bridge.settle import Lane
 
 log = structlog.get_logger("bridge.daemon")
 # Config sections a reload cannot change under running sessions: they need a restart.
-_RESTART_ONLY = ("bridge", "brokers")
+_RESTART_ONLY = ("bridge", "brokers", "http")
+_BEAT = 0.5  # seconds between heartbeats of the event loop (health, readiness, watchdog)
+_STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
+_PROBE_EVERY = 2.0  # seconds between metadata requests of a producer Kafka has not answered
 
 
 class Daemon:
@@ -45,6 +50,9 @@ class Daemon:
                  on_ready: Callable[[], None] | None = None) -> None:
         self.config, self._loader, self._on_ready = config, loader, on_ready
         self.metrics = Metrics()
+        self.status = Status()  # what the HTTP endpoint reads: heartbeat and readiness
+        self.http: StatusServer | None = None
+        self.ready = asyncio.Event()  # once ready for the first time
         self._stop = asyncio.Event()
         self._signals = 0
         self.sinks: dict[str, KafkaSink] = {}
@@ -65,13 +73,19 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.http is not None:
+            self.http = StatusServer(self.config.http, self.metrics, self.status)
+            self.http.start()
+        self.metrics.build_info.info({"version": _version()})
+        self.metrics.map_info.info({"map_version": self.config.version})
         self._apply(self.config, self._new_sinks(self.config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         stats = asyncio.create_task(self._log_stats())
         sweeper = asyncio.create_task(self._sweep_transfers())
-        ready = asyncio.create_task(self._announce_ready())
+        watch = asyncio.create_task(self._watch())
+        probe = asyncio.create_task(self._probe_kafka())
         log.info("bridge_started", instance=self.config.bridge.instance,
                  brokers=[b.name for b in self.config.brokers], map_version=self.config.version,
                  lanes=list(self.pipelines),
@@ -83,20 +97,53 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self._shutdown()
-            stats.cancel()
-            sweeper.cancel()
-            ready.cancel()
+            for task in (stats, sweeper, watch, probe):
+                task.cancel()
+            if self.http is not None:
+                self.http.close()
 
     def stop(self) -> None:
         self._stop.set()
 
-    async def _announce_ready(self) -> None:
-        """Once every session has connected and subscribed: `on_ready` (what `dev` waits
-        for before its fleet publishes)."""
-        await asyncio.gather(*(s.connected.wait() for s in self.sessions.values()))
-        log.info("bridge_ready")
-        if self._on_ready is not None:
-            self._on_ready()
+    def readiness(self) -> tuple[str, ...]:
+        """What the bridge still waits for before it can bridge: every session of every
+        lane connected and subscribed, every lane's producer answered by Kafka. Empty when
+        ready (/readyz, READY=1)."""
+        waiting = [f"mqtt {s.name} ({lane}): "
+                   + ("not subscribed" if s.connected.is_set() else "not connected")
+                   for (_, lane), s in self.sessions.items() if not s.subscribed.is_set()]
+        waiting += [f"kafka ({lane}): no answer from {sink.properties.get('bootstrap.servers')}"
+                    for lane, sink in self.sinks.items() if not sink.reachable]
+        return tuple(waiting)
+
+    async def _watch(self) -> None:
+        """The event loop's heartbeat: readiness and health for the HTTP endpoint, and the
+        gauges only the loop can read."""
+        while True:
+            waiting = self.readiness()
+            self.status.waiting_for, self.status.ready = waiting, not waiting
+            self.status.beat = time.monotonic()
+            if not waiting and not self.ready.is_set():
+                self.ready.set()
+                log.info("bridge_ready", map_version=self.config.version)
+                if self._on_ready is not None:
+                    self._on_ready()
+            for lane, sink in self.sinks.items():
+                self.metrics.set("kafka_records_pending", sink.pending, lane=lane)
+                self.metrics.set("kafka_reachable", int(sink.reachable), lane=lane)
+            for lane, runtime in self.lanes.items():
+                self.metrics.set("lane_jobs", len(runtime.tasks), lane=lane)
+            await asyncio.sleep(_BEAT)
+
+    async def _probe_kafka(self) -> None:
+        """Ask Kafka for metadata on behalf of each producer it has not answered yet (at
+        start-up, and after librdkafka said every broker is down): what readiness needs
+        while no record flows."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for sink in [s for s in self.sinks.values() if not s.reachable]:
+                await loop.run_in_executor(None, sink.probe)
+            await asyncio.sleep(_PROBE_EVERY)
 
     def _new_sinks(self, config: Config) -> dict[str, KafkaSink]:
         """The producers `config` needs: kept where a lane's settings did not change, new
@@ -159,7 +206,8 @@ class Daemon:
                     self.sessions[key].update_subscriptions(filters)
                     continue
                 session = BrokerSession(broker.for_lane(lane), filters,
-                                        functools.partial(self._handle, lane), self.metrics)
+                                        functools.partial(self._handle, lane), self.metrics,
+                                        lane)
                 self.sessions[key] = session
                 self._tasks[key] = asyncio.create_task(session.run(),
                                                        name=f"mqtt {session.name} {lane}")
@@ -181,7 +229,8 @@ class Daemon:
             runtime.pool.slots, runtime.pool.max_bytes = slots, max_bytes
             if renew:
                 assert s3 is not None
-                self.objects[lane] = ObjectStore(s3, workers=s3.concurrency + 4)
+                self.objects[lane] = ObjectStore(s3, workers=s3.concurrency + 4,
+                                                 metrics=self.metrics)
         if s3 is None:
             self.objects = {}
 
@@ -224,7 +273,7 @@ class Daemon:
         """A reload that crashed is said, not left as an unretrieved task exception."""
         self._reloading = False
         if not task.cancelled() and task.exception() is not None:
-            self.metrics.inc("reloads_failed")
+            self.metrics.inc("reloads", outcome="failed")
             log.error("reload_failed", error=repr(task.exception())[:500],
                       map_version=self.config.version)
 
@@ -247,13 +296,14 @@ class Daemon:
                                              brokers=self.config.brokers)
             sinks = self._new_sinks(config)
         except ConfigError as exc:
-            self.metrics.inc("reloads_refused")
+            self.metrics.inc("reloads", outcome="refused")
             log.error("reload_refused", problems=exc.problems, map_version=self.config.version,
                       why="the running config stays")
             return
         previous = self.config.version
         self._apply(config, sinks)
-        self.metrics.inc("reloads")
+        self.metrics.map_info.info({"map_version": config.version})
+        self.metrics.inc("reloads", outcome="applied")
         log.info("reload_applied", map_version=config.version, previous=previous,
                  lanes=list(self.pipelines),
                  subscriptions={lane: p.router.subscriptions() for lane, p in
@@ -291,16 +341,17 @@ class Daemon:
         """Source -> pipeline -> sink, through the lane's guard (`bridge/settle.py`), which
         settles the message whatever a stage raises; returns an awaitable only when Kafka
         or the lane's job pool pushes back."""
+        receipt = self.metrics.receive(message.broker, lane, inflight)
         pipeline = self.pipelines.get(lane)
         if pipeline is None:  # a reload removed the lane; its session is handing over
             pipeline = next(iter(self.pipelines.values()))
         runtime = self.lanes[pipeline.lane]
         files = self.files
         if lane == "fat" and files is not None and files.takes(message.topic):
-            return runtime.job(pipeline, message, inflight,
-                               lambda: files.handle(message, inflight),
+            return runtime.job(pipeline, message, receipt,
+                               lambda: files.handle(message, receipt),
                                files.device_of(message.topic))
-        return runtime.accept(pipeline, message, inflight)
+        return runtime.accept(pipeline, message, receipt)
 
     async def _sweep_transfers(self) -> None:
         """Dead-letter file transfers that outlived their expiry, now and then."""
@@ -369,7 +420,15 @@ class Daemon:
             sinks = [*self.sinks.values(), *self._retired_sinks]
             log.info("bridge_stats", pending=sum(s.pending for s in sinks),
                      plans=sum(n for n, _ in caches), plan_bytes=sum(b for _, b in caches),
+                     dead_letters=self.metrics.by_label("dead_lettered_messages", "code"),
                      **self.metrics.snapshot())
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mqtt-kafka-bridge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _same_cluster(old: KafkaSink, sinks: Iterable[KafkaSink]) -> KafkaSink | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from bridge.config import Config, FileTransferConfig
 from bridge.errors import Rejected
 from bridge.kafka import Delivery
 from bridge.message import Message
-from bridge.metrics import Metrics
+from bridge.metrics import Metrics, mark_dead_lettered
 from bridge.pipeline import Job, Origin, Pipeline
 from bridge.routing import DEVICE_ID, checked_device_id
 from bridge.s3 import ObjectStore, retrying
@@ -70,6 +71,7 @@ class FileTransfers:
         # per-device transfer limit together (check, then act).
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: Counter[str] = Counter()
+        self._active: dict[tuple[str, str], float] = {}  # transfer -> when its init came
 
     def takes(self, topic: str) -> bool:
         return self.settings.filter.match(topic) is not None
@@ -140,6 +142,13 @@ class FileTransfers:
             await self._retrying(lambda: self.store.init(
                 device_id, file_id, message.payload, message.arrival_millis))
         self.metrics.inc("file_inits")
+        self._active[(device_id, file_id)] = time.monotonic()
+        self._count_active()
+
+    def _count_active(self) -> None:
+        """Transfers begun here and not yet finished or refused here (in a share group
+        another bridge may finish one: it leaves at its expiry, see `sweep`)."""
+        self.metrics.set("file_transfers_active", len(self._active))
 
     @contextlib.asynccontextmanager
     async def _assembling(self) -> AsyncIterator[None]:
@@ -203,11 +212,17 @@ class FileTransfers:
         log.info("file_assembling", device_id=device_id, file_id=file_id, size=size[:20])
         stored = await self._retrying(lambda: self.store.finish(
             device_id, file_id, size, message.arrival_millis))
-        await self._durably(self._reference(message, device_id, file_id, stored))
+        refused = await self._durably(self._reference(message, device_id, file_id, stored))
         await self._clean_up(device_id, file_id, before=stored.meta.created_millis)
-        self.metrics.inc("files_completed")
-        log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
-                 reference=stored.reference)
+        self._active.pop(key, None)
+        if refused is not None:  # Kafka refused the reference: its dead letter went instead
+            mark_dead_lettered(on_durable, refused)
+            self.metrics.inc("file_transfers_failed")
+        else:
+            self.metrics.inc("file_transfers_completed")
+            log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
+                     reference=stored.reference)
+        self._count_active()
         if on_durable is not None:
             on_durable()
 
@@ -230,9 +245,12 @@ class FileTransfers:
         ack."""
         await self._durably(self.pipeline.refuse(message, device_id, self.lineage, rejected,
                                                   None))
+        mark_dead_lettered(on_durable, rejected.code)
         if device_id and file_id and rejected.code not in _KEEPS_STAGING and \
                 not self.store.known_refusal(device_id, file_id):
             await self._clean_up(device_id, file_id, rejected, message.arrival_millis)
+            self._active.pop((device_id, file_id), None)
+            self._count_active()
         self.metrics.inc("file_transfers_failed")
         if on_durable is not None:
             on_durable()
@@ -252,6 +270,10 @@ class FileTransfers:
     async def sweep(self, now_millis: int) -> int:
         """Dead-letter and remove transfers past their expiry (run now and then); old
         refusals are removed quietly, their dead letters went out when they were made."""
+        horizon = time.monotonic() - self.settings.expiry_seconds
+        for key in [k for k, started in self._active.items() if started < horizon]:
+            del self._active[key]
+        self._count_active()
         expired = await self._retrying(lambda: self.store.expired(now_millis))
         for device_id, file_id, state in expired:
             async with self.pool.slot():
@@ -268,28 +290,42 @@ class FileTransfers:
                     f"{self.settings.expiry_seconds:.0f} s{age}", device_id), None)
         return len(expired)
 
-    async def _durably(self, outcome: Delivery | Job) -> None:
-        """Produce and wait for the delivery report (acks=all); the wait lends the slot."""
+    async def _durably(self, outcome: Delivery | Job) -> str | None:
+        """Produce and wait for the delivery report (acks=all); the wait lends the slot.
+        Returns the dead-letter code when Kafka refused the record and its dead letter went
+        in its place."""
         while isinstance(outcome, Job):
             result = await outcome.run()
             assert result is not None  # a pipeline's jobs end in a Delivery
             outcome = result
         delivery = outcome
-        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def settled() -> None:
-            if not durable.done():
-                durable.set_result(None)
-
-        delivery.on_durable = settled
+        durable = _Durable()
+        delivery.on_durable = durable
         sink = delivery.sink
         assert sink is not None
         await sink.send(delivery)
         async with self.pool.idle():
-            await durable
+            await durable.future
+        return durable.code
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         return await retrying(call, self.metrics)
+
+
+class _Durable:
+    """The ack callback of a record a transfer step waits for: a future to await, and the
+    code of the dead letter that went instead, if Kafka refused the record."""
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.code: str | None = None
+
+    def refused(self, code: str) -> None:
+        self.code = code
+
+    def __call__(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
 
 
 # Refusals that must not touch a transfer: a failed signature or a malformed topic says

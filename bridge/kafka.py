@@ -203,6 +203,9 @@ class KafkaSink:
                                                         100000)))
         self._poller: asyncio.TimerHandle | None = None
         self.catalog = TopicCatalog(self._list_topics, loop)
+        # Kafka answered this producer (metadata or a delivery) and librdkafka has not
+        # said since that every broker is down: what readiness asks of a lane's producer.
+        self.reachable = False
 
     def start(self) -> None:
         self._poll()
@@ -211,6 +214,8 @@ class KafkaSink:
         generation = self._generation
 
         def on_error(err: KafkaError) -> None:  # served by poll(), on the loop
+            if err.code() == KafkaError._ALL_BROKERS_DOWN:
+                self.reachable = False
             if err.fatal():
                 self._loop.call_soon(self._replace_producer, err.str(), generation)
             elif err.code() != KafkaError._TRANSPORT:
@@ -222,6 +227,16 @@ class KafkaSink:
         """Every topic the cluster has (blocking); KafkaException when it cannot say."""
         listing = self._producer.list_topics(timeout=_METADATA_TIMEOUT).topics
         return {name for name, topic in listing.items() if topic.error is None}
+
+    def probe(self, timeout: float = 2.0) -> bool:
+        """Ask for the cluster's metadata (blocking: run it in an executor); True, and
+        `reachable`, once Kafka answers."""
+        try:
+            self._producer.list_topics(timeout=timeout)
+        except KafkaException:
+            return False
+        self.reachable = True
+        return True
 
     def missing_topics(self, topics: list[str], timeout: float = 10) -> list[str]:
         """Topics the cluster does not have (blocking: run it in an executor)."""
@@ -248,14 +263,14 @@ class KafkaSink:
             delivery.sink = self.successor
             return self.successor.try_send(delivery)
         if len(self._waiting) >= self._waiting_max and delivery not in self._waiting:
-            self._metrics.inc("kafka_backpressure")
+            self._metrics.inc("kafka_backpressure", lane=self.lane)
             return False
         delivery.reports = self._reports
         try:
             self._producer.produce(delivery.topic, delivery.value, delivery.key,
                                    headers=delivery.headers, on_delivery=delivery)
         except BufferError:
-            self._metrics.inc("kafka_backpressure")
+            self._metrics.inc("kafka_backpressure", lane=self.lane)
             return False
         except KafkaException as exc:
             self._reject_or_retry(delivery, exc.args[0])
@@ -320,7 +335,9 @@ class KafkaSink:
             except Exception:  # one bad callback must not leave the rest of the batch
                 self._metrics.inc("kafka_callback_crashes")
                 log.exception("kafka_callback_crashed", lane=self.lane, topic=delivery.topic)
-        self._metrics.inc("kafka_delivered", durable)
+        if durable:
+            self.reachable = True
+            self._metrics.inc("kafka_records_delivered", durable, lane=self.lane)
         self._room.set()
         if not self._pending and not self._waiting:
             self._idle.set()
@@ -328,7 +345,7 @@ class KafkaSink:
     def _reject_or_retry(self, delivery: Delivery, err: KafkaError) -> None:
         code = _PERMANENT.get(err.code())
         if code is not None:
-            self._metrics.inc("kafka_rejected")
+            self._metrics.inc("kafka_records_rejected", lane=self.lane)
             delivery.on_rejected(delivery, Rejected(code, f"Kafka refused the record: {err.str()}"))
             return
         if err.fatal():
@@ -343,7 +360,7 @@ class KafkaSink:
         """Produce again after an exponential backoff; the record stays owed until then."""
         delivery.attempts += 1
         delay = min(_RETRY_MAX, _RETRY_MIN * 2 ** min(delivery.attempts, 10))
-        self._metrics.inc("kafka_retries")
+        self._metrics.inc("kafka_retries", lane=self.lane)
         self._waiting.add(delivery)
         self._idle.clear()
         self._loop.call_later(delay, self._resend, delivery)
@@ -362,7 +379,7 @@ class KafkaSink:
         old = self._producer
         self._generation += 1
         self._producer = self._new_producer()
-        self._metrics.inc("kafka_producer_replaced")
+        self._metrics.inc("kafka_producers_replaced", lane=self.lane)
         replay = list(self._pending)
         self._pending.clear()
         log.error("kafka_producer_fatal", lane=self.lane, reason=reason, replaying=len(replay))

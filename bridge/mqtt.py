@@ -71,7 +71,7 @@ class Connection:
     def settled(self) -> None:
         """One more message is durable: flush the acks now due, once per loop turn."""
         if self.closed:
-            self.metrics.inc("acks_dropped_stale_connection")
+            self.metrics.inc("mqtt_acks_dropped_stale_connection")
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush_acks)
@@ -86,7 +86,7 @@ class Connection:
             inflight = owed.popleft()
             out += _PACK_ACK(_ACK[inflight.qos], 2, inflight.packet_id)
         if out:
-            self.metrics.inc("acked", len(out) // 4)
+            self.metrics.inc("mqtt_acks_sent", len(out) // 4)
             self.writer.write(out)
             if len(owed) < self.window:
                 self.window_open.set()
@@ -123,13 +123,20 @@ class BrokerSession:
     and reconnect with exponential backoff and full jitter."""
 
     def __init__(self, config: BrokerConfig, subscriptions: list[str], handler: Handler,
-                 metrics: Metrics) -> None:
-        self.config, self.handler, self.metrics = config, handler, metrics
+                 metrics: Metrics, lane: str = "bulk") -> None:
+        self.config, self.handler, self.metrics, self.lane = config, handler, metrics, lane
         self.subscriptions = list(subscriptions)
         self.name = config.name
         self.log = log.bind(broker=self.name, client_id=config.client_id)
         self.connection: Connection | None = None
         self.connected = asyncio.Event()
+        # Connected, and the broker granted every filter of the connect's SUBSCRIBE (or there
+        # was none): what readiness (/readyz, READY=1) waits for.
+        self.subscribed = asyncio.Event()
+        self._first_subscribe: int | None = None  # that SUBSCRIBE's packet id, until its SUBACK
+        self._lost_at: float | None = None  # when the last connection was lost (loop time)
+        self._ever_connected = False
+        self.metrics.set("mqtt_connected", 0, broker=self.name, lane=lane)
         self._stopping = False
         self._packet_id = 0
         self._removed: list[str] = []  # filters to unsubscribe, until an UNSUBACK says done
@@ -143,7 +150,7 @@ class BrokerSession:
             try:
                 await self._connect_and_read()
             except (OSError, MqttError, TimeoutError, ssl.SSLError) as exc:
-                self.metrics.inc("mqtt_connection_errors")
+                self.metrics.inc("mqtt_reconnects", broker=self.name, lane=self.lane)
                 self.log.warning("mqtt_disconnected", error=str(exc) or type(exc).__name__)
             except Exception:  # a bug must cost a reconnect (and redelivery), not the daemon
                 self.metrics.inc("mqtt_session_crashes")
@@ -208,7 +215,11 @@ class BrokerSession:
         self.log.info("mqtt_closed", acks_owed=len(connection.owed))
 
     def _drop_connection(self) -> None:
+        if self.connected.is_set():
+            self._lost_at = asyncio.get_running_loop().time()
         self.connected.clear()
+        self.subscribed.clear()
+        self.metrics.set("mqtt_connected", 0, broker=self.name, lane=self.lane)
         if self.connection is not None and not self._stopping:
             owed = sum(1 for i in self.connection.owed if not i.done)
             if owed:
@@ -230,11 +241,16 @@ class BrokerSession:
             else connack.server_keep_alive
         self.log.info("mqtt_connected", session_present=connack.session_present,
                       keepalive=keepalive, receive_max=self.config.receive_max)
-        self.metrics.inc("mqtt_connects")
+        self.metrics.inc("mqtt_connects", broker=self.name, lane=self.lane)
+        if not connack.session_present:
+            self._session_not_present(connection)
+        self._ever_connected = True
         # Subscribing again on a present session is harmless (retained messages are sent
         # only for a new subscription) and picks up filters added while the bridge was away.
         self._requests.clear()  # answers to an older connection's requests never come
-        self._subscribe(connection, self.subscriptions)
+        self._first_subscribe = self._subscribe(connection, self.subscriptions)
+        if self._first_subscribe is None:
+            self._now_subscribed()
         self._unsubscribe_removed(connection)
         self.connected.set()
         reading = asyncio.create_task(self._read_loop(reader, connection, buffer))
@@ -249,6 +265,30 @@ class BrokerSession:
         # The keepalive's reason wins: its abort is what made the read fail.
         for task in sorted(done, key=lambda t: t is reading):
             task.result()
+
+    def _session_not_present(self, connection: Connection) -> None:
+        """The broker holds no session for us. At the first connect of this process that is
+        a new session (or one lost while the bridge was down too: nothing here can tell);
+        on a reconnect it means the broker lost our session (no persistence, a failover,
+        the session expired), and with it whatever was queued for the bridge meanwhile."""
+        if not self._ever_connected:
+            self.log.info("mqtt_session_new",
+                          why="no session on the broker for this client id; after a restart "
+                              "of the bridge that means messages queued meanwhile were lost")
+            return
+        now = asyncio.get_running_loop().time()
+        away = 0.0 if self._lost_at is None else now - self._lost_at
+        self.metrics.inc("mqtt_sessions_lost", broker=self.name)
+        self.log.warning("mqtt_session_lost", away_seconds=round(away, 1),
+                         session_expiry=self.config.session_expiry,
+                         why="the broker no longer had this session: what it queued for the "
+                             "bridge while it was away is gone (see README, 'The broker "
+                             "forgot our session')")
+
+    def _now_subscribed(self) -> None:
+        self._first_subscribe = None
+        self.subscribed.set()
+        self.metrics.set("mqtt_connected", 1, broker=self.name, lane=self.lane)
 
     def _tls(self) -> ssl.SSLContext | None:
         c = self.config
@@ -296,9 +336,10 @@ class BrokerSession:
         group = self.config.share_group
         return f"$share/{group}/{topic_filter}" if group else topic_filter
 
-    def _subscribe(self, connection: Connection, filters: list[str]) -> None:
+    def _subscribe(self, connection: Connection, filters: list[str]) -> int | None:
+        """SUBSCRIBE `filters`; returns its packet id (None when there is nothing to do)."""
         if not filters:
-            return
+            return None
         qos = mqtt5.QoS(self.config.subscribe_qos)
         packet_id = self._next_packet_id()
         self._requests[packet_id] = filters
@@ -307,6 +348,7 @@ class BrokerSession:
                               retain_handling=mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS)
             for f in filters]).write())
         self.log.info("mqtt_subscribing", filters=[self._wire(f) for f in filters])
+        return packet_id
 
     def _unsubscribe_removed(self, connection: Connection) -> None:
         if not self._removed:
@@ -338,7 +380,7 @@ class BrokerSession:
         publish_type = mqtt5.PublishPacket
         limit = self.config.max_packet_size
         while not self._stopping:
-            start = published = 0
+            start = 0
             view = memoryview(buffer)
             try:
                 while not self._stopping:
@@ -355,7 +397,6 @@ class BrokerSession:
                         del buffer[:start]
                         start, view = 0, memoryview(buffer)
                     if type(packet) is publish_type:
-                        published += 1
                         waiting = self._on_publish(connection, packet)
                         del packet  # the session keeps no payload once it is handed on
                         if waiting is not None:
@@ -370,7 +411,6 @@ class BrokerSession:
                 raise
             finally:
                 view.release()
-                self.metrics.inc("received", published)
             del buffer[:start]
             connection.flush_acks()
             if self._stopping:
@@ -424,6 +464,8 @@ class BrokerSession:
                 self.log.error(f"mqtt_{verb}_failed", filters=failed)
             else:
                 self.log.info(f"mqtt_{verb}d", filters=filters)
+                if packet.packet_id == self._first_subscribe and verb == "subscribe":
+                    self._now_subscribed()
             if verb == "unsubscribe":
                 self._removed = [f for f in self._removed if f not in filters]
                 if not self._removed:

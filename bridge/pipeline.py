@@ -28,7 +28,7 @@ from bridge.config import Config, Route
 from bridge.errors import Rejected
 from bridge.kafka import Delivery, KafkaSink
 from bridge.message import Message
-from bridge.metrics import Metrics
+from bridge.metrics import Metrics, mark_dead_lettered
 from bridge.routing import KeySpec, Router
 from bridge.s3 import ObjectStore, retrying
 
@@ -259,7 +259,7 @@ class Pipeline:
         prefix = self.config.s3.object_prefix if self.config.s3 else ""
         key = f"{prefix}{plan.device_id}/{digest}"
         await self._put(key, payload, plan.device_id, digest, plan.template.content_type)
-        self.metrics.inc("offloaded")
+        self.metrics.inc("payloads_offloaded")
         reference = self.objects.reference(key)
         value = envelope.encode_reference(message, plan.device_id, plan.lineage,
                                           plan.template.content_type, reference, size, digest)
@@ -397,7 +397,7 @@ class Pipeline:
                     size: int | None = None, shrunk: bool = False) -> Delivery:
         """The dead-letter record of a message, on this lane's producer: its body inline
         (cut to fit Kafka) or, with `reference`, in S3. It never raises."""
-        self.metrics.inc(f"dead_letter_{rejected.code}")
+        mark_dead_lettered(on_durable, rejected.code)
         log.warning("dead_letter", code=rejected.code,
                     reason=envelope.printable(rejected.reason)[:500],
                     topic=message.topic[:LOG_TOPIC_MAX], broker=message.broker)
@@ -431,7 +431,7 @@ class Pipeline:
                                        delivery.on_durable, o.reference, o.sha256, o.size,
                                        shrink=True))
             return
-        self.metrics.inc("dead_letter_refused")
+        self.metrics.inc("dead_letters_refused")
         log.error("dead_letter_refused", topic=delivery.topic, reason=rejected.reason,
                   hint="check the dead-letter topic exists and accepts records this size")
         assert delivery.sink is not None

@@ -36,13 +36,38 @@ class S3Error(BridgeError):
 class ObjectStore:
     """One bucket, used from asyncio."""
 
-    def __init__(self, config: S3Config, workers: int = 8) -> None:
+    def __init__(self, config: S3Config, workers: int = 8,
+                 metrics: Metrics | None = None) -> None:
         self.bucket = config.bucket
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=config.endpoint_url, region_name=config.region,
             config=botocore.config.Config(max_pool_connections=workers,
                                           retries={"mode": "standard", "max_attempts": 3}))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="s3")
+        self.metrics = metrics
+        if metrics is not None:  # botocore's own events see every request, retries included
+            events = self.client.meta.events
+            events.register("after-call.s3", self._answered)
+            events.register("after-call-error.s3", self._failed)
+
+    def _answered(self, http_response: Any, event_name: str, **_: Any) -> None:
+        """Count one S3 request (runs on the S3 thread; prometheus_client is thread-safe)."""
+        assert self.metrics is not None
+        operation = event_name.rsplit(".", 1)[-1]
+        self.metrics.inc("s3_requests", operation=operation)
+        if getattr(http_response, "status_code", 200) >= 400:
+            self.metrics.inc("s3_errors", operation=operation)
+
+    def _failed(self, event_name: str, **_: Any) -> None:
+        """A request that got no answer (connection refused, timeout)."""
+        assert self.metrics is not None
+        operation = event_name.rsplit(".", 1)[-1]
+        self.metrics.inc("s3_requests", operation=operation)
+        self.metrics.inc("s3_errors", operation=operation)
+
+    def _moved(self, direction: str, size: int) -> None:
+        if self.metrics is not None and size:
+            self.metrics.inc("s3_bytes", size, direction=direction)
 
     def reference(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -58,6 +83,7 @@ class ObjectStore:
                   content_type: str = "application/octet-stream") -> None:
         await self._call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body,
                          Metadata=metadata or {}, ContentType=content_type)
+        self._moved("sent", len(body))
 
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or None if there is none."""
@@ -77,6 +103,7 @@ class ObjectStore:
                 return None
             raise
         body: bytes = await self._call(response["Body"].read)
+        self._moved("received", len(body))
         return body
 
     async def head(self, key: str) -> dict[str, Any] | None:
@@ -138,6 +165,7 @@ class ObjectStore:
     async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
         response = await self._call(self.client.upload_part, Bucket=self.bucket, Key=key,
                                     UploadId=upload_id, PartNumber=number, Body=body)
+        self._moved("sent", len(body))
         etag: str = response["ETag"]
         return etag
 

@@ -119,10 +119,13 @@ def wait_all_acked(bridge: Bridge, timeout: float = 60) -> dict[str, Any]:
     while time.monotonic() < deadline:
         stats = bridge.stats()
         last = stats[-1] if stats else {}
-        if last.get("received") and last.get("received") == last.get("acked"):
+        received = last.get("received_messages")
+        if received and received == last.get("mqtt_acks_sent") and \
+                not last.get("in_flight_messages"):
             return last
         time.sleep(0.5)
-    raise AssertionError(f"received {last.get('received')} but acked {last.get('acked')}")
+    raise AssertionError(f"received {last.get('received_messages')} but acked "
+                         f"{last.get('mqtt_acks_sent')}")
 
 
 def hostile_config(case: Case, files: Files, receive_max: int = 5, extra_routes: str = "",

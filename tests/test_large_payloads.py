@@ -130,7 +130,7 @@ def test_a_50mb_file_shuffled_with_duplicates_becomes_one_object(case: Case,
     assert reference["file"] == {"id": "video-1", "name": "video.mp4", "user_data": {"n": 1}}
     assert reference["content_type"] == "video/mp4"
     assert reference["bridge"]["route"] == "file_transfer"
-    bridge.wait_stat("files_completed", 1)
+    bridge.wait_stat("file_transfers_completed", 1)
     assert files.keys("staging/") == []
     assert files.open_uploads() == []
     time.sleep(2)  # nothing else arrives: exactly one reference envelope

@@ -132,8 +132,10 @@ def test_each_authentication_failure_is_dead_lettered_and_acked(case: Case) -> N
     ]
     assert all(env["bridge"]["route"] in {"signed", "known"} for _, env in dead)
     # Each was acked once its record was in Kafka: none is redelivered forever.
-    bridge.wait_stat("acked", 8, timeout=30)
-    assert bridge.wait_stat("dead_letter_bad_signature", 2, timeout=30) == 2
+    bridge.wait_stat("mqtt_acks_sent", 8, timeout=30)
+    bridge.wait_stat("dead_lettered_messages", 6, timeout=30)
+    assert bridge.stats()[-1]["dead_letters"] == {"bad_signature": 2, "missing_signature": 1,
+                                                  "revoked_device": 2, "unknown_device": 1}
 
 
 def map_versions(got: list[tuple[bytes | None, dict[str, Any]]]) -> set[str]:
