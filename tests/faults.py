@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +101,20 @@ def install() -> None:
     # Dead-letter encoding: the full record fails, the minimal one must still go out.
     envelope._fields = _raising("deadletter", envelope._fields, _device(1)("deadletter"))
     _fail_producing()
+    _stall_the_loop()
+
+
+def _stall_the_loop() -> None:
+    """`.../fault-stall/...`: routing blocks the event loop for 12 s, as a bug could."""
+    original = routing.Router.match
+
+    @functools.wraps(original)
+    def match(self: routing.Router, topic: str) -> Any:
+        if "/fault-stall/" in topic:
+            time.sleep(12)
+        return original(self, topic)
+
+    routing.Router.match = match  # type: ignore[method-assign]
 
 
 def _fail_producing() -> None:

@@ -149,7 +149,8 @@ def test_receive_max_bounds_what_is_in_flight(case: Case) -> None:
     finally:
         case.stack.kafka.resume()
     assert during and all(s["pending"] <= 50 for s in during), during
-    assert all(s.get("mqtt_acks_sent", 0) <= s.get("kafka_records_delivered", 0) for s in bridge.stats())
+    assert all(s.get("mqtt_acks_sent", 0) <= s.get("kafka_records_delivered", 0)
+               for s in bridge.stats())
     assert_all_arrived(case, 10, 100)
 
 
