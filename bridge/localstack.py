@@ -25,10 +25,12 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from bridge import sitefiles
+
 HOST = "127.0.0.1"
 S3_KEY = "test"  # moto accepts any key; Tansu and boto3 just need one
 S3_REGION = "us-east-1"
-MOSQUITTO_DIR = Path(__file__).resolve().parent.parent / "mosquitto"
+MOSQUITTO_DIR = sitefiles.root() / "mosquitto"  # the checkout's, else the installed copy
 INSTALL_LOCAL = "pip install 'mqtt-kafka-bridge[local]'"
 
 
@@ -214,7 +216,7 @@ def mosquitto_service(workdir: Path, port: int | None = None) -> Service:
     data.mkdir(parents=True, exist_ok=True)
     log_path, conf = workdir / "mosquitto.log", workdir / "mosquitto.conf"
     user = pwd.getpwuid(os.getuid()).pw_name  # as root it would otherwise drop to "mosquitto"
-    text = (MOSQUITTO_DIR / "local.conf").read_text()
+    text = sitefiles.path("mosquitto/local.conf").read_text()
     conf.write_text(string.Template(text).substitute(
         port=port, persistence_dir=data, log_file=log_path, user=user))  # fmt: skip
     return Service("mosquitto", [binary, "-c", str(conf)], port, log_path)
