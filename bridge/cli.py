@@ -1,4 +1,8 @@
-"""The command line: run, check-config, route, dev, simulate, tail."""
+"""The command line: run, check-config, route, s3-setup, dev, simulate, tail.
+
+A mistake or a failure of the outside world (a server that does not answer, a file that
+does not open) is one line on stderr that says what to do, and exit 2 (bridge/explain.py).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaException
-
 from bridge import config as config_module
 from bridge import envelope
 from bridge.errors import ConfigError, Rejected
+from bridge.explain import Mistake, explain
 
 T = TypeVar("T")
 
@@ -70,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                "dev": _dev, "simulate": _simulate, "tail": _tail}[args.command]
     try:
         return handler(args)
-    except Mistake as mistake:
-        print(f"{parser.prog} {args.command}: {mistake}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C while a command starts up or waits
+        return 130
+    except Exception as exc:
+        line = explain(exc, args)  # a mistake or an adapter's failure: one line, no traceback
+        if line is None:
+            raise
+        print(f"{parser.prog} {args.command}: {line}", file=sys.stderr)
         return 2
-
-
-class Mistake(Exception):
-    """What a user got wrong on the command line, said in one line that tells what to do:
-    `main` prints it to stderr and exits 2, never a traceback."""
 
 
 def _positive(kind: Callable[[str], float], zero: bool = False) -> Callable[[str], float]:
@@ -220,7 +223,7 @@ async def _run_job(job: Any) -> Any:
 
 def _s3_setup(args: argparse.Namespace) -> int:
     """Expire file-transfer staging data and abort unfinished multipart uploads."""
-    from bridge.s3 import ObjectStore, S3Error
+    from bridge.s3 import ObjectStore
 
     config = _load(args.config)
     if config is None:
@@ -229,11 +232,7 @@ def _s3_setup(args: argparse.Namespace) -> int:
         print(f"{args.config}: no [s3] section: nothing to set up", file=sys.stderr)
         return 2
     days = config.s3.staging_expiry_days
-    try:
-        rules = ObjectStore(config.s3).apply_lifecycle(days, days)["Rules"]
-    except S3Error as exc:
-        print(f"s3-setup failed: {exc}", file=sys.stderr)
-        return 1
+    rules = ObjectStore(config.s3).apply_lifecycle(days, days)["Rules"]
     print(f"s3://{config.s3.bucket}: lifecycle rules")
     for rule in rules:
         print(f"  {rule.get('ID', '?')}: {rule}")
@@ -241,12 +240,13 @@ def _s3_setup(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from bridge import dev
+    from bridge import dev, localstack
 
     if _load(args.config, dev.check_config) is None:  # before anything starts
         return 2
     if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         raise Mistake(f"--workdir {args.workdir} is not a directory: name a new or empty one")
+    localstack.check_installed()
     return dev.run_dev(args.config, args.workdir, args.rate)
 
 
@@ -254,14 +254,10 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         config_module.mqtt_endpoint(args.url)
     except ValueError as exc:
-        raise Mistake(f"--url {args.url} {exc}") from None
+        raise Mistake(f"--url {args.url}: {exc}") from None
     if args.file:
         _readable(args.file, "--file")  # before connecting
-    try:
-        return _fleet(args)
-    except OSError as exc:  # refused, unreachable, TLS, no acks: said once, not per device
-        raise Mistake(f"cannot publish to {args.url} (is the broker up? check --url): "
-                      f"{exc}") from None
+    return _fleet(args)
 
 
 def _fleet(args: argparse.Namespace) -> int:
@@ -296,13 +292,9 @@ def _fleet(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from bridge.kafka import error_text
     from bridge.tail import tail
 
     try:
         return tail(args.bootstrap, args.topic, args.follow)
     except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or piped into `head`
         return 0
-    except KafkaException as exc:  # no such topic, no broker at --bootstrap
-        raise Mistake(f"cannot read {args.topic} from {args.bootstrap}: "
-                      f"{error_text(exc)}") from None
