@@ -5,6 +5,7 @@ that need a topic or a bucket missing from a real server use the local stack."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge import cli as cli_module
+from bridge import sitefiles
 from bridge.explain import explain
 from bridge.localstack import LocalStack, LocalStackError
 from tests.conftest import ROOT
@@ -185,6 +188,60 @@ def test_dev_without_the_local_extras_says_what_to_install(tmp_path: Path) -> No
                     "stack needs the local extras: pip install 'mqtt-kafka-bridge[local]' (in a "
                     "checkout: pip install -e '.[local]')")
     assert not work.exists()  # nothing was started
+
+
+def test_version_is_the_installed_distributions() -> None:
+    done = cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"mqtt-kafka-bridge {importlib.metadata.version('mqtt-kafka-bridge')}\n"
+
+
+def test_init_site_writes_the_site_files_once_and_overwrites_only_with_force(
+        tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    done = cli("init-site", str(site))
+    assert done.returncode == 0, done.stderr
+    written = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
+    assert written == sorted(sitefiles.OPERATOR_FILES)
+    for name in written:
+        assert (site / name).read_bytes() == (ROOT / name).read_bytes()
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"wrote 6 files to {site} (from {ROOT}):" and len(lines) <= 8
+    assert f"install -m 644 {site}/systemd/mqtt-kafka-bridge.service /etc/systemd/system/" \
+        in done.stdout
+    (site / "examples/bridge.toml").write_text("# edited\n")
+    line = one_line(cli("init-site", str(site)))
+    assert line == (f"mqtt-kafka-bridge init-site: {site}/systemd/mqtt-kafka-bridge.service "
+                    "exists (and 5 more): --force overwrites")
+    assert (site / "examples/bridge.toml").read_text() == "# edited\n"
+    assert cli("init-site", "--force", str(site)).returncode == 0
+    assert (site / "examples/bridge.toml").read_bytes() == (ROOT / "examples/bridge.toml"
+                                                            ).read_bytes()
+    line = one_line(cli("init-site", str(site / "examples/bridge.toml")))
+    assert line.endswith("bridge.toml is not a directory: name a new or existing one")
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    [group] = [a for a in cli_module.parser()._actions
+               if isinstance(a, argparse._SubParsersAction)]
+    return dict(group.choices)
+
+
+def test_every_option_of_every_command_says_what_it_is_and_its_default() -> None:
+    assert set(subcommands()) == set(cli_module.COMMANDS)
+    for name, command in subcommands().items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"{name} {action.dest}"
+            assert action.help, f"{where} has no help"
+            if not action.option_strings or action.required:
+                continue  # a positional or a required option has no default
+            text = formatter._get_help_string(action) % vars(action)
+            assert "default" in text, f"{where}: {text!r} does not say its default"
+            if action.default not in (None, False):
+                assert f"(default: {action.default})" in text, where
 
 
 def test_explain_leaves_bugs_to_their_traceback() -> None:
