@@ -82,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
                      help="where the local servers keep their data and logs")
     dev.add_argument("--rate", type=_positive(float), default=5.0,
                      help="simulated telemetry messages per second")
+    dev.add_argument("--progress-after", type=_positive(float), default=60.0, metavar="SECONDS",
+                     help="print a progress line after this long without output")
 
     sim = command("simulate", "a device fleet publishing telemetry, or one file upload")
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the MQTT broker")
@@ -301,7 +303,7 @@ def _dev(args: argparse.Namespace) -> int:
     if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         raise Mistake(f"--workdir {args.workdir} is not a directory: name a new or empty one")
     localstack.check_installed()
-    return dev.run_dev(config, args.workdir, args.rate)
+    return dev.run_dev(config, args.workdir, args.rate, args.progress_after)
 
 
 def _simulate(args: argparse.Namespace) -> int:
