@@ -39,10 +39,6 @@ def explain(exc: BaseException, args: argparse.Namespace) -> str | None:
     return None
 
 
-_UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
-                KafkaError._RESOLVE}
-
-
 Explainer = Callable[[BaseException, argparse.Namespace], str | None]
 
 
@@ -58,6 +54,10 @@ def _lines() -> list[tuple[type[BaseException] | tuple[type[BaseException], ...]
         ((S3Error, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError), _s3),
         (OSError, _oserror),
     ]
+
+
+_UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+                KafkaError._RESOLVE}
 
 
 def _kafka(exc: BaseException, args: argparse.Namespace) -> str:
