@@ -1,83 +1,141 @@
-"""The command line: run, check-config, route, dev, simulate, tail."""
+"""The command line: run, check-config, route, s3-setup, dev, simulate, tail, init-site.
+
+A mistake or a failure of the outside world (a server that does not answer, a file that
+does not open) is one line on stderr that says what to do, and exit 2 (bridge/explain.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaException
-
 from bridge import config as config_module
-from bridge import envelope
+from bridge import envelope, sitefiles
 from bridge.errors import ConfigError, Rejected
+from bridge.explain import Mistake, explain
 
 T = TypeVar("T")
 
 
+PROG = "mqtt-kafka-bridge"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mqtt-kafka-bridge", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run the bridge daemon")
-    run.add_argument("--config", required=True, help="TOML config file")
-
-    check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("file")
-
-    route = commands.add_parser("route", help="dry run: which route a topic takes")
-    route.add_argument("--config", required=True)
-    route.add_argument("--payload-file", help="check this payload's format (and signature)")
-    route.add_argument("--signature", help="the message's signature user property (hex)")
-    route.add_argument("topic")
-
-    s3_setup = commands.add_parser("s3-setup", help="apply the S3 bucket lifecycle rules")
-    s3_setup.add_argument("--config", required=True)
-
-    dev = commands.add_parser("dev", help="run the bridge on a local Mosquitto, Tansu and S3")
-    dev.add_argument("--config", default="examples/bridge.toml")
-    dev.add_argument("--workdir", default=".dev")
-    dev.add_argument("--rate", type=_positive(float), default=5.0,
-                     help="simulated messages per second")
-
-    sim = commands.add_parser("simulate", help="a device fleet publishing telemetry")
-    sim.add_argument("--url", default="mqtt://127.0.0.1:1883")
-    sim.add_argument("--devices", type=_positive(int), default=100)
-    sim.add_argument("--messages", type=_positive(int), default=10, help="per device")
-    sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
-    sim.add_argument("--size", type=_positive(int, zero=True), default=200, help="payload bytes")
-    sim.add_argument("--rate", type=_positive(float),
-                     help="messages per second in all (default: max)")
-    sim.add_argument("--herd", action="store_true",
-                     help="every device connects at once as its own client")
-    sim.add_argument("--file", help="upload this file over MQTT file transfer instead")
-    sim.add_argument("--device-id", default="dev-00000", help="the uploading device (--file)")
-    sim.add_argument("--segment-bytes", type=_positive(int), default=256 * 1024,
-                     help="with --file")
-
-    tail = commands.add_parser("tail", help="print a Kafka topic as decoded envelopes")
-    tail.add_argument("--bootstrap", default="127.0.0.1:9092")
-    tail.add_argument("--follow", "-f", action="store_true")
-    tail.add_argument("topic")
-
-    args = parser.parse_args(argv)
-    handler = {"run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup,
-               "dev": _dev, "simulate": _simulate, "tail": _tail}[args.command]
+    args = parser().parse_args(argv)
     try:
-        return handler(args)
-    except Mistake as mistake:
-        print(f"{parser.prog} {args.command}: {mistake}", file=sys.stderr)
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C while a command starts up or waits
+        return 130
+    except Exception as exc:
+        line = explain(exc, args)  # a mistake or an adapter's failure: one line, no traceback
+        if line is None:
+            raise
+        print(f"{PROG} {args.command}: {line}", file=sys.stderr)
         return 2
 
 
-class Mistake(Exception):
-    """What a user got wrong on the command line, said in one line that tells what to do:
-    `main` prints it to stderr and exits 2, never a traceback."""
+def parser() -> argparse.ArgumentParser:
+    """Every command and option; each option's help says its default."""
+    top = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Help, description="At-least-once MQTT to Kafka. "
+        f"'{PROG} COMMAND --help' tells a command's options.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                     help="print the installed version and exit")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, what: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=what, description=what, formatter_class=_Help)
+
+    def config(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--config", required=True, metavar="FILE",
+                             help="the TOML config file")
+
+    config(command("run", "run the bridge daemon"))
+
+    check = command("check-config", "validate a config file: exit 0, or print every problem")
+    check.add_argument("file", help="the TOML config file")
+
+    route = command("route", "dry run: what the bridge would do with a message on TOPIC")
+    config(route)
+    route.add_argument("--payload-file", metavar="FILE", help="the message's payload, for its "
+                       "format check and signature (default: an empty payload)")
+    route.add_argument("--signature", metavar="HEX", help="the message's signature user "
+                       "property, hex (default: none)")
+    route.add_argument("topic", help="the MQTT topic the message arrives on")
+
+    config(command("s3-setup", "apply the S3 bucket lifecycle rules of [s3]"))
+
+    dev = command("dev", "run the bridge on a local Mosquitto, Kafka (Tansu) and S3 (moto), "
+                  "with a simulated fleet")
+    dev.add_argument("--config", metavar="FILE", help="the config to run; its broker, Kafka "
+                     "and S3 addresses are pointed at the local stack (default: the shipped "
+                     "examples/bridge.toml)")
+    dev.add_argument("--workdir", default=".dev", metavar="DIR",
+                     help="where the local servers keep their data and logs")
+    dev.add_argument("--rate", type=_positive(float), default=5.0,
+                     help="simulated telemetry messages per second")
+    dev.add_argument("--progress-after", type=_positive(float), default=60.0, metavar="SECONDS",
+                     help="print a progress line after this long without output")
+
+    sim = command("simulate", "a device fleet publishing telemetry, or one file upload")
+    sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the MQTT broker")
+    sim.add_argument("--devices", type=_positive(int), default=100, help="devices in the fleet")
+    sim.add_argument("--messages", type=_positive(int), default=10,
+                     help="messages per device")
+    sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="MQTT QoS")
+    sim.add_argument("--size", type=_positive(int, zero=True), default=200,
+                     help="payload bytes")
+    sim.add_argument("--rate", type=_positive(float), help="messages per second in all "
+                     "(default: as fast as the broker takes them)")
+    sim.add_argument("--herd", action="store_true",
+                     help="every device connects at once as its own client")
+    sim.add_argument("--file", help="upload this file over MQTT file transfer instead "
+                     "(default: no file, telemetry)")
+    sim.add_argument("--device-id", default="dev-00000", help="the uploading device (--file)")
+    sim.add_argument("--segment-bytes", type=_positive(int), default=256 * 1024,
+                     help="bytes per segment (--file)")
+
+    tail = command("tail", "print a Kafka topic as decoded envelopes (JSON lines)")
+    tail.add_argument("--bootstrap", default="127.0.0.1:9092", metavar="HOST:PORT",
+                      help="a Kafka broker")
+    tail.add_argument("--follow", "-f", action="store_true",
+                      help="keep waiting for new records (else stop after 5 s without one)")
+    tail.add_argument("topic", help="the Kafka topic")
+
+    init = command("init-site", "write the systemd unit, the example config and registry and "
+                   "the Mosquitto configs into DIR, for an operator to install")
+    init.add_argument("dir", metavar="DIR", help="where to write them (created if missing)")
+    init.add_argument("--force", action="store_true", help="overwrite files that exist")
+    return top
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, "(default: off)" for a flag; options
+    without a default value say theirs in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.required or \
+                action.default in (None, argparse.SUPPRESS):
+            return text
+        return text + (" (default: off)" if action.default is False else
+                       " (default: %(default)s)")
+
+
+def version() -> str:
+    """The installed distribution's version (a checkout that was never installed has none)."""
+    try:
+        return importlib.metadata.version(PROG)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _positive(kind: Callable[[str], float], zero: bool = False) -> Callable[[str], float]:
@@ -220,7 +278,7 @@ async def _run_job(job: Any) -> Any:
 
 def _s3_setup(args: argparse.Namespace) -> int:
     """Expire file-transfer staging data and abort unfinished multipart uploads."""
-    from bridge.s3 import ObjectStore, S3Error
+    from bridge.s3 import ObjectStore
 
     config = _load(args.config)
     if config is None:
@@ -229,11 +287,7 @@ def _s3_setup(args: argparse.Namespace) -> int:
         print(f"{args.config}: no [s3] section: nothing to set up", file=sys.stderr)
         return 2
     days = config.s3.staging_expiry_days
-    try:
-        rules = ObjectStore(config.s3).apply_lifecycle(days, days)["Rules"]
-    except S3Error as exc:
-        print(f"s3-setup failed: {exc}", file=sys.stderr)
-        return 1
+    rules = ObjectStore(config.s3).apply_lifecycle(days, days)["Rules"]
     print(f"s3://{config.s3.bucket}: lifecycle rules")
     for rule in rules:
         print(f"  {rule.get('ID', '?')}: {rule}")
@@ -241,27 +295,25 @@ def _s3_setup(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from bridge import dev
+    from bridge import dev, localstack
 
-    if _load(args.config, dev.check_config) is None:  # before anything starts
+    config = args.config or str(sitefiles.path("examples/bridge.toml"))
+    if _load(config, dev.check_config) is None:  # before anything starts
         return 2
     if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         raise Mistake(f"--workdir {args.workdir} is not a directory: name a new or empty one")
-    return dev.run_dev(args.config, args.workdir, args.rate)
+    localstack.check_installed()
+    return dev.run_dev(config, args.workdir, args.rate, args.progress_after)
 
 
 def _simulate(args: argparse.Namespace) -> int:
     try:
         config_module.mqtt_endpoint(args.url)
     except ValueError as exc:
-        raise Mistake(f"--url {args.url} {exc}") from None
+        raise Mistake(f"--url {args.url}: {exc}") from None
     if args.file:
         _readable(args.file, "--file")  # before connecting
-    try:
-        return _fleet(args)
-    except OSError as exc:  # refused, unreachable, TLS, no acks: said once, not per device
-        raise Mistake(f"cannot publish to {args.url} (is the broker up? check --url): "
-                      f"{exc}") from None
+    return _fleet(args)
 
 
 def _fleet(args: argparse.Namespace) -> int:
@@ -296,13 +348,54 @@ def _fleet(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from bridge.kafka import error_text
     from bridge.tail import tail
 
     try:
         return tail(args.bootstrap, args.topic, args.follow)
     except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or piped into `head`
         return 0
-    except KafkaException as exc:  # no such topic, no broker at --bootstrap
-        raise Mistake(f"cannot read {args.topic} from {args.bootstrap}: "
-                      f"{error_text(exc)}") from None
+
+
+def _init_site(args: argparse.Namespace) -> int:
+    """Copy the files an operator installs out of the package, never over one without
+    --force, and say what to do with them."""
+    target = Path(args.dir)
+    if target.exists() and not target.is_dir():
+        raise Mistake(f"{target} is not a directory: name a new or existing one")
+    sources = {name: sitefiles.path(name) for name in sitefiles.OPERATOR_FILES}
+    there = [name for name in sources if (target / name).exists()]
+    if there and not args.force:
+        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+        raise Mistake(f"{target / there[0]} exists{more}: --force overwrites")
+    for name, source in sources.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target / name)
+    unit = target / "systemd/mqtt-kafka-bridge.service"
+    program, config = _exec_start(unit.read_text())
+    here = sitefiles.program()
+    differs = "" if program == here else f"; this install is {here}: edit the unit to match"
+    print(f"wrote {len(sources)} files to {target} (from {sitefiles.root()}):\n"
+          f"  {'  '.join(sources)}\n"
+          "next:\n"
+          f"  1. copy {target / 'examples'}/*.toml to {Path(config).parent}/, edit them, then: "
+          f"{here} check-config {config}\n"
+          f"  2. install -m 644 {unit} /etc/systemd/system/ && systemctl enable --now "
+          f"mqtt-kafka-bridge\n"
+          f"     (the unit runs {program}{differs})\n"
+          f"  3. the broker: {target / 'mosquitto/README.md'}")
+    return 0
+
+
+def _exec_start(unit: str) -> tuple[str, str]:
+    """The program and the --config file of a unit's ExecStart line."""
+    for line in unit.splitlines():
+        if line.startswith("ExecStart="):
+            words = line.removeprefix("ExecStart=").split()
+            config = words[words.index("--config") + 1] if "--config" in words[:-1] else "?"
+            return words[0] if words else "?", config
+    return "?", "?"
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup, "dev": _dev,
+    "simulate": _simulate, "tail": _tail, "init-site": _init_site}

@@ -1,23 +1,32 @@
 """`mqtt-kafka-bridge dev`: the bridge on a local Mosquitto, Tansu and moto S3, for newcomers.
 
-The example config is used as it is, except for the three addresses, which point at the
-local stack's ports. A simulated fleet publishes a trickle of telemetry, one message without
-a device id so the dead-letter topic has something to show, and uploads a 3 MiB file over
-MQTT file transfer, which lands in S3 with a reference envelope in Kafka.
+The config (by default the shipped example) is used as it is, except for the three
+addresses, which point at the local stack's ports. A simulated fleet publishes a trickle of
+telemetry, one demo message the bridge must dead-letter (its device id is not valid), and
+uploads a 3 MiB file over MQTT file transfer, which lands in S3 with a reference envelope in
+Kafka. When nothing has been printed for a while, a short line says how far it got.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
+import time
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from bridge import config as config_module
-from bridge import logs, simulate
+from bridge import logs, simulate, sitefiles
 from bridge.daemon import Daemon
 from bridge.device import sized_file, upload_file
 from bridge.localstack import LocalStack, s3_environment
+
+DEMO_DEVICE = "demo:dead-letter"  # ':' is no device id character: code invalid_device_id
 
 
 def local_config(path: Path, mqtt_url: str, bootstrap: str,
@@ -43,12 +52,72 @@ def check_config(path: str) -> config_module.Config:
                         "http://127.0.0.1:9000")
 
 
-def run_dev(config_path: str, workdir: str, rate: float) -> int:
+def demo_topic(config: config_module.Config) -> str:
+    """A topic of the first route, with the demo's invalid device id in its {device_id}: a
+    message the bridge receives and must dead-letter, whatever the routes."""
+    route = config.routes[0].filter
+    levels = [DEMO_DEVICE if name == "device_id" else literal or "demo"
+              for literal, name in zip(route.levels, route.names, strict=True)]
+    return "/".join([*levels, "demo"] if route.multi else levels)
+
+
+def counts(daemon: Daemon) -> tuple[int, int]:
+    """(bridged, dead-lettered) so far: the one place `dev` reads the daemon's counters.
+    The stats snapshot names them as the README's metrics do; counters without those names
+    (kafka_delivered, dead_letter_CODE) are read as those counts."""
+    snapshot: dict[str, Any] = dict(daemon.metrics.snapshot())
+    if "kafka_delivered" not in snapshot and not any(
+            name.startswith("dead_letter_") for name in snapshot):
+        return (int(snapshot.get("bridged_messages", 0)),
+                int(snapshot.get("dead_lettered_messages", 0)))
+    dead = sum(int(value) for name, value in snapshot.items()
+               if name.startswith("dead_letter_") and name != "dead_letter_refused")
+    return max(0, int(snapshot.get("kafka_delivered", 0)) - dead), dead
+
+
+class Progress:
+    """Remembers when `dev` last printed something (its own lines and the bridge's log
+    events, but not the periodic `bridge_stats` wall of counters) and, `after` seconds of
+    quiet, prints one short line of how far it got."""
+
+    def __init__(self, after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.after, self.clock = after, clock
+        self.last = clock()
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self.last = self.clock()
+
+    def log_event(self, _logger: object, _method: str,
+                  event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        """A structlog processor: notes each event printed."""
+        if event.get("event") != "bridge_stats":
+            self.last = self.clock()
+        return event
+
+    def due(self) -> bool:
+        return self.clock() - self.last >= self.after
+
+    async def watch(self, daemon: Daemon) -> None:
+        """On the event loop, where the counters are written, so they are read whole."""
+        while True:
+            await asyncio.sleep(1)
+            if self.due():
+                bridged, dead = counts(daemon)
+                self.say(f"dev: {bridged} messages bridged, {dead} dead-lettered so far "
+                         "(Ctrl-C stops)")
+
+
+def run_dev(config_path: str, workdir: str, rate: float, progress_after: float = 60.0) -> int:
     path, work = Path(config_path), Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     logs.configure("console")
+    progress = Progress(progress_after)
+    processors = structlog.get_config()["processors"]
+    structlog.configure(processors=[progress.log_event, *processors])
     for name, value in s3_environment().items():  # the local S3 takes any credentials
         os.environ.setdefault(name, value)
+    progress.say(f"dev: starting Mosquitto, Kafka (Tansu) and S3 (moto) in {work} ...")
     with LocalStack(work) as stack:
         def load() -> config_module.Config:
             return local_config(path, stack.mqtt_url, stack.bootstrap, stack.s3_endpoint)
@@ -58,50 +127,74 @@ def run_dev(config_path: str, workdir: str, rate: float) -> int:
         stack.create_topics(topics)
         if config.s3:
             stack.create_bucket(config.s3.bucket)
-        files = "" if config.file_transfer is None else (
-            f"  .venv/bin/mqtt-kafka-bridge tail --bootstrap {stack.bootstrap} "
-            f"{config.file_transfer.kafka_topic}      (a 3 MiB upload, by reference)\n")
-        print(f"""
-mqtt-kafka-bridge dev: local stack in {work}
-  MQTT   {stack.mqtt_url}
-  Kafka  {stack.bootstrap}   topics: {", ".join(topics)}
-  S3     {stack.s3_endpoint}
-Watch envelopes arrive (in another terminal):
-  .venv/bin/mqtt-kafka-bridge tail --bootstrap {stack.bootstrap} -f {config.routes[0].kafka_topic}
-  .venv/bin/mqtt-kafka-bridge tail --bootstrap {stack.bootstrap} {config.dead_letter_topic}
-{files}Publish more:
-  .venv/bin/mqtt-kafka-bridge simulate --url {stack.mqtt_url} --devices 100 --messages 100
-  .venv/bin/mqtt-kafka-bridge simulate --url {stack.mqtt_url} --file SOME_FILE
-Ctrl-C stops the bridge and everything dev started.
-""", flush=True)
+        progress.say(_banner(stack, config, path, topics, rate))
         stop, ready = threading.Event(), threading.Event()
         sample = None
         if config.file_transfer is not None:  # a file upload lands as a reference envelope
             sample = sized_file(work / "sample.bin", 3 * 2**20)
-        fleet = threading.Thread(target=_fleet, args=(stack.mqtt_url, stop, ready, rate, sample),
-                                 daemon=True)
+        fleet = threading.Thread(target=_fleet, daemon=True, args=(
+            stack.mqtt_url, stop, ready, rate, sample, demo_topic(config), progress,
+            f"{sitefiles.program(relative=True)} tail --bootstrap {stack.bootstrap} "
+            f"{config.dead_letter_topic}"))
         fleet.start()
         try:
-            asyncio.run(Daemon(config, loader=load, on_ready=ready.set).run())
+            asyncio.run(_watched(Daemon(config, loader=load, on_ready=ready.set), progress))
         finally:
             stop.set()
             fleet.join(5)
+            gc.collect()  # the daemon's producers, before Tansu stops: no reconnect noise
     return 0
 
 
+async def _watched(daemon: Daemon, progress: Progress) -> None:
+    watch = asyncio.create_task(progress.watch(daemon))
+    try:
+        await daemon.run()
+    finally:
+        watch.cancel()
+
+
+def _banner(stack: LocalStack, config: config_module.Config, path: Path, topics: list[str],
+            rate: float) -> str:
+    program = sitefiles.program(relative=True)
+    tail = f"{program} tail --bootstrap {stack.bootstrap}"
+    bucket = f"   bucket {config.s3.bucket}" if config.s3 else ""
+    files = "" if config.file_transfer is None else (
+        f"  {tail} {config.file_transfer.kafka_topic}      (a 3 MiB upload, by reference)\n")
+    return f"""
+mqtt-kafka-bridge dev: started, data and logs in {stack.workdir}
+  Mosquitto      {stack.mqtt_url}
+  Kafka (Tansu)  {stack.bootstrap}   topics {", ".join(topics)}
+  S3 (moto)      {stack.s3_endpoint}{bucket}
+  the bridge     on {path}, its addresses pointed at these
+  a fleet        {rate:g} telemetry messages/s, one demo dead letter{
+      ", one file upload" if config.file_transfer else ""}
+Watch envelopes arrive (in another terminal):
+  {tail} -f {config.routes[0].kafka_topic}
+  {tail} {config.dead_letter_topic}
+{files}Publish more:
+  {program} simulate --url {stack.mqtt_url} --devices 100 --messages 100
+  {program} simulate --url {stack.mqtt_url} --file SOME_FILE
+Ctrl-C stops the bridge and everything dev started.
+"""
+
+
 def _fleet(url: str, stop: threading.Event, ready: threading.Event, rate: float,
-           sample: Path | None) -> None:
+           sample: Path | None, demo: str, progress: Progress, tail_dead: str) -> None:
     """Publishes once the bridge has subscribed: on a first run there is no session yet
     to hold what is published before."""
     while not ready.wait(0.5):
         if stop.is_set():
             return
-    client = simulate.device_client(url, "sim-dev-misfit")
-    client.publish("devices//telemetry", b"a message without a device id", qos=1)
+    client = simulate.device_client(url, "dev-demo")
+    client.publish(demo, b"dev's demo dead letter: its device id is not valid", qos=1)
+    progress.say(f"dev: published a demo dead letter on {demo} (not a valid device id); "
+                 f"see it: {tail_dead}")
     if sample is not None:
         upload = upload_file(client, "dev-00000", "sample-1", sample)
-        print(f"dev: uploaded {sample.name} ({upload.size} bytes, sha256 {upload.sha256[:16]}..)"
-              f" over MQTT file transfer", flush=True)
+        progress.say(f"dev: uploaded {sample.name} ({upload.size} bytes, sha256 "
+                     f"{upload.sha256[:16]}..) over MQTT file transfer")
     client.disconnect()
     client.loop_stop()
     simulate.trickle(url, stop, rate)
+

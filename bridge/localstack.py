@@ -25,15 +25,19 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from bridge import sitefiles
+
 HOST = "127.0.0.1"
 S3_KEY = "test"  # moto accepts any key; Tansu and boto3 just need one
 S3_REGION = "us-east-1"
-MOSQUITTO_DIR = Path(__file__).resolve().parent.parent / "mosquitto"
-INSTALL_LOCAL = "pip install 'mqtt-kafka-bridge[local]'"
+MOSQUITTO_DIR = sitefiles.root() / "mosquitto"  # the checkout's, else the installed copy
+INSTALL_LOCAL = ("the local stack needs the local extras: pip install "
+                 "'mqtt-kafka-bridge[local]' (in a checkout: pip install -e '.[local]')")
 
 
 class LocalStackError(Exception):
-    """A local server is missing or did not come up; the message says which, and its log."""
+    """A local server is missing or did not come up. The first line of the message says
+    which and what to do (or where its log is); the lines after it quote the log's end."""
 
 
 def free_port() -> int:
@@ -68,7 +72,7 @@ def wait_for_port(
             reason = f"did not listen on {host}:{port} within {timeout:g}s"
             break
         time.sleep(0.05)
-    raise LocalStackError(f"{name} {reason}; {log_path} ends:\n{_tail(log_path)}")
+    raise LocalStackError(f"{name} {reason} (its log: {log_path})\n{_tail(log_path)}")
 
 
 class Service:
@@ -181,8 +185,8 @@ class KafkaService(Service):
             except KafkaException as e:
                 if time.monotonic() >= deadline or not self.alive:
                     raise LocalStackError(
-                        f"{self.name} does not answer metadata: {e}; "
-                        f"{self.log_path} ends:\n{_tail(self.log_path)}"
+                        f"{self.name} does not answer metadata: {e} (its log: "
+                        f"{self.log_path})\n{_tail(self.log_path)}"
                     ) from e
                 time.sleep(0.1)
 
@@ -206,15 +210,13 @@ def create_bucket(endpoint_url: str, name: str) -> None:
 
 def mosquitto_service(workdir: Path, port: int | None = None) -> Service:
     """Mosquitto rendered from mosquitto/local.conf: loopback, persistent, unlimited queues."""
-    binary = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
-    if binary is None:
-        raise LocalStackError("mosquitto not found: apt-get install mosquitto")
+    binary = mosquitto_binary()
     port = port or free_port()
     data = workdir / "mosquitto-data"
     data.mkdir(parents=True, exist_ok=True)
     log_path, conf = workdir / "mosquitto.log", workdir / "mosquitto.conf"
     user = pwd.getpwuid(os.getuid()).pw_name  # as root it would otherwise drop to "mosquitto"
-    text = (MOSQUITTO_DIR / "local.conf").read_text()
+    text = sitefiles.path("mosquitto/local.conf").read_text()
     conf.write_text(string.Template(text).substitute(
         port=port, persistence_dir=data, log_file=log_path, user=user))  # fmt: skip
     return Service("mosquitto", [binary, "-c", str(conf)], port, log_path)
@@ -222,14 +224,34 @@ def mosquitto_service(workdir: Path, port: int | None = None) -> Service:
 
 def s3_service(workdir: Path, port: int | None = None) -> S3Service:
     """moto's S3 server; in memory, so it keeps Tansu's data across Tansu restarts only."""
-    beside = Path(sys.executable).parent / "moto_server"  # unresolved: the venv's bin
-    binary = str(beside) if beside.exists() else shutil.which("moto_server")
-    if binary is None:
-        raise LocalStackError(f"moto_server not found: {INSTALL_LOCAL}")
+    binary = moto_binary()
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [binary, "-H", HOST, "-p", str(port)]
     return S3Service("moto-s3", argv, port, workdir / "moto.log")
+
+
+def check_installed() -> None:
+    """Before anything starts: each local server is installed, else LocalStackError says
+    which and how to install it."""
+    mosquitto_binary()
+    moto_binary()
+    tansu_binary()
+
+
+def mosquitto_binary() -> str:
+    binary = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    if binary is None:
+        raise LocalStackError("mosquitto not found: apt-get install mosquitto")
+    return binary
+
+
+def moto_binary() -> str:
+    beside = Path(sys.executable).parent / "moto_server"  # unresolved: the venv's bin
+    binary = str(beside) if beside.exists() else shutil.which("moto_server")
+    if binary is None:
+        raise LocalStackError(f"moto_server (moto's S3) not found: {INSTALL_LOCAL}")
+    return binary
 
 
 def tansu_binary() -> Path:

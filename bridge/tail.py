@@ -11,10 +11,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from bridge import envelope
 from bridge.kafka import QUIET
+
+
+class UnknownTopic(KafkaException):
+    """The topic is not in the cluster; `known` are the topics it has (internal ones left
+    out), for a reader who mistyped the name."""
+
+    def __init__(self, error: KafkaError, known: list[str]) -> None:
+        super().__init__(error)
+        self.known = known
 
 
 def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
@@ -28,6 +37,9 @@ def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
         metadata = consumer.list_topics(topic, timeout=10)
         info = metadata.topics[topic]
         if info.error is not None:
+            if info.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                known = consumer.list_topics(timeout=10).topics
+                raise UnknownTopic(info.error, sorted(t for t in known if not t.startswith("__")))
             raise KafkaException(info.error)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in info.partitions])
         last = time.monotonic()
