@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, MutableMapping
@@ -24,15 +25,18 @@ from bridge import config as config_module
 from bridge import logs, simulate, sitefiles
 from bridge.daemon import Daemon
 from bridge.device import sized_file, upload_file
-from bridge.localstack import LocalStack, s3_environment
+from bridge.localstack import LocalStack, free_port, s3_environment
 
 DEMO_DEVICE = "demo:dead-letter"  # ':' is no device id character: code invalid_device_id
 
 
 def local_config(path: Path, mqtt_url: str, bootstrap: str,
-                 s3_endpoint: str) -> config_module.Config:
-    """The config at `path`, pointed at the local stack's addresses."""
+                 s3_endpoint: str, http_listen: str | None = None) -> config_module.Config:
+    """The config at `path`, pointed at the local stack's addresses (and, with `http_listen`,
+    its [http] endpoint there)."""
     data, raw = config_module.read_toml(path)
+    if http_listen is not None and isinstance(data.get("http"), dict):
+        data["http"]["listen"] = http_listen
     for broker in data.get("brokers", []):
         if isinstance(broker, dict):  # anything else is for parse() to refuse
             broker.update(url=mqtt_url)
@@ -43,6 +47,18 @@ def local_config(path: Path, mqtt_url: str, bootstrap: str,
     if isinstance(data.get("s3"), dict):
         data["s3"]["endpoint_url"] = s3_endpoint
     return config_module.parse(data, source=raw, base=path.parent)
+
+
+def _free_listen(http: config_module.HttpConfig | None) -> str | None:
+    """The config's [http] address if it is free here, else a free port on loopback (a
+    second `dev`, or a bridge already running, has the default one)."""
+    if http is None:
+        return None
+    try:
+        with socket.create_server((http.host, http.port)):
+            return http.listen
+    except OSError:
+        return f"127.0.0.1:{free_port()}"
 
 
 def check_config(path: str) -> config_module.Config:
@@ -62,17 +78,10 @@ def demo_topic(config: config_module.Config) -> str:
 
 
 def counts(daemon: Daemon) -> tuple[int, int]:
-    """(bridged, dead-lettered) so far: the one place `dev` reads the daemon's counters.
-    The stats snapshot names them as the README's metrics do; counters without those names
-    (kafka_delivered, dead_letter_CODE) are read as those counts."""
-    snapshot: dict[str, Any] = dict(daemon.metrics.snapshot())
-    if "kafka_delivered" not in snapshot and not any(
-            name.startswith("dead_letter_") for name in snapshot):
-        return (int(snapshot.get("bridged_messages", 0)),
-                int(snapshot.get("dead_lettered_messages", 0)))
-    dead = sum(int(value) for name, value in snapshot.items()
-               if name.startswith("dead_letter_") and name != "dead_letter_refused")
-    return max(0, int(snapshot.get("kafka_delivered", 0)) - dead), dead
+    """(bridged, dead-lettered) so far, from the daemon's ledger (README, "Watching it")."""
+    metrics = daemon.metrics
+    return (int(metrics.value("bridged_messages")),
+            int(metrics.value("dead_lettered_messages")))
 
 
 class Progress:
@@ -119,8 +128,12 @@ def run_dev(config_path: str, workdir: str, rate: float, progress_after: float =
         os.environ.setdefault(name, value)
     progress.say(f"dev: starting Mosquitto, Kafka (Tansu) and S3 (moto) in {work} ...")
     with LocalStack(work) as stack:
+        listen = _free_listen(local_config(path, stack.mqtt_url, stack.bootstrap,
+                                           stack.s3_endpoint).http)
+
         def load() -> config_module.Config:
-            return local_config(path, stack.mqtt_url, stack.bootstrap, stack.s3_endpoint)
+            return local_config(path, stack.mqtt_url, stack.bootstrap, stack.s3_endpoint,
+                                listen)
 
         config = load()
         topics = config.fixed_topics()
@@ -159,6 +172,8 @@ def _banner(stack: LocalStack, config: config_module.Config, path: Path, topics:
     program = sitefiles.program(relative=True)
     tail = f"{program} tail --bootstrap {stack.bootstrap}"
     bucket = f"   bucket {config.s3.bucket}" if config.s3 else ""
+    http = "" if config.http is None else (
+        f"\n  its metrics    http://{config.http.listen}/metrics   (and /healthz, /readyz)")
     files = "" if config.file_transfer is None else (
         f"  {tail} {config.file_transfer.kafka_topic}      (a 3 MiB upload, by reference)\n")
     return f"""
@@ -166,7 +181,7 @@ mqtt-kafka-bridge dev: started, data and logs in {stack.workdir}
   Mosquitto      {stack.mqtt_url}
   Kafka (Tansu)  {stack.bootstrap}   topics {", ".join(topics)}
   S3 (moto)      {stack.s3_endpoint}{bucket}
-  the bridge     on {path}, its addresses pointed at these
+  the bridge     on {path}, its addresses pointed at these{http}
   a fleet        {rate:g} telemetry messages/s, one demo dead letter{
       ", one file upload" if config.file_transfer else ""}
 Watch envelopes arrive (in another terminal):
