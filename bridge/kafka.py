@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from bridge.envelope import Headers
 from bridge.errors import Rejected
+from bridge.logs import KafkaLog
 from bridge.metrics import Metrics
 
 log = structlog.get_logger("bridge.kafka")
@@ -221,7 +222,8 @@ class KafkaSink:
             elif err.code() != KafkaError._TRANSPORT:
                 log.warning("kafka_error", lane=self.lane, error=err.str())
 
-        return Producer({**self.properties, "error_cb": on_error})
+        return Producer({**self.properties, "error_cb": on_error},
+                        logger=KafkaLog(self.lane, debug=bool(self.properties.get("debug"))))
 
     def _list_topics(self) -> set[str]:
         """Every topic the cluster has (blocking); KafkaException when it cannot say."""

@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from bridge import sitefiles
+from bridge.kafka import QUIET
 
 HOST = "127.0.0.1"
 S3_KEY = "test"  # moto accepts any key; Tansu and boto3 just need one
@@ -176,7 +177,7 @@ class KafkaService(Service):
 
     def _wait_ready(self, timeout: float) -> None:
         """The port opening is not enough: wait until metadata requests are answered."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap}, logger=QUIET)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -326,7 +327,7 @@ class LocalStack:
 
     def create_topics(self, names: list[str], partitions: int = 3) -> None:
         """Create topics and wait for the result; existing ones are fine."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap}, logger=QUIET)
         topics = [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
         for future in admin.create_topics(topics, request_timeout=30).values():
             try:
