@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import re
+import socket
 import ssl
 import tomllib
 from collections.abc import Callable
@@ -98,7 +99,7 @@ MQTT_MAX_PACKET_SIZE = 268435455  # the protocol's limit: 256 MiB
 
 @dataclass(frozen=True, slots=True)
 class BridgeSettings:
-    instance: str
+    instance: str  # recorded in every envelope; the host name unless the config names it
     shutdown_timeout: float = 30.0
     log_format: str = "auto"
     stats_interval: float = 60.0
@@ -775,13 +776,16 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
     top = _Table(data, "", problems)
     b = _Table(top.get("bridge", dict, {}), "bridge", problems)
     bridge = BridgeSettings(
-        instance=b.get("instance", str, check=lambda v: None if v.strip() else "must not be empty"),
+        instance=b.get("instance", str, socket.gethostname(),
+                       lambda v: None if v.strip() else "must not be empty"),
         shutdown_timeout=float(b.get("shutdown_timeout", (int, float), 30.0, _between(0, 3600))),
         log_format=b.get("log_format", str, "auto", lambda v: None if v in {
             "auto", "json", "console"} else "must be auto, json or console"),
         stats_interval=float(b.get("stats_interval", (int, float), 60.0, _between(1, 86400))),
     )
     b.finish()
+    if "instance" not in b.data and not bridge.instance.strip():
+        b.fail("instance", "missing, and this host has no name to default to")
 
     broker_list = top.get("brokers", list, [])
     if "brokers" in data and not broker_list:

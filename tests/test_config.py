@@ -625,3 +625,17 @@ def test_no_value_anywhere_crashes_the_checker() -> None:
             node[path[-1]] = value
             with contextlib.suppress(ConfigError):
                 config.parse(data, base=base)
+
+
+def test_instance_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import tomllib
+
+    without = GOOD.replace('[bridge]\ninstance = "edge-1"\n', "")
+    assert config.parse(tomllib.loads(without)).bridge.instance == socket.gethostname()
+    assert config.parse(tomllib.loads(GOOD)).bridge.instance == "edge-1"
+    assert "bridge.instance: must not be empty" in problems_of(
+        GOOD.replace('"edge-1"', '" "'))
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    assert "bridge.instance: missing, and this host has no name to default to" in problems_of(
+        without)
