@@ -37,7 +37,7 @@ class Device:
     """One registry entry. Only `active` devices pass; the key is needed by `hmac` routes."""
 
     status: str = "active"
-    hmac_key: bytes | None = None
+    hmac_key: bytes | None = field(default=None, repr=False)  # a secret: never in a log line
 
 
 @dataclass(frozen=True, slots=True)

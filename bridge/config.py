@@ -11,13 +11,13 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
 import ssl
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from bridge import kafka as kafka_adapter
 from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
+from bridge.credentials import Environment, unreadable
 from bridge.errors import ConfigError
 from bridge.formats import FORMATS
 from bridge.routing import (
@@ -210,11 +211,11 @@ class Route:
 class Config:
     bridge: BridgeSettings
     brokers: tuple[BrokerConfig, ...]
-    kafka: dict[str, Any]
+    kafka: dict[str, Any] = field(repr=False)  # values may be secrets from the environment
     dead_letter_topic: str
     routes: tuple[Route, ...]
     s3: S3Config | None = None
-    lanes: dict[str, dict[str, Any]] = field(default_factory=dict)  # [lanes.NAME] as written
+    lanes: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # [lanes.NAME]
     file_transfer: FileTransferConfig | None = None
     registry: Registry = field(default_factory=Registry)
     version: str = field(default="")
@@ -339,16 +340,34 @@ def _parses(parse: Callable[[str], object]) -> Callable[[str], str | None]:
     return check
 
 
-def _existing_file(value: str) -> str | None:
-    return None if Path(value).is_file() else f"file {value!r} does not exist"
-
-
-def _password_file_problem(value: str) -> str | None:
-    """Read it now, as each connect will: MQTT takes at most 65535 bytes of password."""
+def _secret_file(t: _Table, name: str, env: Environment,
+                 check: Callable[[str], str | None] | None = None,
+                 base: Path | None = None) -> str | None:
+    """A file-path key that may name a secret: a leading ${CREDENTIALS_DIRECTORY} is
+    expanded, and the file is opened now, as the user that will use it: one it cannot read
+    is refused here, with what to do, rather than failing at every connect. A relative
+    path is read from `base` when given."""
+    value: str | None = t.get(name, str, None)
+    if value is None:
+        return None
     try:
-        size = len(Path(value).read_bytes().rstrip(b"\r\n"))
+        path = env.path(value)
+    except ValueError as exc:
+        t.fail(name, str(exc))
+        return value
+    where = str(base / path) if base is not None else path
+    problem = unreadable(where, credentials=env.credentials) or (check(where) if check else None)
+    if problem:
+        t.fail(name, problem)
+    return path
+
+
+def _password_size_problem(path: str) -> str | None:
+    """MQTT takes at most 65535 bytes of password (each connect reads the file again)."""
+    try:
+        size = len(Path(path).read_bytes().rstrip(b"\r\n"))
     except OSError as exc:
-        return f"cannot read {value!r}: {exc.strerror or exc}"
+        return f"cannot read {path!r}: {exc.strerror or exc}"
     return None if size <= 65535 else f"holds {size} bytes; MQTT takes at most 65535"
 
 
@@ -417,17 +436,17 @@ def _s3_endpoint_problem(url: str) -> str | None:
     return "has '_' in its host name, which botocore refuses" if "_" in found.host else None
 
 
-def _broker(data: Any, path: str, problems: list[str]) -> BrokerConfig | None:
+def _broker(data: Any, path: str, problems: list[str], env: Environment) -> BrokerConfig | None:
     t = _Table(data, path, problems)
     url = t.get("url", str, check=_parses(mqtt_endpoint))
     client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.fullmatch(v) else
                       "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)")
     options = {
         "username": t.get("username", str, None, _mqtt_text_problem),
-        "password_file": t.get("password_file", str, None, _password_file_problem),
-        "ca_file": t.get("ca_file", str, None, _existing_file),
-        "cert_file": t.get("cert_file", str, None, _existing_file),
-        "key_file": t.get("key_file", str, None, _existing_file),
+        "password_file": _secret_file(t, "password_file", env, _password_size_problem),
+        "ca_file": _secret_file(t, "ca_file", env),
+        "cert_file": _secret_file(t, "cert_file", env),
+        "key_file": _secret_file(t, "key_file", env),
         "keepalive": t.get("keepalive", int, 30, _between(5, 65535)),
         "session_expiry": t.get("session_expiry", int, 7 * 24 * 3600, _between(1, 2**32 - 1)),
         "receive_max": t.get("receive_max", int, 1000, _between(1, 65535)),
@@ -478,8 +497,8 @@ def _check_tls(t: _Table, options: dict[str, Any]) -> None:
     """Load the CA and the client key pair now, as each connect will: a bad or mismatched
     file is a config error with its key path, not an endless reconnect loop."""
     files = [options[k] for k in ("ca_file", "cert_file", "key_file") if options[k]]
-    if not all(Path(f).is_file() for f in files):
-        return  # already reported as missing
+    if any(unreadable(f) for f in files):
+        return  # already reported
     try:
         tls_context(options["ca_file"])
     except (ssl.SSLError, OSError) as exc:
@@ -576,18 +595,46 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
     return FileTransferConfig(route_filter, topic, auth, **limits)
 
 
-def _kafka(data: Any, problems: list[str], path: str = "kafka") -> dict[str, Any]:
+def _kafka(data: Any, problems: list[str], env: Environment,
+           path: str = "kafka") -> dict[str, Any]:
     """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which). The
-    owned ones stay out: the bridge sets what they must be."""
+    owned ones stay out: the bridge sets what they must be. Strings may name environment
+    variables (`${NAME}`)."""
     t = _Table(data, path, problems, quoted=True)
     properties: dict[str, Any] = {}
     for name in list(t.data):
-        value = t.get(name, (str, int, float, bool), check=partial(_property_problem, name))
-        if value is not None and name not in _OWNED_KAFKA:
+        value = t.get(name, (str, int, float, bool))
+        try:
+            if isinstance(value, str):
+                value = env.expand(env.path(value) if name in _FILE_PROPERTIES else value)
+            problem = None if value is None else (
+                _property_problem(name, value) or _file_property_problem(name, value, env))
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            t.fail(name, problem)
+        elif value is not None and name not in _OWNED_KAFKA:
             properties[name] = value
     if path == "kafka" and not {"bootstrap.servers", "metadata.broker.list"} & set(t.data):
         t.fail("bootstrap.servers", "missing")
     return properties
+
+
+# librdkafka properties naming a file, which may hold a key or a password: opened at load,
+# like the brokers' files. ssl.ca.location may name a directory, or be "probe".
+_FILE_PROPERTIES = ("ssl.ca.location", "ssl.certificate.location", "ssl.key.location",
+                    "ssl.keystore.location", "ssl.crl.location", "sasl.kerberos.keytab",
+                    "sasl.oauthbearer.assertion.file",
+                    "sasl.oauthbearer.assertion.private.key.file",
+                    "sasl.oauthbearer.assertion.jwt.template.file")
+
+
+def _file_property_problem(name: str, value: Any, env: Environment | None = None) -> str | None:
+    if name not in _FILE_PROPERTIES or not isinstance(value, str) or (
+            name == "ssl.ca.location" and value == "probe"):
+        return None
+    return unreadable(value, directory=name == "ssl.ca.location",
+                      credentials=env.credentials if env else None)
 
 
 def _property_problem(name: str, value: Any) -> str | None:
@@ -650,6 +697,8 @@ def _librdkafka_problems(kafka: dict[str, Any], lanes: dict[str, dict[str, Any]]
     for lane in LANES:
         own = lanes.get(lane, {})
         properties = producer_config(kafka, own, lane)
+        if any(_file_property_problem(k, v) for k, v in properties.items()):
+            continue  # reported already; librdkafka would fail on the same file, less clearly
         suspects = [name for name in properties if name in own or name in kafka]
         for name, reason in kafka_adapter.refused_properties(properties, suspects):
             table = f"lanes.{lane}" if (name in own if name else bool(own)) else "kafka"
@@ -661,7 +710,7 @@ def _librdkafka_problems(kafka: dict[str, Any], lanes: dict[str, dict[str, Any]]
     return problems
 
 
-def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+def _lanes(data: Any, problems: list[str], env: Environment) -> dict[str, dict[str, Any]]:
     t = _Table(data, "lanes", problems)
     lanes = {}
     for name in list(t.data):
@@ -669,7 +718,7 @@ def _lanes(data: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
             t.seen.add(name)
             t.fail(name, f"unknown lane, expected one of {', '.join(LANES)}")
             continue
-        lanes[name] = _kafka(t.get(name, dict, {}), problems, f"lanes.{name}")
+        lanes[name] = _kafka(t.get(name, dict, {}), problems, env, f"lanes.{name}")
     t.finish()
     return lanes
 
@@ -767,11 +816,14 @@ def _hex_key_problem(value: str) -> str | None:
     return None if 16 <= size <= 64 else f"must be 16-64 bytes (32-128 hex digits), got {size}"
 
 
-def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -> Config:
+def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
+          environ: Mapping[str, str] | None = None) -> Config:
     """Build the model from parsed TOML, or raise ConfigError with every problem.
 
     `base` is the config file's folder: a relative registry path is read from there.
+    References (`${NAME}`) are expanded from `environ`, by default the process's.
     """
+    env = Environment(os.environ if environ is None else environ)
     problems: list[str] = []
     top = _Table(data, "", problems)
     b = _Table(top.get("bridge", dict, {}), "bridge", problems)
@@ -792,10 +844,11 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
         top.fail("brokers", "needs at least one [[brokers]] entry")
     elif "brokers" not in data:
         top.fail("brokers", "missing: add at least one [[brokers]] entry")
-    brokers = [_broker(entry, f"brokers[{i}]", problems) for i, entry in enumerate(broker_list)]
+    brokers = [_broker(entry, f"brokers[{i}]", problems, env)
+               for i, entry in enumerate(broker_list)]
 
-    kafka = _kafka(top.get("kafka", dict, {}), problems)
-    lanes = _lanes(top.get("lanes", dict, {}), problems)
+    kafka = _kafka(top.get("kafka", dict, {}), problems, env)
+    lanes = _lanes(top.get("lanes", dict, {}), problems, env)
     problems += _librdkafka_problems(kafka, lanes)
 
     s3 = None
@@ -866,12 +919,14 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
 
     registry, registry_bytes = Registry(), b""
     r = _Table(top.get("registry", dict, {}), "registry", problems)
-    registry_file = r.get("file", str, None)
+    before = len(problems)
+    registry_file = _secret_file(r, "file", env, base=base)  # it holds the devices' hmac keys
     r.finish()
     if registry_file is not None:
         registry_path = Path(registry_file) if base is None else base / registry_file
         try:
-            registry, registry_bytes = load_registry(registry_path)
+            if len(problems) == before:  # else it cannot be read
+                registry, registry_bytes = load_registry(registry_path)
         except ConfigError as exc:
             problems += [f"registry.file: {problem}" for problem in exc.problems]
     else:
@@ -884,7 +939,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None) -
     top.finish()
 
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([env.scrub(problem) for problem in problems])
     return Config(
         bridge=bridge,
         brokers=tuple(x for x in brokers if x),

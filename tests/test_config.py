@@ -88,7 +88,8 @@ def test_route_filter_needs_a_device_id_and_whole_level_wildcards() -> None:
 def test_tls_files_need_mqtts_and_must_exist() -> None:
     found = problems_of(GOOD.replace('client_id = "mkb-1"',
                                      'client_id = "mkb-1"\nca_file = "/nonexistent/ca.pem"'))
-    assert "brokers[0].ca_file: file '/nonexistent/ca.pem' does not exist" in found
+    assert ("brokers[0].ca_file: file '/nonexistent/ca.pem' does not exist: correct the path, "
+            "or put the file there") in found
 
 
 def test_missing_sections_are_named() -> None:
