@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -138,26 +139,37 @@ def test_the_s3_client_takes_credentials_from_the_environment(
         "AKIAEDGEEXAMPLE", "from-the-environment-file", "session-token")
 
 
+# The bridge's command line, imported as root, then run as `nobody` (as DynamicUser= would
+# run it): only reading the config and its files happens as the service user, so the test
+# does not depend on whether `nobody` may enter the checkout and its virtual environment.
+AS_NOBODY = """
+import os, pwd, sys
+from bridge import cli
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 @pytest.fixture
-def as_nobody() -> Iterator[tuple[list[str], Path]]:
-    """A command prefix that runs as `nobody` (as DynamicUser= would run the bridge), and a
-    folder it can read, holding root's mode-600 secrets (the service user cannot read them)."""
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv to run as another user")
+def secrets_folder() -> Iterator[Path]:
+    """A folder anyone may read, for root's mode-600 secrets and a config that names them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the bridge as another user")
     folder = Path(tempfile.mkdtemp(prefix="mkb-secrets-"))
     folder.chmod(0o755)
     try:
-        yield [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"], folder
+        yield folder
     finally:
         shutil.rmtree(folder)
 
 
-def test_a_secret_the_service_user_cannot_read_is_a_config_error(
-        as_nobody: tuple[list[str], Path]) -> None:
+def test_a_secret_the_service_user_cannot_read_is_a_config_error(secrets_folder: Path) -> None:
     """Found: with DynamicUser=yes the bridge could not read a mode-600 password file and
     reconnected forever with `Permission denied` after check-config said ok."""
-    prefix, folder = as_nobody
+    folder = secrets_folder
     for name, text in (("mqtt-password", "secret\n"), ("kafka.key", "secret\n"),
                        ("devices.toml", '[devices."d1"]\n')):
         (folder / name).write_text(text)
@@ -167,13 +179,15 @@ def test_a_secret_the_service_user_cannot_read_is_a_config_error(
         PROPERTY, f'{PROPERTY}\n"ssl.key.location" = "{folder}/kafka.key"')
         + '[registry]\nfile = "devices.toml"\n')
     path.chmod(0o644)
-    denied = ("cannot read '{}': permission denied: the service user (nobody, uid 65534) "
-              "cannot read it: hand it over with LoadCredential=, see README 'Secrets'")
+    nobody = pwd.getpwnam("nobody")
+    denied = (f"cannot read '{{}}': permission denied: the service user (nobody, uid "
+              f"{nobody.pw_uid}) cannot read it: hand it over with LoadCredential=, see "
+              "README 'Secrets'")
     expected = [f"brokers[0].password_file: {denied.format(folder / 'mqtt-password')}",
                 f'kafka."ssl.key.location": {denied.format(folder / "kafka.key")}',
                 f"registry.file: {denied.format(folder / 'devices.toml')}"]
     for command in (["check-config", str(path)], ["run", "--config", str(path)]):
-        done = subprocess.run([*prefix, sys.executable, "-m", "bridge", *command], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-c", AS_NOBODY, *command], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done.stderr
         assert done.stderr.splitlines()[1:] == [f"  {line}" for line in expected]
