@@ -270,7 +270,9 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         """One series' value (tests, the benchmark): the sum over labels not given."""
         total = 0.0
-        for family in self.registry.collect():
+        collector = self.counters.get(name) or self.gauges.get(name)
+        families = collector.collect() if collector is not None else self.registry.collect()
+        for family in families:
             if family.name.removeprefix(PREFIX) != name:
                 continue
             for sample in family.samples:
