@@ -40,6 +40,9 @@ _RESTART_ONLY = ("bridge", "brokers", "http")
 _BEAT = 0.5  # seconds between heartbeats of the event loop (health, readiness, watchdog)
 _STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd
 _PROBE_EVERY = 2.0  # seconds between metadata requests of a producer Kafka has not answered
+# A producer Kafka has not answered for this long is asked: a hung broker keeps its TCP
+# connection open, and librdkafka says "all brokers down" only after its socket timeout.
+_ANSWER_FRESH = 10.0
 
 
 class Daemon:
@@ -174,12 +177,15 @@ class Daemon:
         return line
 
     async def _probe_kafka(self) -> None:
-        """Ask Kafka for metadata on behalf of each producer it has not answered yet (at
-        start-up, and after librdkafka said every broker is down): what readiness needs
-        while no record flows."""
+        """Ask Kafka for metadata on behalf of each producer it has not answered lately (no
+        delivery report, no metadata for `_ANSWER_FRESH` seconds, or librdkafka said every
+        broker is down): what readiness needs while no record flows, and how a hung
+        broker is noticed within seconds. A busy producer is never asked."""
         loop = asyncio.get_running_loop()
         while True:
-            for sink in [s for s in self.sinks.values() if not s.reachable]:
+            stale = loop.time() - _ANSWER_FRESH
+            for sink in [s for s in self.sinks.values()
+                         if not s.reachable or s.answered_at < stale]:
                 await loop.run_in_executor(None, sink.probe)
             await asyncio.sleep(_PROBE_EVERY)
 

@@ -89,8 +89,16 @@ class FileTransfers:
         Later messages of a transfer wait for an init in flight here until its outcome,
         refusal included, is recorded."""
         bound = self.settings.filter.match(message.topic) or {}
-        if message.topic.split("/")[self._depth:] != ["init"]:
-            await self._handle(message, on_durable, bound)
+        rest = message.topic.split("/")[self._depth:]
+        if rest != ["init"]:
+            try:
+                await self._handle(message, on_durable, bound)
+            except Exception:
+                if rest[:1] == ["fin"]:  # it ends as an internal_error: the transfer is over
+                    self._active.pop((bound.get("device_id", ""), bound.get("file_id", "")),
+                                     None)
+                    self._count_active()
+                raise
             return
         key = (bound.get("device_id", ""), bound.get("file_id", ""))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

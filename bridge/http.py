@@ -29,6 +29,7 @@ from bridge.metrics import Metrics
 log = structlog.get_logger("bridge.http")
 
 HEALTHY_WITHIN = 10.0  # seconds without a heartbeat of the event loop: /healthz says 503
+READY_WITHIN = 3.0  # ... and /readyz: a loop that does not turn reads and acks nothing
 MAX_CLIENTS = 32
 REQUEST_TIMEOUT = 5.0  # seconds for a request head to arrive, and for its answer to leave
 MAX_HEAD = 8192
@@ -132,9 +133,13 @@ class StatusServer:
                                "why": "the event loop has not turned for "
                                       f"{silent:.0f} s"})
         if path == "/readyz":
-            if self.status.ready:
+            silent = time.monotonic() - self.status.beat
+            waiting = list(self.status.waiting_for)
+            if silent >= READY_WITHIN:
+                waiting.insert(0, f"the event loop (no heartbeat for {silent:.0f} s)")
+            elif self.status.ready:
                 return _json(200, {"ready": True})
-            return _json(503, {"ready": False, "waiting_for": list(self.status.waiting_for)})
+            return _json(503, {"ready": False, "waiting_for": waiting})
         return 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
 
     @staticmethod

@@ -207,6 +207,7 @@ class KafkaSink:
         # Kafka answered this producer (metadata or a delivery) and librdkafka has not
         # said since that every broker is down: what readiness asks of a lane's producer.
         self.reachable = False
+        self.answered_at = float("-inf")  # loop time of Kafka's last answer
 
     def start(self) -> None:
         self._poll()
@@ -236,8 +237,9 @@ class KafkaSink:
         try:
             self._producer.list_topics(timeout=timeout)
         except KafkaException:
+            self.reachable = False
             return False
-        self.reachable = True
+        self.reachable, self.answered_at = True, self._loop.time()
         return True
 
     def missing_topics(self, topics: list[str], timeout: float = 10) -> list[str]:
@@ -338,7 +340,7 @@ class KafkaSink:
                 self._metrics.inc("kafka_callback_crashes")
                 log.exception("kafka_callback_crashed", lane=self.lane, topic=delivery.topic)
         if durable:
-            self.reachable = True
+            self.reachable, self.answered_at = True, self._loop.time()
             self._metrics.inc("kafka_records_delivered", durable, lane=self.lane)
         self._room.set()
         if not self._pending and not self._waiting:

@@ -130,8 +130,8 @@ class BrokerSession:
         self.log = log.bind(broker=self.name, client_id=config.client_id)
         self.connection: Connection | None = None
         self.connected = asyncio.Event()
-        # Connected, and the broker granted every filter of the connect's SUBSCRIBE (or there
-        # was none): what readiness (/readyz, READY=1) waits for.
+        # Connected, and the broker answered the connect's SUBSCRIBE (or there was none):
+        # what readiness (/readyz, READY=1) waits for.
         self.subscribed = asyncio.Event()
         self._first_subscribe: int | None = None  # that SUBSCRIBE's packet id, until its SUBACK
         self._lost_at: float | None = None  # when the last connection was lost (loop time)
@@ -464,8 +464,11 @@ class BrokerSession:
                 self.log.error(f"mqtt_{verb}_failed", filters=failed)
             else:
                 self.log.info(f"mqtt_{verb}d", filters=filters)
-                if packet.packet_id == self._first_subscribe and verb == "subscribe":
-                    self._now_subscribed()
+            # Answered is subscribed: a filter the broker refuses (an ACL) stays refused
+            # however often the bridge restarts, so it is an error to alert on
+            # (mqtt_subscribe_failures_total), not a readiness that never comes.
+            if packet.packet_id == self._first_subscribe and verb == "subscribe":
+                self._now_subscribed()
             if verb == "unsubscribe":
                 self._removed = [f for f in self._removed if f not in filters]
                 if not self._removed:

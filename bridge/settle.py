@@ -147,7 +147,7 @@ class Lane:
         if self.pool.try_take(size):
             self._spawn(self._settle(pipeline, outcome, size))
             return None
-        return self._start_when_free(pipeline, outcome, size)
+        return self._pushed_back(self._start_when_free(pipeline, outcome, size))
 
     def job(self, pipeline: Pipeline, message: Message, inflight: Callable[[], None] | None,
             work: Callable[[], Awaitable[None]], device_id: str = "") -> Awaitable[None] | None:
@@ -184,7 +184,15 @@ class Lane:
                 return None
         except Exception as exc:
             return self._resend_as_dead_letter(pipeline, delivery, exc)
-        return self._send_when_room(pipeline, delivery)
+        return self._pushed_back(self._send_when_room(pipeline, delivery))
+
+    def _pushed_back(self, work: Awaitable[None]) -> Awaitable[None]:
+        """A message that must wait for room runs its wait as the lane's own task; the
+        source waits on it but cannot cancel it. A session whose connection drops (or
+        that retires) meanwhile stops waiting, and the message still settles: its
+        outcome becomes durable, and the ack, owed on a closed connection, is dropped
+        (the broker redelivers)."""
+        return asyncio.shield(self._spawn(work))
 
     async def _send_when_room(self, pipeline: Pipeline, delivery: Delivery) -> None:
         """Kafka's local queue is full: wait for room, under the same guard."""
@@ -272,10 +280,11 @@ class Lane:
         else:
             log.error("internal_error", **fields)
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
         self.tasks.add(task)
         task.add_done_callback(self._finished)
+        return task
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

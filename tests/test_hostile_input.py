@@ -213,6 +213,11 @@ def test_whatever_a_stage_raises_the_message_is_dead_lettered_and_its_lane_flows
     [reference] = [env for env in files.references(1) if env["device_id"] == "canary-files"]
     assert reference["sha256"] == good.sha256
     wait_all_acked(bridge)
+    # Every transfer ended, crashed ones too: none is left counted as active.
+    deadline = time.monotonic() + 15
+    while bridge.stats()[-1].get("file_transfers_active") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not bridge.stats()[-1].get("file_transfers_active"), bridge.stats()[-1]
 
 
 def test_poison_inits_are_refused_and_other_uploads_complete_across_a_restart(

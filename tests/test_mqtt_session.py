@@ -389,6 +389,8 @@ def test_refused_subscription_is_counted_and_the_session_goes_on() -> None:
                 await broker.fence(conn)  # still connected and reading
                 c.assert_alive()
                 assert len(broker.connections) == 1
+                # answered is subscribed: a refusal is an alert, not a readiness never met
+                assert c.session.subscribed.is_set()
 
     run(body)
 

@@ -194,6 +194,16 @@ def test_readyz_waits_for_kafka(case: Case) -> None:
         case.stack.kafka.resume()
     assert wait_until(lambda: get(base + "/readyz")[0] == 200, timeout=30)
     assert total(scrape(base), "kafka_reachable") >= 1
+    # A Kafka that hangs once the bridge is ready (its connections stay open, so librdkafka
+    # would say so only after its socket timeout, a minute): not ready within seconds.
+    case.stack.kafka.pause()
+    try:
+        hung = wait_until(lambda: get(base + "/readyz")[0] == 503, timeout=25)
+        assert hung, get(base + "/readyz")
+        assert total(scrape(base), "kafka_reachable") == 0
+    finally:
+        case.stack.kafka.resume()
+    assert wait_until(lambda: get(base + "/readyz")[0] == 200, timeout=30)
 
 
 def test_healthz_says_when_the_event_loop_is_stuck(case: Case) -> None:
@@ -212,6 +222,8 @@ def test_healthz_says_when_the_event_loop_is_stuck(case: Case) -> None:
         answer = wait_until(stalled, timeout=30)
         assert answer and answer["status"] == "stalled", answer
         assert get(base + "/metrics")[0] == 200
+        status, body = get(base + "/readyz")  # a loop that does not turn acks nothing
+        assert status == 503 and "the event loop" in json.loads(body)["waiting_for"][0]
         assert wait_until(lambda: get(base + "/healthz")[0] == 200, timeout=30)
     finally:
         device.disconnect()

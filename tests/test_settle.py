@@ -342,3 +342,44 @@ def test_producing_that_raises_after_waiting_for_room_sends_the_dead_letter() ->
         assert ack.done
 
     asyncio.run(body())
+
+
+def test_a_message_waiting_for_room_settles_though_its_source_stops_waiting() -> None:
+    """Kafka's queue is full and the session waits; its connection drops, so the wait is
+    cancelled: the message must still be produced and settle (its receipt too), or the
+    ledger would count it in flight for ever."""
+    async def body() -> None:
+        pipe, sink, lane = make()
+        room = asyncio.Event()
+        full = {"yes": True}
+
+        def try_send(delivery: Delivery) -> bool:
+            if full["yes"]:
+                return False
+            sink.sent.append(delivery)
+            return True
+
+        async def send(delivery: Delivery) -> None:
+            await room.wait()
+            sink.sent.append(delivery)
+
+        sink.try_send = try_send  # type: ignore[method-assign]
+        sink.send = send  # type: ignore[method-assign]
+        metrics = Metrics()
+        receipt = metrics.receive("b", "bulk", Ack())
+        waiting = lane.accept(pipe, Message("b", "devices/d1/telemetry", b"x", 1, False, False,
+                                            0), receipt)
+        assert waiting is not None
+        source = asyncio.ensure_future(waiting)
+        await asyncio.sleep(0)
+        source.cancel()  # the session's connection dropped
+        await asyncio.sleep(0)
+        full["yes"] = False
+        room.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(sink.sent) == 1
+        sink.deliver()
+        assert receipt.done and metrics.ledger.lanes["bulk"].in_flight == 0
+
+    asyncio.run(body())
