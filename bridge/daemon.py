@@ -138,28 +138,31 @@ class Daemon:
         said = pinged = loop.time() - _STATUS_EVERY
         counted = self._settled_count(), loop.time()
         while True:
-            waiting = self.readiness()
-            self.status.waiting_for, self.status.ready = waiting, not waiting
             self.status.beat = time.monotonic()
             if ping_every is not None and loop.time() - pinged >= ping_every:
                 notifier.watchdog()
                 pinged = loop.time()
-            if not waiting and not self.ready.is_set():
-                self.ready.set()
-                log.info("bridge_ready", map_version=self.config.version)
-                notifier.ready()
-                if self._on_ready is not None:
-                    self._on_ready()
-            if loop.time() - said >= _STATUS_EVERY:
-                now = self._settled_count(), loop.time()
-                rate = (now[0] - counted[0]) / max(1e-9, now[1] - counted[1])
-                notifier.status(self._status_line(rate, waiting))
-                said, counted = loop.time(), now
-            for lane, sink in self.sinks.items():
-                self.metrics.set("kafka_records_pending", sink.pending, lane=lane)
-                self.metrics.set("kafka_reachable", int(sink.reachable), lane=lane)
-            for lane, runtime in self.lanes.items():
-                self.metrics.set("lane_jobs", len(runtime.tasks), lane=lane)
+            try:
+                waiting = self.readiness()
+                self.status.waiting_for, self.status.ready = waiting, not waiting
+                if not waiting and not self.ready.is_set():
+                    self.ready.set()
+                    log.info("bridge_ready", map_version=self.config.version)
+                    notifier.ready()
+                    if self._on_ready is not None:
+                        self._on_ready()
+                if loop.time() - said >= _STATUS_EVERY:
+                    now = self._settled_count(), loop.time()
+                    rate = (now[0] - counted[0]) / max(1e-9, now[1] - counted[1])
+                    notifier.status(self._status_line(rate, waiting))
+                    said, counted = loop.time(), now
+                for lane, sink in self.sinks.items():
+                    self.metrics.set("kafka_records_pending", sink.pending, lane=lane)
+                    self.metrics.set("kafka_reachable", int(sink.reachable), lane=lane)
+                for lane, runtime in self.lanes.items():
+                    self.metrics.set("lane_jobs", len(runtime.tasks), lane=lane)
+            except Exception:  # a bug here must not stop the heartbeat of a working loop
+                log.exception("heartbeat_failed")
             await asyncio.sleep(beat)
 
     def _settled_count(self) -> int:
