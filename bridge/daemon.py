@@ -144,7 +144,7 @@ class Daemon:
                 pinged = loop.time()
             try:
                 waiting = self.readiness()
-                self.status.waiting_for, self.status.ready = waiting, not waiting
+                self.status.waiting_for = waiting
                 if not waiting and not self.ready.is_set():
                     self.ready.set()
                     log.info("bridge_ready", map_version=self.config.version)

@@ -95,9 +95,7 @@ class FileTransfers:
                 await self._handle(message, on_durable, bound)
             except Exception:
                 if rest[:1] == ["fin"]:  # it ends as an internal_error: the transfer is over
-                    self._active.pop((bound.get("device_id", ""), bound.get("file_id", "")),
-                                     None)
-                    self._count_active()
+                    self._ended((bound.get("device_id", ""), bound.get("file_id", "")))
                 raise
             return
         key = (bound.get("device_id", ""), bound.get("file_id", ""))
@@ -151,6 +149,11 @@ class FileTransfers:
                 device_id, file_id, message.payload, message.arrival_millis))
         self.metrics.inc("file_inits")
         self._active[(device_id, file_id)] = time.monotonic()
+        self._count_active()
+
+    def _ended(self, key: tuple[str, str]) -> None:
+        """The transfer is over here (finished, refused or crashed at its fin)."""
+        self._active.pop(key, None)
         self._count_active()
 
     def _count_active(self) -> None:
@@ -222,7 +225,7 @@ class FileTransfers:
             device_id, file_id, size, message.arrival_millis))
         refused = await self._durably(self._reference(message, device_id, file_id, stored))
         await self._clean_up(device_id, file_id, before=stored.meta.created_millis)
-        self._active.pop(key, None)
+        self._ended(key)
         if refused is not None:  # Kafka refused the reference: its dead letter went instead
             mark_dead_lettered(on_durable, refused)
             self.metrics.inc("file_transfers_failed")
@@ -230,7 +233,6 @@ class FileTransfers:
             self.metrics.inc("file_transfers_completed")
             log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
                      reference=stored.reference)
-        self._count_active()
         if on_durable is not None:
             on_durable()
 
@@ -257,8 +259,7 @@ class FileTransfers:
         if device_id and file_id and rejected.code not in _KEEPS_STAGING and \
                 not self.store.known_refusal(device_id, file_id):
             await self._clean_up(device_id, file_id, rejected, message.arrival_millis)
-            self._active.pop((device_id, file_id), None)
-            self._count_active()
+            self._ended((device_id, file_id))
         self.metrics.inc("file_transfers_failed")
         if on_durable is not None:
             on_durable()

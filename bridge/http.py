@@ -43,8 +43,7 @@ class Status:
     replaced whole, so a reader sees one state or the next)."""
 
     beat: float = field(default_factory=time.monotonic)  # the loop's last heartbeat
-    ready: bool = False
-    waiting_for: tuple[str, ...] = ("start-up",)
+    waiting_for: tuple[str, ...] = ("start-up",)  # empty: ready
 
 
 class StatusServer:
@@ -137,7 +136,7 @@ class StatusServer:
             waiting = list(self.status.waiting_for)
             if silent >= READY_WITHIN:
                 waiting.insert(0, f"the event loop (no heartbeat for {silent:.0f} s)")
-            elif self.status.ready:
+            elif not waiting:
                 return _json(200, {"ready": True})
             return _json(503, {"ready": False, "waiting_for": waiting})
         return 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain"

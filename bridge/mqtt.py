@@ -243,7 +243,7 @@ class BrokerSession:
                       keepalive=keepalive, receive_max=self.config.receive_max)
         self.metrics.inc("mqtt_connects", broker=self.name, lane=self.lane)
         if not connack.session_present:
-            self._session_not_present(connection)
+            self._session_not_present()
         self._ever_connected = True
         # Subscribing again on a present session is harmless (retained messages are sent
         # only for a new subscription) and picks up filters added while the bridge was away.
@@ -266,7 +266,7 @@ class BrokerSession:
         for task in sorted(done, key=lambda t: t is reading):
             task.result()
 
-    def _session_not_present(self, connection: Connection) -> None:
+    def _session_not_present(self) -> None:
         """The broker holds no session for us. At the first connect of this process that is
         a new session (or one lost while the bridge was down too: nothing here can tell);
         on a reconnect it means the broker lost our session (no persistence, a failover,

@@ -146,6 +146,21 @@ kafka_topic = "{self.dead_letter}"
 """)
         return path
 
+    def two_lanes(self) -> str:
+        """Routes on two lanes, so two sessions and two producers: telemetry on bulk,
+        alerts on fast, both into the test's topic."""
+        return f"""
+[[routes]]
+name = "telemetry"
+filter = "{self.prefix}/{{device_id}}/telemetry"
+kafka_topic = "{self.topic}"
+[[routes]]
+name = "alerts"
+filter = "{self.prefix}/{{device_id}}/alerts"
+kafka_topic = "{self.topic}"
+lane = "fast"
+"""
+
     def bridge(self, config: Path | None = None, start: bool = True,
                module: str = "bridge") -> Bridge:
         bridge = Bridge(config or self.config(), self.tmp / f"bridge-{len(self.bridges)}.log",

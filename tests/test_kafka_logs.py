@@ -110,18 +110,7 @@ def test_kafka_down_gives_json_lines_only_and_few_of_them(case: Case) -> None:
     against 28 JSON lines in 20 s. Now every line is a JSON event, and librdkafka's repeated
     connection failures (one producer per lane, each retrying every ~50 ms) come once per
     10 s."""
-    routes = f"""
-[[routes]]
-name = "telemetry"
-filter = "{case.prefix}/{{device_id}}/telemetry"
-kafka_topic = "{case.topic}"
-[[routes]]
-name = "alerts"
-filter = "{case.prefix}/{{device_id}}/alerts"
-kafka_topic = "{case.topic}"
-lane = "fast"
-"""
-    path = case.config(routes=routes)
+    path = case.config(routes=case.two_lanes())
     path.write_text(path.read_text().replace(case.stack.bootstrap, f"127.0.0.1:{closed_port()}"))
     bridge = case.bridge(path)
     time.sleep(12)  # past one window: the second line counts what was held back

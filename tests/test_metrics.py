@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import http_listen
 from bridge.http import MAX_CLIENTS, Status, StatusServer
+from bridge.localstack import free_port
 from bridge.metrics import COUNTERS, GAUGES, PREFIX, Metrics, mark_dead_lettered
 
 
@@ -109,16 +110,9 @@ def test_http_listen_is_checked(value: str, problem: str) -> None:
 
 
 def _server() -> StatusServer:
-    server = StatusServer(http_listen("127.0.0.1:1"), Metrics(), Status())
-    server.config = http_listen(f"127.0.0.1:{_free()}")
+    server = StatusServer(http_listen(f"127.0.0.1:{free_port()}"), Metrics(), Status())
     server.start()
     return server
-
-
-def _free() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_taken_port_is_a_config_error_with_the_key() -> None:

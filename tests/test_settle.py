@@ -367,8 +367,7 @@ def test_a_message_waiting_for_room_settles_though_its_source_stops_waiting() ->
         sink.send = send  # type: ignore[method-assign]
         metrics = Metrics()
         receipt = metrics.receive("b", "bulk", Ack())
-        waiting = lane.accept(pipe, Message("b", "devices/d1/telemetry", b"x", 1, False, False,
-                                            0), receipt)
+        waiting = lane.accept(pipe, message(), receipt)
         assert waiting is not None
         source = asyncio.ensure_future(waiting)
         await asyncio.sleep(0)

@@ -208,18 +208,7 @@ lane = "fast"
 
 
 def test_a_reload_that_drops_a_lane_unsubscribes_and_retires_its_session(case: Case) -> None:
-    two_lanes = f"""
-[[routes]]
-name = "telemetry"
-filter = "{case.prefix}/{{device_id}}/telemetry"
-kafka_topic = "{case.topic}"
-[[routes]]
-name = "alerts"
-filter = "{case.prefix}/{{device_id}}/alerts"
-kafka_topic = "{case.topic}"
-lane = "fast"
-"""
-    path = case.config(routes=two_lanes)
+    path = case.config(routes=case.two_lanes())
     bridge = case.bridge(path)
     bridge.wait_for("mqtt_subscribed")
     case.config()  # telemetry only: the fast lane has no route left
