@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from bridge import envelope, simulate
-from bridge.localstack import LocalStack, kafka_service, s3_environment
+from bridge import envelope
+from bridge.devkit import simulate
+from bridge.devkit.localstack import LocalStack, kafka_service, s3_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 

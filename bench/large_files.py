@@ -31,10 +31,10 @@ from boto3.s3.transfer import TransferConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridge import simulate
-from bridge.device import sized_file, upload_file
-from bridge.localstack import S3_KEY, S3_REGION, LocalStack, s3_environment
-from bridge.tail import records
+from bridge.devkit import simulate
+from bridge.devkit.device import sized_file, upload_file
+from bridge.devkit.localstack import S3_KEY, S3_REGION, LocalStack, s3_environment
+from bridge.devkit.tail import records
 
 
 def rss_mib(pid: int) -> float:

@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.large_files import rss_mib
-from bridge import simulate
-from bridge.localstack import LocalStack, s3_environment
-from bridge.tail import records
+from bridge.devkit import simulate
+from bridge.devkit.localstack import LocalStack, s3_environment
+from bridge.devkit.tail import records
 
 ROOT = Path(__file__).resolve().parent.parent
 

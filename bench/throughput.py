@@ -28,10 +28,11 @@ import paho.mqtt.client as paho
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge import config as config_module
-from bridge import logs, simulate
+from bridge import logs
 from bridge.daemon import Daemon
-from bridge.localstack import LocalStack, kafka_service
-from bridge.tail import records
+from bridge.devkit import simulate
+from bridge.devkit.localstack import LocalStack, kafka_service
+from bridge.devkit.tail import records
 
 TOPIC_FILTER = "bench/+/telemetry"
 

@@ -295,7 +295,7 @@ def _s3_setup(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from bridge import dev, localstack
+    from bridge.devkit import dev, localstack
 
     config = args.config or str(sitefiles.path("examples/bridge.toml"))
     if _load(config, dev.check_config) is None:  # before anything starts
@@ -319,13 +319,13 @@ def _simulate(args: argparse.Namespace) -> int:
 def _fleet(args: argparse.Namespace) -> int:
     """Reach the broker once (a herd's devices each connect in a thread of their own), then
     run the fleet or the upload `args` asks for."""
-    from bridge import simulate
+    from bridge.devkit import simulate
 
     probe = simulate.device_client(args.url, f"sim-check-{time.time_ns()}")
     probe.disconnect()
     probe.loop_stop()
     if args.file:
-        from bridge.device import upload_file
+        from bridge.devkit.device import upload_file
 
         client = simulate.device_client(args.url, args.device_id)
         try:
@@ -348,7 +348,7 @@ def _fleet(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from bridge.tail import tail
+    from bridge.devkit.tail import tail
 
     try:
         return tail(args.bootstrap, args.topic, args.follow)

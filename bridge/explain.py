@@ -45,7 +45,7 @@ Explainer = Callable[[BaseException, argparse.Namespace], str | None]
 def _lines() -> list[tuple[type[BaseException] | tuple[type[BaseException], ...], Explainer]]:
     """By class, first match wins. Imported here: boto3 costs every command a quarter
     second at start-up, and only a failing one needs it."""
-    from bridge.localstack import LocalStackError
+    from bridge.devkit.localstack import LocalStackError
     from bridge.s3 import S3Error
 
     return [

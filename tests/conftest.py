@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from bridge.localstack import LocalStack, s3_environment
-from bridge.tail import records
+from bridge.devkit.localstack import LocalStack, s3_environment
+from bridge.devkit.tail import records
 
 ROOT = Path(__file__).resolve().parent.parent
 

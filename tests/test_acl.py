@@ -32,7 +32,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bridge.localstack import HOST, MOSQUITTO_DIR, Service, free_port, wait_for_port
+from bridge.devkit.localstack import HOST, MOSQUITTO_DIR, Service, free_port, wait_for_port
 from tests.test_tls import _openssl, make_ca, make_leaf
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge import simulate
+from bridge.devkit import simulate
 from tests.conftest import Bridge, Case, distinct
 
 pytestmark = pytest.mark.integration

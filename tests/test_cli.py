@@ -17,8 +17,8 @@ import pytest
 
 from bridge import cli as cli_module
 from bridge import sitefiles
+from bridge.devkit.localstack import LocalStack, LocalStackError
 from bridge.explain import explain
-from bridge.localstack import LocalStack, LocalStackError
 from tests.conftest import ROOT
 from tests.test_config import GOOD
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.tail import records
+from bridge.devkit.tail import records
 from tests.conftest import ROOT
 
 PROGRESS = re.compile(r"dev: (\d+) messages bridged, (\d+) dead-lettered so far \(Ctrl-C stops\)")

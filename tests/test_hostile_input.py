@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bridge import simulate
+from bridge.devkit import simulate
 from tests.conftest import Bridge, Case
 from tests.test_bridge import publish_as_device
 from tests.test_large_payloads import Files

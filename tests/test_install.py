@@ -73,7 +73,8 @@ def installed(request: pytest.FixtureRequest, wheel: Path,
 
 def test_the_installed_package_finds_its_site_files_outside_the_checkout(
         installed: Install) -> None:
-    done = installed.run("-c", "import bridge, bridge.localstack as l, bridge.sitefiles as s\n"
+    done = installed.run("-c", "import bridge, bridge.devkit.localstack as l\n"
+                         "import bridge.sitefiles as s\n"
                          "print(bridge.__file__); print(s.path('mosquitto/local.conf'))\n"
                          "print(l.MOSQUITTO_DIR); print(s.checkout())")
     assert done.returncode == 0, done.stderr

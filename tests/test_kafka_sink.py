@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from bridge.devkit.localstack import LocalStack
 from bridge.kafka import Delivery, KafkaSink
-from bridge.localstack import LocalStack
 from bridge.metrics import Metrics
 
 pytestmark = pytest.mark.integration

@@ -17,9 +17,9 @@ from typing import Any
 import boto3
 import pytest
 
-from bridge import simulate
-from bridge.device import upload_file
-from bridge.localstack import S3_KEY, S3_REGION, s3_environment
+from bridge.devkit import simulate
+from bridge.devkit.device import upload_file
+from bridge.devkit.localstack import S3_KEY, S3_REGION, s3_environment
 from tests.conftest import ROOT, Case
 from tests.test_bridge import publish_as_device, read_until
 

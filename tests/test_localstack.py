@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.localstack import LocalStack, LocalStackError, Service, wait_for_port
+from bridge.devkit.localstack import LocalStack, LocalStackError, Service, wait_for_port
 
 pytestmark = pytest.mark.integration
 

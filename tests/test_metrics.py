@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import http_listen
+from bridge.devkit.localstack import free_port
 from bridge.http import MAX_CLIENTS, Status, StatusServer
-from bridge.localstack import free_port
 from bridge.metrics import COUNTERS, GAUGES, PREFIX, Metrics, mark_dead_lettered
 
 

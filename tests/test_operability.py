@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge import simulate
-from bridge.localstack import free_port, mosquitto_service
+from bridge.devkit import simulate
+from bridge.devkit.localstack import free_port, mosquitto_service
 from tests.conftest import Bridge, Case, distinct
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.localstack import mosquitto_service, s3_environment
+from bridge.devkit.localstack import mosquitto_service, s3_environment
 from tests.conftest import ROOT, Case
 
 pytestmark = pytest.mark.integration

@@ -27,8 +27,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge import simulate
-from bridge.localstack import HOST, MOSQUITTO_DIR, Service, free_port
+from bridge.devkit import simulate
+from bridge.devkit.localstack import HOST, MOSQUITTO_DIR, Service, free_port
 from tests.conftest import ROOT, Bridge, Case, distinct
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from bridge import simulate
-from bridge.localstack import KafkaService, kafka_service
-from bridge.tail import records
+from bridge.devkit import simulate
+from bridge.devkit.localstack import KafkaService, kafka_service
+from bridge.devkit.tail import records
 from tests.conftest import Case, distinct
 from tests.test_bridge import assert_all_arrived, publish_as_device, read_until
 

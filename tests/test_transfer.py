@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from bridge import localstack
 from bridge.config import S3Config
+from bridge.devkit import localstack
 from bridge.errors import Rejected
 from bridge.s3 import ObjectStore, S3Error
 from bridge.transfer import FileMeta, Refusal, StoredFile, TransferLimits, TransferStore

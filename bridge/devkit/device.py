@@ -18,7 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from bridge.simulate import signed
+from bridge.devkit.simulate import signed
 
 SEGMENT_BYTES = 256 * 1024
 _WINDOW = 64  # segments published before waiting for the broker's acks

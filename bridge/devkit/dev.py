@@ -22,10 +22,11 @@ from typing import Any
 import structlog
 
 from bridge import config as config_module
-from bridge import logs, simulate, sitefiles
+from bridge import logs, sitefiles
 from bridge.daemon import Daemon
-from bridge.device import sized_file, upload_file
-from bridge.localstack import LocalStack, free_port, s3_environment
+from bridge.devkit import simulate
+from bridge.devkit.device import sized_file, upload_file
+from bridge.devkit.localstack import LocalStack, free_port, s3_environment
 
 DEMO_DEVICE = "demo:dead-letter"  # ':' is no device id character: code invalid_device_id
 
