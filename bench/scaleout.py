@@ -1,0 +1,168 @@
+"""Scale-out: 1 vs 2 bridge processes in one MQTT 5 shared subscription, same backlog.
+
+Each case gets its own share group whose member sessions exist (offline) before the
+preload, so Mosquitto spreads the backlog over them as it arrives; then the bridges start
+together. Rates come from the records' Kafka timestamps: steady state (10-90% of all
+records) and end to end (spawn to last record, Python start-up included). The cases
+alternate run by run, and the ratio is taken within each run. Each bridge's threads are
+sampled (CPU per thread name, every 100 ms) so a stall, a gap of >= 0.5 s in a bridge's
+records before its drain ends, can be told apart: librdkafka's broker threads burning CPU
+with nothing acked, or everything idle. `--debug` adds librdkafka's `debug=broker,protocol`
+to the [kafka] properties (the lines land in each bridge's JSON log as kafka_log events).
+
+    python bench/scaleout.py [--messages 200000] [--runs 3] [--debug]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    Bridge,
+    Record,
+    RssSampler,
+    cell,
+    open_session,
+    preload,
+    progress,
+    read_records,
+    stack,
+    steady_rate,
+    summary,
+    write_config,
+)
+from bridge.devkit.localstack import LocalStack
+
+GAP = 0.5  # seconds without a record from a bridge that count as a stall
+
+
+def case(local: LocalStack, work: Path, bridges: int, messages: int, run: int,
+         debug: bool = False) -> dict[str, Any]:
+    """`bridges` processes in share group g{bridges}r{run} drain `messages` together."""
+    name = f"so{bridges}r{run}{'d' if debug else ''}"
+    prefix, topic = name, f"scale.{name}"
+    local.create_topics([topic, "bench.deadletter"])
+    ids = [f"{name}-{i}" for i in range(bridges)]
+    for client in ids:
+        open_session(local.mqtt.port, client, f"{prefix}/+/telemetry", share_group=name)
+    preload(local.mqtt.port, prefix, 8, messages // 8, 200, f"{name}-{time.time_ns()}", work)
+    n = messages // 8 * 8
+    kafka = {"debug": "broker,protocol"} if debug else {}
+    procs = [Bridge(write_config(work / f"{c}.toml", local, c,
+                                 [{"filter": f"{prefix}/{{device_id}}/telemetry",
+                                   "kafka_topic": topic}], share_group=name, kafka=kafka),
+                    work / f"{c}.log") for c in ids]
+    with contextlib.ExitStack() as stop:
+        for bridge in procs:
+            bridge.start()
+            stop.callback(bridge.stop)
+        samplers = [stop.enter_context(RssSampler(b.pid, 0.1, threads=True)) for b in procs]
+        deadline = time.monotonic() + 600
+        while sum(int(b.stats().get("mqtt_acks_sent", 0)) for b in procs) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"scale-out {name}: not drained in 600 s")
+            time.sleep(0.2)
+    records = read_records(local.bootstrap, topic, expected=n)
+    curve = progress(records)
+    started = min(b.started for b in procs)
+    per_bridge = {c: sum(1 for r in records if r.instance == c) for c in ids}
+    return {"bridges": bridges, "messages": n, "records": len(records),
+            "steady": steady_rate(curve, n),
+            "end_to_end": n / (curve[-1][0] - started) if curve else float("nan"),
+            "per_bridge": per_bridge,
+            "stalls": [s for c, smp in zip(ids, samplers, strict=True)
+                       for s in stalls(records, c, smp)],
+            "logs": [str(b.log) for b in procs]}
+
+
+def stalls(records: list[Record], instance: str, sampler: RssSampler) -> list[dict[str, Any]]:
+    """Gaps of >= GAP s between one bridge's consecutive records, before its last one, with
+    the CPU each kind of thread spent meanwhile (rdk:broker* are librdkafka's broker
+    threads; MainThread is the bridge's event loop)."""
+    stamps = sorted(r.timestamp_ms / 1000 for r in records if r.instance == instance)
+    out = []
+    for before, after in itertools.pairwise(stamps):
+        if after - before >= GAP:
+            cpu = _cpu_between(sampler, before, after)
+            out.append({"instance": instance, "at": before, "seconds": round(after - before, 3),
+                        "cpu_s": cpu})
+    return out
+
+
+def _cpu_between(sampler: RssSampler, start: float, end: float) -> dict[str, float]:
+    """CPU seconds per thread group between two wall times, from the nearest samples."""
+    inside = [s for s in sampler.cpu if start <= s[0] <= end]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0][1], inside[-1][1]
+    groups: dict[str, float] = {}
+    for name, seconds in last.items():
+        group = "rdk:broker" if name.startswith("rdk:broker") else name
+        groups[group] = round(groups.get(group, 0.0) + seconds - first.get(name, 0.0), 2)
+    return {k: v for k, v in groups.items() if v > 0}
+
+
+def bench(work: Path, quick: bool, runs: int, debug: bool = False) -> dict[str, Any]:
+    messages = 20_000 if quick else 200_000
+    out: dict[str, Any] = {"messages": messages, "runs": []}
+    with stack(work) as local:
+        for run in range(runs):
+            one = case(local, work, 1, messages, run)
+            two = case(local, work, 2, messages, run)
+            out["runs"].append({"one": one, "two": two})
+        if debug:
+            out["debug_run"] = case(local, work, 2, messages, runs, debug=True)
+    for key in ("one", "two"):
+        for phase in ("steady", "end_to_end"):
+            out[f"{key}.{phase}"] = summary([r[key][phase] for r in out["runs"]])
+    for phase in ("steady", "end_to_end"):
+        out[f"ratio.{phase}"] = summary([r["two"][phase] / r["one"][phase]
+                                         for r in out["runs"]])
+    out["stalls"] = [s for r in out["runs"] for k in ("one", "two") for s in r[k]["stalls"]]
+    return out
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    n = f"{result['messages']:,}"
+    stalled = sum(1 for r in result["runs"] if r["two"]["stalls"])
+    return [
+        ["scale-out", f"1 bridge, {n} backlog, steady (msg/s)", cell(result["one.steady"]), ""],
+        ["scale-out", f"2 bridges, {n} backlog, steady (msg/s)", cell(result["two.steady"]),
+         "one share group"],
+        ["scale-out", "ratio 2 / 1, steady", cell(result["ratio.steady"], "{:.2f}"),
+         "same run"],
+        ["scale-out", "ratio 2 / 1, end to end", cell(result["ratio.end_to_end"], "{:.2f}"),
+         "incl. start-up"],
+        ["scale-out", f"runs with a >= {GAP:g} s stall (2 bridges)",
+         f"{stalled} of {len(result['runs'])}", "see stalls in JSON"],
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--keep", help="keep the work directory (bridge logs) here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = bench(work, args.quick, args.runs, args.debug)
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    for run in result["runs"]:
+        print(json.dumps(run))
+
+
+if __name__ == "__main__":
+    main()
