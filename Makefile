@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH ?=  # options for bench/suite.py, e.g. make bench BENCH="--only latency"
 
-.PHONY: help dev test unit check bench bench-files bench-formats clean
+.PHONY: help dev test unit check bench bench-quick bench-files bench-formats clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -21,6 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
 dev: $(STAMP)  ## run the bridge on a local Mosquitto, Tansu (Kafka) and S3, with a simulated fleet
 	$(BIN)/mqtt-kafka-bridge dev
 
@@ -34,8 +40,11 @@ check: $(STAMP)  ## lint and type-check
 	$(BIN)/python -m ruff check bridge tests bench
 	$(BIN)/python -m mypy bridge
 
-bench: $(STAMP)  ## throughput benchmark: 100k QoS 1 messages through the bridge
-	$(BIN)/python bench/throughput.py
+bench: $(BENCH_STAMP)  ## the benchmark suite (~20 min): one table, results/latest.json, charts
+	$(BIN)/python bench/suite.py $(BENCH)
+
+bench-quick: $(BENCH_STAMP)  ## the suite's smoke run: one run of each, small sizes (~2 min)
+	$(BIN)/python bench/suite.py --quick $(BENCH)
 
 bench-files: $(STAMP)  ## large-file benchmark: a 200 MiB file transfer, MiB/s and peak RSS
 	$(BIN)/python bench/large_files.py

@@ -52,6 +52,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[int(min(rank, len(ordered))) - 1]
 
 
+def cdf(values: Sequence[float], points: int = 1001) -> list[float]:
+    """The distribution in `points` evenly spaced quantiles (0 to 100%, nearest rank): what
+    a CDF chart needs, at a fixed size whatever the number of values."""
+    ordered = sorted(values)
+    if not ordered:
+        return []
+    n = len(ordered)
+    return [ordered[min(n - 1, max(0, -(-n * i // (points - 1)) - 1))] for i in range(points)]
+
+
 def cell(figure: dict[str, float], fmt: str = "{:,.0f}") -> str:
     """One table cell: `median (min-max)`, or `median` alone for a single run."""
     if not figure.get("runs"):

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.common import (
+    cell,
     open_session,
     preload,
     progress,
@@ -41,6 +42,7 @@ from bench.common import (
 )
 from bench.throughput import drain_with_bridge
 from bridge import config as config_module
+from bridge import logs
 from bridge.devkit.localstack import LocalStack
 from bridge.kafka import QUIET
 
@@ -88,7 +90,7 @@ def kafka_ceiling(properties: dict[str, Any], topic: str, record: tuple[Any, ...
     def on_delivery(err: Any, _msg: Any) -> None:
         if err is None:
             done[0] += 1
-            if done[0] % 1000 == 0:
+            if done[0] % 100 == 0:
                 reports.append((time.monotonic(), done[0]))
 
     start = time.monotonic()
@@ -144,6 +146,7 @@ def one_run(local: LocalStack, work: Path, size: int, messages: int, run: int) -
 
 def measure(work: Path, sizes: list[int], messages: int, runs: int) -> dict[str, Any]:
     """Every size, `runs` times, sizes interleaved so that noise spreads over both."""
+    logs.configure("json", level=30)  # the in-process bridge's info lines are not figures
     raw: dict[int, list[dict[str, Any]]] = {s: [] for s in sizes}
     with stack(work) as local:
         for run in range(runs):
@@ -166,6 +169,36 @@ def aggregate(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
             out[f"ratio.{ceiling}.{phase}"] = summary(
                 [r["bridge"][phase] / r[ceiling][phase] for r in runs])
     out["bridge.duplicates"] = [r["bridge"]["records"] - r["messages"] for r in runs]
+    return out
+
+
+def bench(work: Path, quick: bool, runs: int) -> dict[str, Any]:
+    """For the suite: 100k messages of 200 B and of 4 KB (10k with --quick)."""
+    return measure(work, [200, 4096], 10_000 if quick else 100_000, runs)
+
+
+SIDES = {"bridge": "bridge", "mosquitto_sub": "mosquitto_sub (MQTT ceiling)",
+         "kafka_loop": "confluent-kafka loop (Kafka ceiling)"}
+PHASES = {"end_to_end": "end to end", "steady": "steady 10-90%"}
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    """Per size and phase: each side's msg/s (MB/s beside it), the bridge with its two
+    same-run ratios."""
+    out = []
+    for size, fig in result.items():
+        if not size.isdigit():
+            continue
+        label = f"{int(size):,} B" if int(size) < 1024 else f"{int(size) // 1024} KB"
+        for phase, phase_label in PHASES.items():
+            for side, side_label in SIDES.items():
+                note = f"{cell(fig[f'{side}.{phase}.mb_s'], '{:.1f}')} MB/s"
+                if side == "bridge":
+                    note += "; " + ", ".join(
+                        f"{cell(fig[f'ratio.{c}.{phase}'], '{:.2f}')}x {c}"
+                        for c in ("mosquitto_sub", "kafka_loop"))
+                out.append(["throughput", f"{label} {side_label}, {phase_label} (msg/s)",
+                            cell(fig[f"{side}.{phase}.msg_s"]), note])
     return out
 
 

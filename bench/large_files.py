@@ -20,7 +20,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,7 @@ from boto3.s3.transfer import TransferConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import RssSampler
 from bridge.devkit import simulate
 from bridge.devkit.device import sized_file, upload_file
 from bridge.devkit.localstack import S3_KEY, S3_REGION, LocalStack, s3_environment
@@ -92,10 +92,63 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        run(args, size, work)
+        report(run(args, size, work))
 
 
-def run(args: argparse.Namespace, size: int, work: Path) -> None:
+def bench(work: Path, quick: bool, runs: int) -> dict[str, Any]:
+    """For the suite: `runs` transfers (each on a fresh stack), as median/min/max."""
+    from bench.common import summary
+
+    args = argparse.Namespace(mib=20 if quick else 200, segment_kib=256)
+    results = []
+    for i in range(runs):
+        (work / f"files-{i}").mkdir()
+        results.append(run(args, args.mib * 2**20, work / f"files-{i}"))
+    out: dict[str, Any] = {"mib": args.mib, "segment_kib": args.segment_kib, "runs": results}
+    for key in ("bridge_mib_s", "direct_mib_s", "by_hand_mib_s", "publish_mib_s", "peak_mib",
+                "ratio_by_hand", "ratio_direct"):
+        out[key] = summary([r[key] for r in results])
+    return out
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    from bench.common import cell
+
+    mib = result["mib"]
+    return [
+        ["large files", f"{mib} MiB transfer through the bridge (MiB/s)",
+         cell(result["bridge_mib_s"], "{:.1f}"), "from process start to reference"],
+        ["large files", "same S3 requests by hand, boto3 (MiB/s)",
+         cell(result["by_hand_mib_s"], "{:.1f}"), "the S3 ceiling for this protocol"],
+        ["large files", "ratio bridge / same S3 work", cell(result["ratio_by_hand"], "{:.2f}"),
+         "same run"],
+        ["large files", "one multipart upload straight to S3 (MiB/s)",
+         cell(result["direct_mib_s"], "{:.1f}"), ""],
+        ["large files", "peak RSS during the transfer, VmHWM (MiB)",
+         cell(result["peak_mib"]), "bridge process"],
+    ]
+
+
+def report(fig: dict[str, Any]) -> None:
+    mib = fig["mib"]
+    print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"Mosquitto + Tansu (data in moto S3) + moto S3 on loopback")
+    print(f"file: {mib:.0f} MiB in {fig['segments']} segments of {fig['segment_kib']} KiB")
+    print(f"direct boto3 upload to S3:       {fig['direct_mib_s']:7.1f} MiB/s")
+    print(f"device publish to Mosquitto:     {fig['publish_mib_s']:7.1f} MiB/s")
+    print(f"bridge drain to reference:       {fig['bridge_mib_s']:7.1f} MiB/s  (from process "
+          f"start: segments to staging, assembly, verify, envelope)")
+    print(f"same S3 work by hand (boto3):    {fig['by_hand_mib_s']:7.1f} MiB/s  "
+          f"({fig['segments']} PUTs, {fig['segments']} GETs, 8 MiB parts)")
+    print(f"ratio bridge / direct S3:        {fig['ratio_direct']:.2f}")
+    print(f"ratio bridge / same S3 work:     {fig['ratio_by_hand']:.2f}")
+    print(f"bridge RSS: peak {fig['peak_mib']:.0f} MiB during the transfer, "
+          f"{fig['idle_mib']:.0f} MiB after")
+    print(f"reference: {fig['reference']} size {fig['size']}")
+
+
+def run(args: argparse.Namespace, size: int, work: Path) -> dict[str, Any]:
+    """One transfer on a fresh stack: the figures (MiB/s of each way, peak RSS)."""
     with LocalStack(work) as stack:
         stack.create_bucket("bench")
         stack.create_topics(["bench.files", "bench.deadletter"])
@@ -156,28 +209,13 @@ kafka_topic = "bench.telemetry"
 
         bridge = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         start = time.monotonic()
-        idle_rss = 0.0
-        peak = [0.0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                try:
-                    peak[0] = max(peak[0], rss_mib(bridge.pid))
-                except (FileNotFoundError, ProcessLookupError):
-                    return
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
         log_path = work / "bridge.log"
-        while b'"file_completed"' not in log_path.read_bytes().split(b"bridge_started")[-1]:
-            if time.monotonic() - start > 1800 or bridge.poll() is not None:
-                raise SystemExit(f"the bridge did not complete the file: see {log_path}")
-            time.sleep(0.02)
-        drained = time.monotonic() - start
-        done.set()
-        sampler.join()
+        with RssSampler(bridge.pid, 0.02) as rss:
+            while b'"file_completed"' not in log_path.read_bytes().split(b"bridge_started")[-1]:
+                if time.monotonic() - start > 1800 or bridge.poll() is not None:
+                    raise SystemExit(f"the bridge did not complete the file: see {log_path}")
+                time.sleep(0.02)
+            drained = time.monotonic() - start
         idle_rss = rss_mib(bridge.pid)
         bridge.terminate()
         bridge.wait(60)
@@ -188,19 +226,12 @@ kafka_topic = "bench.telemetry"
         assert envelope["sha256"] == upload.sha256, "sha256 mismatch"
 
     mib = size / 2**20
-    print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"Mosquitto + Tansu (memory) + moto S3 on loopback")
-    print(f"file: {mib:.0f} MiB in {upload.segments} segments of {args.segment_kib} KiB")
-    print(f"direct boto3 upload to S3:       {mib / direct:7.1f} MiB/s  ({direct:.1f} s)")
-    print(f"device publish to Mosquitto:     {mib / publish:7.1f} MiB/s  ({publish:.1f} s)")
-    print(f"bridge drain to reference:       {mib / drained:7.1f} MiB/s  ({drained:.1f} s from "
-          f"process start: segments to staging, assembly, verify, envelope)")
-    print(f"same S3 work by hand (boto3):    {mib / by_hand:7.1f} MiB/s  ({by_hand:.1f} s: "
-          f"{upload.segments} PUTs, {upload.segments} GETs, 8 MiB parts)")
-    print(f"ratio bridge / direct S3:        {direct / drained:.2f}")
-    print(f"ratio bridge / same S3 work:     {by_hand / drained:.2f}")
-    print(f"bridge RSS: peak {peak[0]:.0f} MiB during the transfer, {idle_rss:.0f} MiB after")
-    print(f"reference: {envelope['reference']} size {envelope['size']}")
+    return {"mib": mib, "segments": upload.segments, "segment_kib": args.segment_kib,
+            "direct_mib_s": mib / direct, "publish_mib_s": mib / publish,
+            "bridge_mib_s": mib / drained, "by_hand_mib_s": mib / by_hand,
+            "ratio_direct": direct / drained, "ratio_by_hand": by_hand / drained,
+            "peak_mib": rss.peak_mib, "idle_mib": idle_rss,
+            "reference": envelope["reference"], "size": envelope["size"]}
 
 
 if __name__ == "__main__":

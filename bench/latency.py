@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     ROOT,
     Bridge,
+    cdf,
     cell,
     percentile,
     read_records,
@@ -90,7 +91,7 @@ def lane_run(local: LocalStack, work: Path, lane: str, run: int, rate: float,
             "in_kafka_at_finish": sum(1 for r in mine if r.timestamp_ms / 1000 <= finished),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "max_ms": latencies[-1] if latencies else float("nan"),
-            "latencies_ms": latencies}
+            "cdf_ms": [round(x, 2) for x in cdf(latencies)]}
 
 
 def figures(report: dict[str, Any], topic: str) -> dict[str, float]:
@@ -159,7 +160,7 @@ def main() -> None:
         result = bench(Path(work), args.quick, args.runs, args.rate)
     for run in result.pop("runs"):
         for lane in run.values():
-            lane.pop("latencies_ms")
+            lane.pop("cdf_ms")
         print(json.dumps(run))
     print(json.dumps(result, indent=1))
 

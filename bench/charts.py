@@ -1,0 +1,125 @@
+"""Charts of the suite's results, rendered headless (matplotlib's Agg) from the JSON, so they
+can be redrawn without measuring again:
+
+    python bench/charts.py [bench/results/latest.json]
+
+throughput.png: the bridge against both ceilings; latency.png: the distribution (CDF) of
+publish -> Kafka latency per lane; memory.png: the bridge's RSS over the 1M drain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDES = (("bridge", "bridge", "tab:blue"), ("mosquitto_sub", "mosquitto_sub (MQTT ceiling)",
+                                           "tab:gray"),
+         ("kafka_loop", "confluent-kafka loop (Kafka ceiling)", "tab:orange"))
+COLOURS = {"fast": "tab:red", "bulk": "tab:blue"}
+
+
+def render(results: dict[str, Any], out: Path) -> list[Path]:
+    """Every chart the results have data for; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    benchmarks = results.get("benchmarks", {})
+    made = []
+    for name, draw in (("throughput", throughput), ("latency", latency),
+                       ("memory", memory)):
+        result = benchmarks.get(name)
+        if result and "error" not in result:
+            path = out / f"{name}.png"
+            draw(result, path, results.get("machine", {}))
+            made.append(path)
+    return made
+
+
+def _caption(fig: Any, result: dict[str, Any], meta: dict[str, str]) -> None:
+    fig.text(0.01, 0.01, f"{meta.get('nproc', '?')} cores, {meta.get('cpu', '')}; commit "
+             f"{result.get('commit', '?')[:60]}; {result.get('date', '')}", fontsize=7,
+             color="gray")
+
+
+def throughput(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
+    """msg/s per size and phase, median with min-max error bars, three sides per group."""
+    sizes = [k for k in result if k.isdigit()]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        fig_ = result[size]
+        for i, (side, label, colour) in enumerate(SIDES):
+            xs, meds, errs = [], [], [[], []]
+            for j, phase in enumerate(("end_to_end", "steady")):
+                s = fig_[f"{side}.{phase}.msg_s"]
+                xs.append(j + (i - 1) * 0.27)
+                meds.append(s["median"])
+                errs[0].append(s["median"] - s["min"])
+                errs[1].append(s["max"] - s["median"])
+            ax.bar(xs, meds, 0.25, yerr=errs, capsize=3, label=label, color=colour)
+        ax.set_xticks([0, 1], ["end to end", "steady (10-90%)"])
+        ax.set_title(f"{int(size):,} B QoS 1, {fig_['messages']:,} preloaded")
+        ax.set_ylabel("msg/s (median, min-max)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    _caption(fig, result, meta)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def latency(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
+    """CDF of publish -> Kafka record latency, one line per lane and run."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r, run in enumerate(result["runs"]):
+        for lane, lane_run in run.items():
+            cdf = lane_run.get("cdf_ms", [])
+            if cdf:
+                ax.plot(cdf, [i / (len(cdf) - 1) for i in range(len(cdf))],
+                        color=COLOURS.get(lane, "black"), alpha=0.8,
+                        label=f"{lane} lane" if r == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("publish -> Kafka record (ms, log scale)")
+    ax.set_ylabel("fraction of messages")
+    ax.axhline(0.99, color="gray", lw=0.6, ls="--")
+    ax.set_title(f"Latency at {result['rate']:,.0f} msg/s per lane, {len(result['runs'])} runs")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _caption(fig, result, meta)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def memory(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
+    """The bridge's RSS against the drain's progress, one line per run, with the target."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, run in enumerate(result["runs"]):
+        curve = run["rss_curve"]
+        ax.plot([p * 100 for p, _ in curve], [m for _, m in curve], label=f"run {i + 1}")
+    ax.axhline(64, color="tab:red", ls="--", lw=0.8, label="target 64 MiB")
+    ax.set_ylim(0, max(80, *(m for r in result["runs"] for _, m in r["rss_curve"])) * 1.1)
+    ax.set_xlabel("drain progress (% of records in Kafka)")
+    ax.set_ylabel("bridge VmRSS (MiB)")
+    ax.set_title(f"Bridge RSS draining a {result['messages']:,}-message backlog")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _caption(fig, result, meta)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench/results/latest.json"
+    for path in render(json.loads(source.read_text()), ROOT / "bench" / "charts"):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

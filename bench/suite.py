@@ -1,0 +1,103 @@
+"""The benchmark suite (`make bench`): every benchmark, one table, JSON and charts.
+
+Each benchmark starts its own local stack (Mosquitto, Tansu, moto), measures every
+comparison side by side in the same run, and reports each figure as the median of `--runs`
+runs with min and max. The machine is shared and noisy, so ratios measured within one run
+are the figures to read, not lone absolute times. Results go to bench/results/latest.json
+(with the machine and the commit of each benchmark), charts to bench/charts/.
+
+    python bench/suite.py [--quick] [--only NAME ...] [--runs N]
+
+`--quick`: one run, small sizes, to prove the harness (a few minutes). `--only NAME` runs
+some benchmarks and keeps the others' last results in latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import charts, drain, large_files, latency, memory, scaleout
+from bench.common import ROOT, machine, table
+
+BENCHMARKS: dict[str, ModuleType] = {"throughput": drain, "latency": latency,
+                                     "memory": memory, "files": large_files,
+                                     "scaleout": scaleout}
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+HEADER = ("benchmark", "figure", "median (min-max)", "beside it")
+
+
+def run_one(name: str, quick: bool, runs: int) -> dict[str, Any]:
+    """One benchmark in a scratch directory; a crash is recorded, not raised, so the rest
+    of the suite still runs (a benchmark is never pass/fail)."""
+    started = time.monotonic()
+    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
+            result: dict[str, Any] = BENCHMARKS[name].bench(Path(work), quick, runs)
+    except Exception:  # report and go on
+        result = {"error": traceback.format_exc()}
+        print(result["error"], file=sys.stderr)
+    meta = machine()
+    result.update(seconds=round(time.monotonic() - started, 1), commit=meta["commit"],
+                  date=meta["date"], quick=quick, runs_asked=runs)
+    print(f"[{time.strftime('%H:%M:%S')}] {name} done in {result['seconds']:.0f} s",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def render_table(results: dict[str, Any]) -> str:
+    rows: list[list[str]] = []
+    for name, module in BENCHMARKS.items():
+        result = results.get("benchmarks", {}).get(name)
+        if result is None:
+            continue
+        if "error" in result:
+            rows.append([name, "failed", "n/a", result["error"].strip().splitlines()[-1][:80]])
+            continue
+        rows.extend(module.rows(result))
+    return table(HEADER, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one run, small sizes")
+    parser.add_argument("--only", action="append", choices=list(BENCHMARKS), metavar="NAME",
+                        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
+    results: dict[str, Any] = {}
+    if args.only and args.out.exists():
+        results = json.loads(args.out.read_text())
+    results.update(machine=machine(), command=" ".join(["bench/suite.py", *sys.argv[1:]]))
+    results.setdefault("benchmarks", {})
+    started = time.monotonic()
+    for name in args.only or BENCHMARKS:
+        results["benchmarks"][name] = run_one(name, args.quick, runs)
+        save(results, args.out)  # what finished survives a later crash
+    results["seconds"] = round(time.monotonic() - started, 1)
+    save(results, args.out)
+    print(render_table(results))
+    for path in charts.render(results, ROOT / "bench" / "charts"):
+        print(f"chart: {path.relative_to(ROOT)}")
+    print(f"results: {args.out} ({results['seconds']:.0f} s)")
+
+
+def save(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

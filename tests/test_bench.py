@@ -1,0 +1,106 @@
+"""The benchmark suite's pure helpers (no servers): a broken median, percentile, RSS parser
+or table would otherwise go unnoticed until a figure in RESULTS.md is wrong."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.common import (
+    Record,
+    cdf,
+    cell,
+    crossing,
+    duplicates,
+    parse_status,
+    percentile,
+    steady_rate,
+    summary,
+    table,
+)
+from bench.memory import explain
+
+
+def test_summary_is_median_min_max_over_runs() -> None:
+    assert summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 3}
+    assert summary([4.0, 1.0])["median"] == 2.5
+    empty = summary([])
+    assert empty["runs"] == 0 and math.isnan(empty["median"])
+
+
+@pytest.mark.parametrize(("q", "expected"), [(50, 50), (99, 99), (100, 100), (0, 1), (1, 1)])
+def test_percentile_is_nearest_rank(q: float, expected: float) -> None:
+    values = list(range(100, 0, -1))  # unsorted on purpose
+    assert percentile(values, q) == expected
+
+
+def test_percentile_of_few_values_and_none() -> None:
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0], 50) == 1.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_cdf_has_fixed_points_from_min_to_max() -> None:
+    points = cdf(list(range(1, 10_001)), points=11)
+    assert len(points) == 11
+    assert points[0] == 1 and points[-1] == 10_000 and points[5] == 5000
+    assert cdf([]) == []
+
+
+def test_cell_shows_median_and_range() -> None:
+    assert cell(summary([1000.0, 3000.0, 2000.0])) == "2,000 (1,000-3,000)"
+    assert cell(summary([0.5]), "{:.2f}") == "0.50"
+    assert cell(summary([])) == "n/a"
+
+
+def test_table_pads_columns_as_markdown() -> None:
+    text = table(["a", "figure"], [["throughput", "1"], ["x", "22,000"]])
+    lines = text.splitlines()
+    assert lines[0] == "| a          | figure |"
+    assert lines[1] == "|------------|--------|"
+    assert lines[3] == "| x          | 22,000 |"
+    assert len({len(line) for line in lines}) == 1
+
+
+STATUS = """Name:\tpython
+VmPeak:\t  900000 kB
+VmHWM:\t   65536 kB
+VmRSS:\t   54321 kB
+Threads:\t9
+"""
+
+
+def test_parse_status_reads_rss_and_peak_in_kib() -> None:
+    assert parse_status(STATUS) == {"VmHWM": 65536, "VmRSS": 54321}
+    assert parse_status("Name:\tzombie\n") == {}
+
+
+def test_crossing_interpolates_and_steady_rate_leaves_out_the_ends() -> None:
+    curve = [(0.0, 0.0), (1.0, 0.0), (2.0, 100.0), (12.0, 1100.0), (20.0, 1100.0)]
+    assert crossing(curve, 50) == pytest.approx(1.5)
+    assert math.isnan(crossing(curve, 2000))
+    # 10% (110) to 90% (990) of 1100 falls in the straight part: 100 per second
+    assert steady_rate(curve, 1100) == pytest.approx(100.0)
+
+
+def _record(seq: int, arrival: int, dup: bool = False, partition: int = 0) -> Record:
+    return Record(1000, "dev-1", seq, "r1", 0, arrival, dup, "b", partition, seq)
+
+
+def test_duplicates_group_by_run_device_and_seq() -> None:
+    records = [_record(1, 10), _record(1, 10), _record(2, 11), Record(1000, "dev-1", 1, "r2",
+                                                                      0, 12, False, "b", 0, 9)]
+    groups = duplicates(records)
+    assert len(groups) == 1 and len(groups[0]) == 2
+
+
+def test_explain_classifies_where_copies_came_from() -> None:
+    records = [_record(1, 10), _record(1, 10, partition=1),  # one receipt, produced twice
+               _record(2, 11), _record(2, 15, dup=True),     # broker redelivery
+               _record(3, 12), _record(3, 13)]               # received twice, no DUP
+    found = explain(records)
+    assert found["messages"] == 3 and found["extra_copies"] == 3
+    assert found["kinds"] == {"one receipt, produced twice (same arrival time)": 1,
+                              "broker redelivery (DUP flag)": 1,
+                              "received twice, no DUP flag": 1}
