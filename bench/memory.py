@@ -70,7 +70,7 @@ def drain(local: LocalStack, work: Path, messages: int, run: int) -> dict[str, A
     curve = progress(records)
     at = {f"{int(f * 100)}%": rss.at(_time_at(curve, f * n)) for f in FRACTIONS}
     return {"messages": n, "records": len(records), "steady_msg_s": steady_rate(curve, n),
-            "rss_mib": at, "peak_mib": rss.peak_mib, "idle_mib": rss.samples[0][1],
+            "rss_mib": at, "peak_mib": rss.peak_mib,
             "rss_curve": _rss_curve(rss, curve, n), "duplicates": explain(records),
             "counters": {k: stats.get(k, 0) for k in (
                 "mqtt_acks_sent", "mqtt_reconnects", "mqtt_connects", "kafka_retries",
@@ -131,9 +131,11 @@ def herd(local: LocalStack, work: Path, devices: int) -> dict[str, Any]:
             seconds = time.monotonic() - start
             bridge.wait_acked(devices * 5, timeout=120)
         idle = idle or rss.samples[0][1]
+        bridged = int(bridge.stats().get("mqtt_acks_sent", 0))
     finally:
         bridge.stop()
-    return {"devices": devices, "seconds": seconds, "peak_mib": rss.peak_mib, "idle_mib": idle}
+    return {"devices": devices, "seconds": seconds, "peak_mib": rss.peak_mib, "idle_mib": idle,
+            "bridged": bridged, "sent": devices * 5}
 
 
 def bench(work: Path, quick: bool, runs: int) -> dict[str, Any]:
@@ -172,10 +174,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--keep", help="keep the work directory (bridge logs) here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        result = bench(Path(work), args.quick, args.runs)
-    result.pop("runs_curve", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = bench(work, args.quick, args.runs)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for run in result["runs"]:
         print(json.dumps({k: v for k, v in run.items() if k != "rss_curve"}))

@@ -84,13 +84,20 @@ def test_crossing_interpolates_and_steady_rate_leaves_out_the_ends() -> None:
     assert steady_rate(curve, 1100) == pytest.approx(100.0)
 
 
-def _record(seq: int, arrival: int, dup: bool = False, partition: int = 0) -> Record:
-    return Record(1000, "dev-1", seq, "r1", 0, arrival, dup, "b", partition, seq)
+def _record(seq: int, arrival: int, dup: bool = False, partition: int = 0,
+            run: str = "r1") -> Record:
+    body = f'{{"device_id":"dev-1","seq":{seq},"sent_ns":5,"run":"{run}","pad":"x"}}'
+    return Record(1000, body.encode(), arrival, dup, "b", partition, seq)
 
 
-def test_duplicates_group_by_run_device_and_seq() -> None:
-    records = [_record(1, 10), _record(1, 10), _record(2, 11), Record(1000, "dev-1", 1, "r2",
-                                                                      0, 12, False, "b", 0, 9)]
+def test_record_parses_the_payload_ids_when_asked() -> None:
+    record = _record(7, 10)
+    assert (record.run, record.device_id, record.seq, record.sent_ns) == ("r1", "dev-1", 7, 5)
+    assert Record(1, b"not json").ids == ("", "", -1, 0)
+
+
+def test_duplicates_group_copies_of_one_payload() -> None:
+    records = [_record(1, 10), _record(1, 10), _record(2, 11), _record(1, 12, run="r2")]
     groups = duplicates(records)
     assert len(groups) == 1 and len(groups[0]) == 2
 
