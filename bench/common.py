@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,12 @@ from bridge.devkit.localstack import LocalStack, kafka_service, s3_environment
 from bridge.kafka import QUIET
 
 ROOT = Path(__file__).resolve().parent.parent  # callers put it on sys.path
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like ^C, so every stack and bridge a benchmark started is stopped by
+    its context manager instead of being left running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
 
 # ---------------------------------------------------------------- figures: median/min/max
 

@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.common import (
     cell,
+    exit_on_sigterm,
     open_session,
     preload,
     progress,
@@ -214,4 +215,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -29,6 +29,7 @@ from bench.common import (
     Bridge,
     cdf,
     cell,
+    exit_on_sigterm,
     percentile,
     read_records,
     stack,
@@ -95,17 +96,13 @@ def lane_run(local: LocalStack, work: Path, lane: str, run: int, rate: float,
 
 
 def figures(report: dict[str, Any], topic: str) -> dict[str, float]:
-    """p50/p99/max (ms) and lost/duplicates from a verify report, for one topic."""
-    latency = report.get("latency", {})
-    per_topic = latency.get(topic, latency) if isinstance(latency, dict) else {}
-    kafka = per_topic.get("kafka", per_topic)
-    return {"p50_ms": float(kafka.get("p50_ms", "nan")),
-            "p99_ms": float(kafka.get("p99_ms", "nan")),
-            "max_ms": float(kafka.get("max_ms", "nan")),
-            "lost": float(report.get("lost", "nan")),
-            "duplicates": float(report.get("duplicates", {}).get("extra", "nan")
-                                if isinstance(report.get("duplicates"), dict)
-                                else report.get("duplicates", "nan"))}
+    """p50/p99/max (ms, sent -> Kafka timestamp), lost and extra copies from verify's JSON
+    (`topics.T.latency_ms.kafka`; README, verify)."""
+    kafka = report.get("topics", {}).get(topic, {}).get("latency_ms", {}).get("kafka", {})
+    nan = float("nan")
+    return {"p50_ms": kafka.get("p50") or nan, "p99_ms": kafka.get("p99") or nan,
+            "max_ms": kafka.get("max") or nan, "lost": float(report.get("lost", nan)),
+            "duplicates": float(report.get("extra_copies", nan))}
 
 
 def bench(work: Path, quick: bool, runs: int, rate: float = 2000.0) -> dict[str, Any]:
@@ -166,4 +163,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -32,6 +32,7 @@ from bench.common import (
     Record,
     RssSampler,
     duplicates,
+    exit_on_sigterm,
     open_session,
     preload,
     progress,
@@ -47,7 +48,8 @@ FRACTIONS = (0.1, 0.5, 0.9)
 WARNINGS = ("warning", "error", "critical")
 
 
-def drain(local: LocalStack, work: Path, messages: int, run: int) -> dict[str, Any]:
+def drain(local: LocalStack, work: Path, messages: int, run: int,
+          kafka: dict[str, str] | None = None) -> dict[str, Any]:
     """Preload `messages` into a fresh session, start the bridge, sample it to the end."""
     prefix, topic, client = f"m{run}", f"mem.r{run}", f"mem-r{run}"
     local.create_topics([topic, "bench.deadletter"])
@@ -57,7 +59,9 @@ def drain(local: LocalStack, work: Path, messages: int, run: int) -> dict[str, A
             f"{prefix}-{time.time_ns()}", work)
     n = messages // devices * devices
     config = write_config(work / f"{client}.toml", local, client,
-                          [{"filter": f"{prefix}/{{device_id}}/telemetry", "kafka_topic": topic}])
+                          [{"filter": f"{prefix}/{{device_id}}/telemetry",
+                            "kafka_topic": topic}],
+                          kafka=kafka)
     bridge = Bridge(config, work / f"{client}.log").start()
     try:
         with RssSampler(bridge.pid) as rss:
@@ -94,7 +98,10 @@ def explain(records: list[Record]) -> dict[str, Any]:
     groups = duplicates(records)
     kinds: Counter[str] = Counter()
     for group in groups:
-        if any(r.dup for r in group):
+        if len({(r.partition, r.offset) for r in group}) < len(group):
+            kinds["one record read twice (same offset): the reader's, not Kafka's"] += \
+                len(group) - 1
+        elif any(r.dup for r in group):
             kinds["broker redelivery (DUP flag)"] += len(group) - 1
         elif len({r.arrival_ms for r in group}) == 1:
             kinds["one receipt, produced twice (same arrival time)"] += len(group) - 1
@@ -138,13 +145,14 @@ def herd(local: LocalStack, work: Path, devices: int) -> dict[str, Any]:
             "bridged": bridged, "sent": devices * 5}
 
 
-def bench(work: Path, quick: bool, runs: int) -> dict[str, Any]:
+def bench(work: Path, quick: bool, runs: int, storage: str = "memory",
+          kafka: dict[str, str] | None = None, herd_devices: int | None = None) -> dict[str, Any]:
     messages = 50_000 if quick else 1_000_000
-    out: dict[str, Any] = {"messages": messages, "runs": []}
-    with stack(work) as local:
+    out: dict[str, Any] = {"messages": messages, "storage": storage, "runs": []}
+    with stack(work, storage) as local:
         for run in range(runs):
-            out["runs"].append(drain(local, work, messages, run))
-        out["herd"] = herd(local, work, 200 if quick else 1000)
+            out["runs"].append(drain(local, work, messages, run, kafka))
+        out["herd"] = herd(local, work, herd_devices or (200 if quick else 1000))
     for key in ("10%", "50%", "90%"):
         out[f"rss.{key}"] = summary([r["rss_mib"][key] for r in out["runs"]])
     out["peak"] = summary([r["peak_mib"] for r in out["runs"]])
@@ -175,15 +183,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--keep", help="keep the work directory (bridge logs) here")
+    parser.add_argument("--storage", choices=("memory", "s3"), default="memory",
+                        help="Tansu's storage: memory (the suite's) or s3 (the tests' stack)")
+    parser.add_argument("--kafka", action="append", default=[], metavar="PROP=VALUE",
+                        help="extra librdkafka property, e.g. debug=broker,protocol")
+    parser.add_argument("--herd", type=int, help="devices in the herd")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = bench(work, args.quick, args.runs)
+        result = bench(work, args.quick, args.runs, args.storage,
+                       dict(p.split("=", 1) for p in args.kafka), args.herd)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for run in result["runs"]:
         print(json.dumps({k: v for k, v in run.items() if k != "rss_curve"}))
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

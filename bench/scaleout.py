@@ -19,9 +19,11 @@ import argparse
 import contextlib
 import itertools
 import json
+import re
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,9 @@ from bench.common import (
     Record,
     RssSampler,
     cell,
+    exit_on_sigterm,
     open_session,
+    percentile,
     preload,
     progress,
     read_records,
@@ -112,6 +116,40 @@ def _cpu_between(sampler: RssSampler, start: float, end: float) -> dict[str, flo
     return {k: v for k, v in groups.items() if v > 0}
 
 
+# librdkafka's protocol debug line for each ProduceResponse: its round trip to the broker
+_RESPONSE = re.compile(r"Received ProduceResponse \(v\d+, \d+ bytes, CorrId \d+, rtt ([\d.]+)ms\)")
+
+
+def produce_rtts(log: Path) -> list[tuple[float, float]]:
+    """(wall time, round trip s) of each ProduceResponse in a bridge's debug log: a stall
+    whose responses took as long as it did is the broker's wait; one with fast responses is
+    the client's. The time is when the bridge logged the line (served from poll())."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "ProduceResponse" not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError):
+            event = json.loads(line)
+            found = _RESPONSE.search(event["message"])
+            if found:
+                when = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+                out.append((when.timestamp(), float(found.group(1)) / 1000))
+    return out
+
+
+def debug_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """For a run with librdkafka's debug: ProduceResponse round trips overall, and the
+    slowest one answered inside each stall."""
+    rtts = [r for log in run["logs"] for r in produce_rtts(Path(log))]
+    seconds = sorted(r for _, r in rtts)
+    for stall in run["stalls"]:
+        inside = [r for t, r in rtts if stall["at"] <= t <= stall["at"] + stall["seconds"] + 0.2]
+        stall["slowest_response_s"] = max(inside, default=None)
+    return {"responses": len(seconds), "rtt_p50_s": percentile(seconds, 50),
+            "rtt_p99_s": percentile(seconds, 99), "rtt_max_s": max(seconds, default=None),
+            "over_0_5_s": sum(1 for r in seconds if r >= 0.5), "stalls": run["stalls"]}
+
+
 def bench(work: Path, quick: bool, runs: int, debug: bool = False) -> dict[str, Any]:
     messages = 20_000 if quick else 200_000
     out: dict[str, Any] = {"messages": messages, "runs": []}
@@ -121,7 +159,7 @@ def bench(work: Path, quick: bool, runs: int, debug: bool = False) -> dict[str, 
             two = case(local, work, 2, messages, run)
             out["runs"].append({"one": one, "two": two})
         if debug:
-            out["debug_run"] = case(local, work, 2, messages, runs, debug=True)
+            out["debug_run"] = debug_summary(case(local, work, 2, messages, runs, debug=True))
     for key in ("one", "two"):
         for phase in ("steady", "end_to_end"):
             out[f"{key}.{phase}"] = summary([r[key][phase] for r in out["runs"]])
@@ -165,4 +203,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -75,8 +75,8 @@ def verify(bootstrap: str, log: Path, topic: str) -> dict[str, Any]:
         if seen[key] == 1:
             latencies.append(r.timestamp_ms - r.sent_ns / 1e6)
     return {"lost": sum(1 for k in acked if k not in seen),
-            "duplicates": {"messages": sum(1 for v in seen.values() if v > 1),
-                           "extra": sum(v - 1 for v in seen.values())},
-            "latency": {topic: {"kafka": {"p50_ms": percentile(latencies, 50),
-                                          "p99_ms": percentile(latencies, 99),
-                                          "max_ms": max(latencies, default=float("nan"))}}}}
+            "duplicates": sum(1 for v in seen.values() if v > 1),
+            "extra_copies": sum(v - 1 for v in seen.values()),
+            "topics": {topic: {"latency_ms": {"kafka": {
+                "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+                "max": max(latencies, default=None)}}}}}

@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import charts, drain, large_files, latency, memory, scaleout
-from bench.common import ROOT, machine, table
+from bench.common import ROOT, exit_on_sigterm, machine, table
 
 BENCHMARKS: dict[str, ModuleType] = {"throughput": drain, "latency": latency,
                                      "memory": memory, "files": large_files,
@@ -100,4 +100,5 @@ def save(results: dict[str, Any], path: Path) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()
