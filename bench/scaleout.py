@@ -84,6 +84,8 @@ def case(local: LocalStack, work: Path, bridges: int, messages: int, run: int,
             "steady": steady_rate(curve, n),
             "end_to_end": n / (curve[-1][0] - started) if curve else float("nan"),
             "per_bridge": per_bridge,
+            "cpu_s": {c: _cpu_between(smp, smp.cpu[0][0], smp.cpu[-1][0]) if smp.cpu else {}
+                      for c, smp in zip(ids, samplers, strict=True)},
             "stalls": [s for c, smp in zip(ids, samplers, strict=True)
                        for s in stalls(records, c, smp)],
             "logs": [str(b.log) for b in procs]}
