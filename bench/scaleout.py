@@ -50,17 +50,30 @@ from bridge.devkit.localstack import LocalStack
 GAP = 0.5  # seconds without a record from a bridge that count as a stall
 
 
-def case(local: LocalStack, work: Path, bridges: int, messages: int, run: int,
+def backlog(local: LocalStack, work: Path, prefix: str, messages: int,
+            cases: tuple[int, ...]) -> int:
+    """The member sessions of one share group per case (1 and 2 bridges), then one preload:
+    each group gets every message (spread over its members), so the cases drain the same
+    backlog."""
+    for bridges in cases:
+        for client in _clients(prefix, bridges):
+            open_session(local.mqtt.port, client, f"{prefix}/+/telemetry",
+                         share_group=f"{prefix}-{bridges}")
+    preload(local.mqtt.port, prefix, 8, messages // 8, 200, f"{prefix}-{time.time_ns()}", work)
+    return messages // 8 * 8
+
+
+def _clients(prefix: str, bridges: int) -> list[str]:
+    return [f"{prefix}-{bridges}-{i}" for i in range(bridges)]
+
+
+def case(local: LocalStack, work: Path, prefix: str, bridges: int, n: int,
          debug: bool = False) -> dict[str, Any]:
-    """`bridges` processes in share group g{bridges}r{run} drain `messages` together."""
-    name = f"so{bridges}r{run}{'d' if debug else ''}"
-    prefix, topic = name, f"scale.{name}"
+    """`bridges` processes in share group PREFIX-N drain its backlog of `n` together."""
+    name = f"{prefix}-{bridges}"
+    topic = f"scale.{name}"
     local.create_topics([topic, "bench.deadletter"])
-    ids = [f"{name}-{i}" for i in range(bridges)]
-    for client in ids:
-        open_session(local.mqtt.port, client, f"{prefix}/+/telemetry", share_group=name)
-    preload(local.mqtt.port, prefix, 8, messages // 8, 200, f"{name}-{time.time_ns()}", work)
-    n = messages // 8 * 8
+    ids = _clients(prefix, bridges)
     kafka = {"debug": "broker,protocol"} if debug else {}
     procs = [Bridge(write_config(work / f"{c}.toml", local, c,
                                  [{"filter": f"{prefix}/{{device_id}}/telemetry",
@@ -160,11 +173,13 @@ def bench(work: Path, quick: bool, runs: int, debug: bool | None = None) -> dict
     out: dict[str, Any] = {"messages": messages, "runs": []}
     with stack(work) as local:
         for run in range(runs):
-            one = case(local, work, 1, messages, run)
-            two = case(local, work, 2, messages, run)
+            n = backlog(local, work, f"so{run}", messages, (1, 2))
+            one = case(local, work, f"so{run}", 1, n)
+            two = case(local, work, f"so{run}", 2, n)
             out["runs"].append({"one": one, "two": two})
         if debug:
-            out["debug_run"] = debug_summary(case(local, work, 2, messages, runs, debug=True))
+            n = backlog(local, work, "sodebug", messages, (2,))
+            out["debug_run"] = debug_summary(case(local, work, "sodebug", 2, n, debug=True))
     for key in ("one", "two"):
         for phase in ("steady", "end_to_end"):
             out[f"{key}.{phase}"] = summary([r[key][phase] for r in out["runs"]])
