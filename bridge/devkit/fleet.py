@@ -205,6 +205,7 @@ class Connection:
         self.room = asyncio.Event()
         self.closed = False
         self._packet_id = 0
+        self.last_received = asyncio.get_running_loop().time()
 
     async def reserve(self) -> None:
         """Wait for a free slot in the broker's Receive Maximum window."""
@@ -232,14 +233,18 @@ class Connection:
             if self._packet_id not in self.pending:
                 return self._packet_id
 
-    async def read_loop(self, keepalive: int) -> None:
-        """Read acks until the broker closes; silence past 1.5 keepalives is a drop."""
+    async def read_loop(self) -> None:
+        """Read acks until the broker closes (or `keep_alive` aborts a silent link).
+
+        No wait_for here: on 3.11 it can swallow a cancel when data arrives at the same
+        moment (CPython gh-86296), and a Ctrl-C must end every device at once."""
         buffer = bytearray()
+        loop = asyncio.get_running_loop()
         while True:
-            timeout = keepalive * 1.5 if keepalive else None
-            chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            chunk = await self.reader.read(65536)
             if not chunk:
                 raise ConnectionLost("connection closed by the broker")
+            self.last_received = loop.time()
             buffer += chunk
             start = 0
             while (length := packet_length(buffer, start)) is not None and \
@@ -298,13 +303,15 @@ class Connection:
             if left <= 0:
                 break
             try:
-                await asyncio.wait_for(self.room.wait(), left)
+                async with asyncio.timeout(left):
+                    await self.room.wait()
             except TimeoutError:
                 break
         if not self.closed:
             self.writer.write(_DISCONNECT)
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(self.writer.drain(), 5)
+                async with asyncio.timeout(5):
+                    await self.writer.drain()
         self.lose()
 
 
@@ -313,14 +320,15 @@ async def connect(spec: FleetSpec, client_id: str, outcomes: Outcomes) -> Connec
     scheme, host, port = mqtt_endpoint(spec.url)
     tls = spec.ssl_context or (ssl.create_default_context() if scheme == "mqtts" else None)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=tls), spec.connect_timeout)
+        async with asyncio.timeout(spec.connect_timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls)
     except OSError as exc:  # asyncio's "Connect call failed (...)": say it as the OS does
         raise OSError(exc.errno, exc.strerror) if exc.errno else exc from None
     writer.write(mqtt5.ConnectPacket(client_id, username=spec.username, password=spec.password,
                                      clean_start=True, keep_alive=spec.keepalive).write())
     try:
-        connack = await asyncio.wait_for(_read_connack(reader), spec.connect_timeout)
+        async with asyncio.timeout(spec.connect_timeout):
+            connack = await _read_connack(reader)
     except BaseException:
         writer.transport.abort()
         raise
@@ -406,7 +414,7 @@ class Device:
         self.fleet.tally.connects += 1
         connection = self.connection
         tasks = [asyncio.create_task(self._publish_all(connection)),
-                 asyncio.create_task(connection.read_loop(self.fleet.spec.keepalive))]
+                 asyncio.create_task(connection.read_loop())]
         if self.fleet.spec.keepalive:
             tasks.append(asyncio.create_task(_keep_alive(connection, self.fleet.spec.keepalive)))
         try:
@@ -436,8 +444,12 @@ class Device:
 
 
 async def _keep_alive(connection: Connection, keepalive: int) -> None:
+    """PINGREQ twice per keepalive; nothing from the broker for 1.5 of them is a drop."""
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(keepalive / 2)
+        if loop.time() - connection.last_received > keepalive * 1.5:
+            raise ConnectionLost(f"no answer from the broker in {keepalive * 1.5:g} s")
         connection.writer.write(_PINGREQ)
 
 
@@ -468,6 +480,8 @@ class Fleet:
             for device in self.devices:
                 if device.connection is not None:
                     device.connection.lose()
+            if self.spec.progress is not None:
+                self.spec.progress(self.tally)
 
     async def _progress(self) -> None:
         assert self.spec.progress is not None
