@@ -210,11 +210,15 @@ class Connection:
 
     async def reserve(self) -> None:
         """Wait for a free slot in the broker's Receive Maximum window."""
-        while len(self.pending) >= self.window and not self.closed:
+        while len(self.pending) >= self.window and not self.gone():
             self.room.clear()
             await self.room.wait()
-        if self.closed:
+        if self.gone():
             raise ConnectionLost("connection lost")
+
+    def gone(self) -> bool:
+        """Lost, or closing under us: writing on would only fail (and log each write)."""
+        return self.closed or self.writer.transport.is_closing()
 
     async def publish(self, publish: Publish, body: bytes) -> None:
         packet_id = None
