@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import resource
 import secrets
@@ -328,7 +329,7 @@ async def connect(spec: FleetSpec, client_id: str, outcomes: Outcomes) -> Connec
         async with asyncio.timeout(spec.connect_timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=tls)
     except OSError as exc:  # asyncio's "Connect call failed (...)": say it as the OS does
-        raise OSError(exc.errno, exc.strerror) if exc.errno else exc from None
+        raise OSError(exc.errno, os.strerror(exc.errno)) if exc.errno else exc from None
     writer.write(mqtt5.ConnectPacket(client_id, username=spec.username, password=spec.password,
                                      clean_start=True, keep_alive=spec.keepalive).write())
     try:
