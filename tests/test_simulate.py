@@ -114,6 +114,7 @@ class ScriptedBroker:
                  ack_delay: float = 0.0) -> None:
         self.receive_max, self.answer, self.ack_delay = receive_max, answer, ack_delay
         self.unanswered, self.most_unanswered, self.received = 0, 0, 0
+        self.connects, self.connects_before_publishing = 0, 0
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -138,6 +139,7 @@ class ScriptedBroker:
 
     def _on(self, packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> bool:
         if isinstance(packet, mqtt5.ConnectPacket):
+            self.connects += 1
             writer.write(mqtt5.ConnAckPacket(receive_max=self.receive_max).write())
         elif isinstance(packet, mqtt5.PublishPacket):
             return self._on_publish(packet, writer)
@@ -149,6 +151,8 @@ class ScriptedBroker:
 
     def _on_publish(self, packet: mqtt5.PublishPacket, writer: asyncio.StreamWriter) -> bool:
         self.received += 1
+        if self.received == 1:
+            self.connects_before_publishing = self.connects
         what = self.answer(packet, self.received)
         if what == "drop":
             return False
@@ -225,6 +229,13 @@ def test_the_end_of_the_run_settles_unanswered_publishes_as_unknown(tmp_path: Pa
     report, lines, _ = scripted(tmp_path, lambda _p, n: "hold" if n > 4 else "ack",
                                 devices=1, messages=8)
     assert outcomes(lines) == {"acked": 4, "unknown": 4} and report.unknown == 4
+
+
+def test_outside_a_herd_the_fleet_publishes_once_every_device_is_connected(
+        tmp_path: Path) -> None:
+    report, _, broker = scripted(tmp_path, lambda _p, _n: "ack", devices=200, messages=2)
+    assert broker.connects_before_publishing == 201  # the probe and every device
+    assert report.acked == 400 and report.connect_seconds is not None
 
 
 def test_qos0_is_sent_and_the_duration_bounds_the_run(tmp_path: Path) -> None:

@@ -143,8 +143,9 @@ class FleetReport:
     errors: int
     connects: int
     gave_up: int
-    seconds: float
+    seconds: float  # from the first publish due (a herd: from the start) to the end
     log: Path | None
+    connect_seconds: float | None = None  # until every device's first connect was over
     interrupted: bool = False
 
     @property
@@ -388,6 +389,12 @@ class Device:
         self.id, self.fleet, self.seq = device_id, fleet, 0
         self.topic = f"{fleet.spec.prefix}/{device_id}/telemetry"
         self.connection: Connection | None = None
+        self.arrived = False  # its first connect is over, done or failed
+
+    def arrive(self) -> None:
+        if not self.arrived:
+            self.arrived = True
+            self.fleet.arrive()
 
     def more(self) -> bool:
         spec = self.fleet.spec
@@ -402,6 +409,7 @@ class Device:
                 await self._session()
                 return
             except (OSError, MqttError, TimeoutError, ValueError):
+                self.arrive()
                 self.fleet.tally.errors += 1
                 failures = 0 if self.connection is not None else failures + 1
             finally:
@@ -418,6 +426,7 @@ class Device:
         async with self.fleet.connecting:
             self.connection = await connect(self.fleet.spec, self.id, self.fleet.outcomes)
         self.fleet.tally.connects += 1
+        self.arrive()
         connection = self.connection
         tasks = [asyncio.create_task(self._publish_all(connection)),
                  asyncio.create_task(connection.read_loop())]
@@ -435,6 +444,7 @@ class Device:
 
     async def _publish_all(self, connection: Connection) -> None:
         spec, fleet = self.fleet.spec, self.fleet
+        await fleet.online.wait()
         while self.more():
             await connection.reserve()
             await fleet.pacer.wait()
@@ -470,13 +480,34 @@ class Fleet:
         self.deadline: float | None = None
         self.devices = [Device(d, self) for d in spec.device_ids()]
         self.connecting = asyncio.Semaphore(len(self.devices) if spec.herd else _CONNECTING)
+        self.online = asyncio.Event()  # publishing may start
+        self.connect_seconds: float | None = None  # until every device's first connect ended
+        self._arrived = 0
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.pacer = Pacer(self.spec.rate)
+    def arrive(self) -> None:
+        """One more device's first connect is over. Outside a herd the fleet publishes once
+        all are: else the first devices' traffic starves the others' connects (measured:
+        1,000 devices took the whole 10 s run to connect) and --rate/--duration would
+        measure the ramp."""
+        self._arrived += 1
+        if self._arrived == len(self.devices):
+            self.connect_seconds = time.monotonic() - self._begun
+            if not self.spec.herd:
+                self._start()
+
+    def _start(self) -> None:
+        """The clock of --rate and --duration (and of the report's seconds) starts now."""
+        self.pacer.start = asyncio.get_running_loop().time()
         self.tally.started = time.monotonic()
         if self.spec.duration is not None:
-            self.deadline = loop.time() + self.spec.duration
+            self.deadline = self.pacer.start + self.spec.duration
+        self.online.set()
+
+    async def run(self) -> None:
+        self.pacer = Pacer(self.spec.rate)
+        self._begun = time.monotonic()
+        if self.spec.herd:
+            self._start()
         progress = asyncio.create_task(self._progress()) if self.spec.progress else None
         try:
             await asyncio.gather(*(d.run() for d in self.devices))
@@ -501,7 +532,7 @@ class Fleet:
         t = self.tally
         return FleetReport(self.spec.run_id, t.published, t.acked, t.refused, t.unknown, t.sent,
                            t.errors, t.connects, t.gave_up, t.seconds, self.spec.log,
-                           interrupted)
+                           self.connect_seconds, interrupted)
 
 
 def raise_fd_limit(needed: int) -> int:
