@@ -87,7 +87,7 @@ def test_the_rate_schedule_spreads_the_fleet_total_evenly() -> None:
             await pacer.wait()
         return time.monotonic() - start
 
-    assert 0.19 <= asyncio.run(paced()) < 0.5
+    assert 0.19 <= asyncio.run(paced()) < 1.0  # a loaded machine sleeps late, never early
 
 
 def test_device_ids_and_run_ids() -> None:
