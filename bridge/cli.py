@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.metadata
 import logging
 import shutil
@@ -85,18 +86,26 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--progress-after", type=_positive(float), default=60.0, metavar="SECONDS",
                      help="print a progress line after this long without output")
 
-    sim = command("simulate", "a device fleet publishing telemetry, or one file upload")
+    sim = command("simulate", "a device fleet publishing traced telemetry (one MQTT "
+                  "connection per device, one process), or one file upload")
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the MQTT broker")
     sim.add_argument("--devices", type=_positive(int), default=100, help="devices in the fleet")
-    sim.add_argument("--messages", type=_positive(int), default=10,
-                     help="messages per device")
+    sim.add_argument("--messages", type=_positive(int), help="messages per device "
+                     "(default: 10, unless --duration)")
+    sim.add_argument("--duration", type=_positive(float), metavar="SECONDS",
+                     help="publish for this long instead of --messages (default: off)")
     sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="MQTT QoS")
     sim.add_argument("--size", type=_positive(int, zero=True), default=200,
-                     help="payload bytes")
+                     help="payload bytes (at least the traced JSON's own size)")
     sim.add_argument("--rate", type=_positive(float), help="messages per second in all "
                      "(default: as fast as the broker takes them)")
     sim.add_argument("--herd", action="store_true",
-                     help="every device connects at once as its own client")
+                     help="every device connects at once and publishes a burst; dropped "
+                     "devices reconnect with jittered backoff")
+    sim.add_argument("--prefix", default="devices",
+                     help="topic prefix: PREFIX/DEVICE_ID/telemetry")
+    sim.add_argument("--log", metavar="FILE", help="append one JSON line per publish's outcome "
+                     "(acked, refused, unknown, sent) for `verify` (default: no log)")
     sim.add_argument("--file", help="upload this file over MQTT file transfer instead "
                      "(default: no file, telemetry)")
     sim.add_argument("--device-id", default="dev-00000", help="the uploading device (--file)")
@@ -311,40 +320,53 @@ def _simulate(args: argparse.Namespace) -> int:
         config_module.mqtt_endpoint(args.url)
     except ValueError as exc:
         raise Mistake(f"--url {args.url}: {exc}") from None
+    if args.duration is not None and args.messages is not None:
+        raise Mistake("--duration and --messages exclude each other: give one")
     if args.file:
         _readable(args.file, "--file")  # before connecting
+    if args.log:
+        _appendable(args.log, "--log")
     return _fleet(args)
 
 
+def _appendable(path: str, option: str) -> Path:
+    """The file an option names, once it is known to open for appending."""
+    try:
+        with open(path, "a"):
+            return Path(path)
+    except OSError as exc:
+        raise Mistake(f"cannot write {option} {path}: {exc.strerror or exc}") from None
+
+
 def _fleet(args: argparse.Namespace) -> int:
-    """Reach the broker once (a herd's devices each connect in a thread of their own), then
-    run the fleet or the upload `args` asks for."""
-    from bridge.devkit import simulate
+    """Reach the broker once (not once per device), then run the fleet or the upload."""
+    from bridge.devkit import fleet, simulate
+    from bridge.errors import MqttError
 
-    probe = simulate.device_client(args.url, f"sim-check-{time.time_ns()}")
-    probe.disconnect()
-    probe.loop_stop()
+    spec = fleet.FleetSpec(
+        args.url, devices=args.devices, size=args.size, qos=args.qos, rate=args.rate,
+        messages=None if args.duration else args.messages or 10, duration=args.duration,
+        herd=args.herd, prefix=args.prefix, log=Path(args.log) if args.log else None)
+    try:
+        fleet.raise_fd_limit(args.devices + 64)
+        asyncio.run(fleet.probe(spec))
+    except ValueError as exc:
+        raise Mistake(f"--devices {args.devices}: {exc}") from None
+    except MqttError as exc:
+        raise Mistake(f"the broker at {args.url} refused: {exc}") from None
     if args.file:
-        from bridge.devkit.device import upload_file
-
-        client = simulate.device_client(args.url, args.device_id)
-        try:
-            upload = upload_file(client, args.device_id, f"f{time.time_ns()}", Path(args.file),
-                                 segment_bytes=args.segment_bytes)
-        finally:
-            client.disconnect()
-            client.loop_stop()
+        upload = simulate.upload(spec, args.device_id, Path(args.file), args.segment_bytes)
         print(f"uploaded {upload.size} bytes as {upload.file_id} in {upload.segments} "
               f"segments, {upload.seconds:.1f} s, sha256 {upload.sha256}")
         return 0
-    if args.herd:
-        result = simulate.herd(args.url, args.devices, args.messages, args.qos, args.size)
-    else:
-        result = simulate.telemetry(args.url, args.devices, args.messages, args.qos, args.size,
-                                    args.rate)
-    print(f"published {result.published} messages in {result.seconds:.1f} s "
-          f"({result.rate:.0f} msg/s)")
-    return 0
+    planned = args.devices * spec.messages if spec.messages else None
+    progress = fleet.Progress(planned)
+    try:
+        report = fleet.run(dataclasses.replace(spec, progress=progress), check=False)
+    finally:
+        progress.close()
+    print(report.summary() + (" (interrupted)" if report.interrupted else ""))
+    return 130 if report.interrupted else 0
 
 
 def _tail(args: argparse.Namespace) -> int:
