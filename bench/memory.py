@@ -183,7 +183,8 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
         ["memory", "drain rate, steady 10-90% (msg/s)", cell(result["steady"]), "bridge process"],
         ["memory", "duplicate copies in Kafka per run", copies, "clean drain: should be 0"],
         ["memory", f"peak RSS during a herd of {herd_['devices']:,} devices (MiB)",
-         f"{herd_['peak_mib']:.0f} (idle {herd_['idle_mib']:.0f})", "1 run"],
+         f"{herd_['peak_mib']:.0f} (idle {herd_['idle_mib']:.0f})",
+         f"1 run; bridged {herd_.get('bridged', '?'):,} of {herd_.get('sent', 0):,}"],
     ]
 
 
