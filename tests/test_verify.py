@@ -446,13 +446,13 @@ def test_verify_names_exactly_the_missing_messages_and_exits_1(
     missing = {3, 11, 19}
     produce(stack, data, [value("dev-1", s) for s in range(20) if s not in missing])
     done = cli("--bootstrap", stack.bootstrap, "--log", str(log), "--topic", data, "--json",
-               "--idle", "3")
+               "--idle", "2")
     assert done.returncode == 1, done.stderr
     out = report_of(done)
     assert (out["lost"], out["found"], out["stopped"]) == (3, 17, "idle")
     assert out["lost_first"] == [{"run": RUN, "device_id": "dev-1", "seq": s}
                                  for s in sorted(missing)]
-    table = cli("--bootstrap", stack.bootstrap, "--log", str(log), "--topic", data, "--idle", "3")
+    table = cli("--bootstrap", stack.bootstrap, "--log", str(log), "--topic", data, "--idle", "2")
     assert table.returncode == 1
     assert table.stdout.splitlines()[-1] == \
         "lost 3: LOST (first: dev-1 seq 3, dev-1 seq 11, dev-1 seq 19)"

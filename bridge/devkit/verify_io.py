@@ -167,8 +167,11 @@ class S3Objects:
         got = self._get(reference)
         if got is None:
             return None
-        with got["Body"] as body:
+        body = got["Body"]
+        try:
             data: bytes = body.read(limit + 1)
+        finally:
+            body.close()
         return data if len(data) <= limit else None
 
     def digest(self, reference: str) -> tuple[int, str] | None:
@@ -176,11 +179,13 @@ class S3Objects:
         got = self._get(reference)
         if got is None:
             return None
-        sha, size = hashlib.sha256(), 0
-        with got["Body"] as body:
+        sha, size, body = hashlib.sha256(), 0, got["Body"]
+        try:
             for chunk in body.iter_chunks(1 << 20):
                 sha.update(chunk)
                 size += len(chunk)
+        finally:
+            body.close()
         return size, sha.hexdigest()
 
 
