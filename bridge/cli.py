@@ -132,7 +132,8 @@ def _verify_options(verify: argparse.ArgumentParser) -> None:
     s3.add_argument("--s3-endpoint", metavar="URL", help="follow reference envelopes into the "
                     "S3 at URL (default: references are not followed)")
     s3.add_argument("--follow-references", action="store_true",
-                    help="follow reference envelopes into AWS S3's default endpoint")
+                    help="follow reference envelopes into S3 at boto3's usual endpoint "
+                    "(AWS)")
     verify.add_argument("--json", action="store_true", help="print one JSON object, not a table")
     verify.add_argument("--idle", type=_positive(float), default=10.0, metavar="SECONDS",
                         help="stop after this long without a record")

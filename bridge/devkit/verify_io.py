@@ -191,14 +191,14 @@ class S3Objects:
 
 def render(report: Report) -> str:
     """The short plain-text table a terminal gets: a row per topic, then the totals."""
-    head = f"{'topic':<28} {'records':>8} {'matched':>8} {'extra':>6} {'unexp':>6} " \
-           f"{'foreign':>7} {'dead':>6}  {'ms to Kafka p50/p99/max':<24} ms to bridge p50/p99/max"
+    head = f"{'topic':<24} {'records':>8} {'matched':>8} {'extra':>6} {'unexp':>6} " \
+           f"{'foreign':>7} {'dead':>6}  {'Kafka ms p50/p99/max':<22} bridge ms p50/p99/max"
     rows = [head]
     for name, topic in report.topics.items():
         latency = topic.latency()
-        rows.append(f"{name:<28} {topic.records:>8} {topic.matched:>8} {topic.extra_copies:>6} "
+        rows.append(f"{name:<24} {topic.records:>8} {topic.matched:>8} {topic.extra_copies:>6} "
                     f"{topic.unexpected:>6} {topic.foreign:>7} {topic.dead_lettered:>6}  "
-                    f"{_ms(latency['kafka']):<24} {_ms(latency['arrival'])}")
+                    f"{_ms(latency['kafka']):<22} {_ms(latency['arrival'])}")
     return "\n".join(rows + _totals(report))
 
 
@@ -212,13 +212,14 @@ def _totals(report: Report) -> list[str]:
     r = report
     dead = ", ".join(f"{code} {n}" for code, n in sorted(r.dead_lettered.items()))
     lines = [
-        f"log: {r.acked} acked ({r.files_acked} files), {r.refused} refused ({r.refused_arrived} "
-        f"arrived), {r.unknown} unknown ({r.unknown_arrived} arrived), {r.qos0_sent} QoS 0 sent "
-        f"({r.qos0_arrived} arrived); runs {', '.join(r.runs)}",
-        f"found {r.found} of {r.acked} acked" + (f" (dead-lettered: {dead})" if dead else "") +
-        f"; duplicates {r.duplicates} ({r.extra_copies} extra copies); unexpected "
-        f"{r.unexpected}; foreign {r.foreign}; stopped: {r.stopped}"]
-    lines += [f"  unexpected: {u['topic']} [{u['partition']}] @{u['offset']}: {u['why']}"
+        f"acked {r.acked} ({r.files_acked} files): found {r.found}" +
+        (f" (dead-lettered: {dead})" if dead else "") + f", lost {r.lost}",
+        f"duplicates {r.duplicates} ({r.extra_copies} extra copies), unexpected "
+        f"{r.unexpected}, foreign {r.foreign}",
+        f"refused {r.refused} ({r.refused_arrived} arrived), unknown {r.unknown} "
+        f"({r.unknown_arrived} arrived), QoS 0 sent {r.qos0_sent} ({r.qos0_arrived} arrived)",
+        f"runs: {', '.join(r.runs)}; stopped: {r.stopped}"]
+    lines += [f"unexpected: {u['topic']} [{u['partition']}] @{u['offset']}: {u['why']}"
               for u in r.unexpected_first]
     if r.unread_references:
         lines.append(f"{r.unread_references} records hold their payload in S3: pass "
@@ -227,7 +228,8 @@ def _totals(report: Report) -> list[str]:
         lines.append("lost 0: OK, every acked publish is in Kafka")
     else:
         first = ", ".join(_named(lost) for lost in r.lost_first)
-        lines.append(f"lost {r.lost}: LOST (first: {first})")
+        more = ", ..." if r.lost > len(r.lost_first) else ""
+        lines.append(f"lost {r.lost}: LOST (first: {first}{more})")
     return lines
 
 
