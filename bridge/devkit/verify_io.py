@@ -192,13 +192,13 @@ class S3Objects:
 def render(report: Report) -> str:
     """The short plain-text table a terminal gets: a row per topic, then the totals."""
     head = f"{'topic':<24} {'records':>8} {'matched':>8} {'extra':>6} {'unexp':>6} " \
-           f"{'foreign':>7} {'dead':>6}  {'Kafka ms p50/p99/max':<22} bridge ms p50/p99/max"
+           f"{'foreign':>7} {'dead':>6}  {'Kafka ms p50/p99/max':<26} bridge ms p50/p99/max"
     rows = [head]
     for name, topic in report.topics.items():
         latency = topic.latency()
         rows.append(f"{name:<24} {topic.records:>8} {topic.matched:>8} {topic.extra_copies:>6} "
                     f"{topic.unexpected:>6} {topic.foreign:>7} {topic.dead_lettered:>6}  "
-                    f"{_ms(latency['kafka']):<22} {_ms(latency['arrival'])}")
+                    f"{_ms(latency['kafka']):<26} {_ms(latency['arrival'])}")
     return "\n".join(rows + _totals(report))
 
 
