@@ -167,6 +167,14 @@ def test_a_huge_seq_does_not_allocate_its_range() -> None:
     assert (report.found, report.lost) == (1, 0)
 
 
+def test_a_seq_kept_apart_is_still_found_once_the_dense_range_reaches_it() -> None:
+    lines = [line("dev-1", 5000)] + [line("dev-1", s, "unknown") for s in range(5002)]
+    log = parse_log(lines)
+    assert not log.runs[RUN]["dev-1"].sparse
+    report = check(lines, [])
+    assert (report.acked, report.lost, report.unknown) == (1, 1, 5001)
+
+
 DATA = b"file content " * 1000
 SHA = hashlib.sha256(DATA).hexdigest()
 

@@ -71,6 +71,9 @@ class _Stream:
     def set(self, seq: int, state: int) -> None:
         if seq >= len(self.dense) and seq < 2 * len(self.dense) + 4096:
             self.dense.extend(bytes(seq + 1 - len(self.dense)))
+            if self.sparse:  # seqs the dense range now covers move into it
+                for moved in [s for s in self.sparse if s <= seq]:
+                    self.dense[moved] = self.sparse.pop(moved)
         if seq < len(self.dense):
             self.dense[seq] = state
         else:
@@ -533,7 +536,9 @@ def _select(pool: array[int] | list[int], ranks: list[int], lo: int, hi: int
     """The values at 0-based `ranks` among `pool` (all within lo..hi): a histogram of 4096
     buckets finds the bucket of each rank, and only that bucket's values are kept for the
     next round, so no copy of all the values is ever sorted."""
-    if len(pool) <= _SORT_AT_MOST or lo == hi:
+    if lo == hi:
+        return dict.fromkeys(ranks, lo)
+    if len(pool) <= _SORT_AT_MOST:
         ordered = sorted(pool)
         return {r: ordered[r] for r in ranks}
     width = (hi - lo) // _BUCKETS + 1
