@@ -314,6 +314,8 @@ def test_an_empty_topic_has_its_row_and_no_latency() -> None:
     (line("d", 0, "maybe"), "line 2: outcome must be one of refused, sent, unknown, acked, got "
      "'maybe'"),
     (line("d", 0, kind="photo"), "line 2: kind must be telemetry or file, got 'photo'"),
+    (line("d", 0, outcome=["acked"]), "line 2: outcome must be one of"),
+    (line("d", 0, kind=["file"]), "line 2: kind must be telemetry or file, got ['file']"),
 ])
 def test_a_bad_log_line_is_named_by_its_number(bad: str, why: str) -> None:
     with pytest.raises(LogError) as raised:

@@ -191,7 +191,8 @@ class Log:
 
     def add(self, number: int, line: Mapping[str, Any]) -> None:
         """Take one parsed line; raises LogError when it is not a simulate log line."""
-        outcome = OUTCOMES.get(line.get("outcome"))  # type: ignore[arg-type]
+        named = line.get("outcome")
+        outcome = OUTCOMES.get(named) if isinstance(named, str) else None
         if outcome is None:
             raise LogError(number, f"outcome must be one of {', '.join(OUTCOMES)}, got "
                            f"{line.get('outcome')!r}")
@@ -200,11 +201,11 @@ class Log:
         if kind == "file":
             self._add_file(number, line, device, outcome)
         elif kind == "telemetry":
-            self._add_publish(number, run, device, _count(number, line, "seq"), outcome)
+            self._add_publish(run, device, _count(number, line, "seq"), outcome)
         else:
             raise LogError(number, f"kind must be telemetry or file, got {kind!r}")
 
-    def _add_publish(self, number: int, run: str, device: str, seq: int, outcome: int) -> None:
+    def _add_publish(self, run: str, device: str, seq: int, outcome: int) -> None:
         stream = self.runs.setdefault(run, {}).setdefault(device, _Stream())
         before = stream.get(seq)
         if outcome > before:
