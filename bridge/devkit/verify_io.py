@@ -40,6 +40,8 @@ from bridge.kafka import QUIET
 SETTLE_SECONDS = 1.0  # quiet after the last acked publish was found: late duplicates come in
 CONNECT_SECONDS = 5.0  # an unreachable Kafka or S3 is said after this long
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# librdkafka prefetches up to 64 MiB per partition by default: more than verify's own state
+PREFETCH_KIB = 4096
 
 
 def read_log(path: Path) -> Log:
@@ -100,8 +102,8 @@ def _consumer(bootstrap: str, topics: list[str]) -> Consumer:
     """A consumer assigned every partition of `topics` from the start; UnknownTopic names a
     missing one."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mqtt-kafka-bridge-verify",
-                         "enable.auto.commit": False, "enable.partition.eof": False},
-                        logger=QUIET)
+                         "enable.auto.commit": False, "enable.partition.eof": False,
+                         "queued.max.messages.kbytes": PREFETCH_KIB}, logger=QUIET)
     try:
         partitions = []
         for topic in topics:
