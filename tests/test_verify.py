@@ -303,7 +303,9 @@ def test_an_empty_topic_has_its_row_and_no_latency() -> None:
     assert out["verdict"] == "lost" and out["stopped"] == "idle"
     assert out["topics"]["iot.empty"]["latency_ms"]["kafka"] == \
         {"count": 0, "p50": None, "p99": None, "max": None}
-    assert "iot.empty" in render(report) and "lost 1: LOST (first: dev-1 seq 0)" in render(report)
+    table = render(report)
+    assert "iot.empty" in table and table.endswith("lost 1: LOST (first: dev-1 seq 0)")
+    assert "stopped on idle before every acked publish was found" in table
 
 
 @pytest.mark.parametrize(("bad", "why"), [

@@ -226,6 +226,9 @@ def _totals(report: Report) -> list[str]:
     if r.unread_references:
         lines.append(f"{r.unread_references} records hold their payload in S3: pass "
                      "--s3-endpoint URL or --follow-references to read them")
+    if not r.ok and r.stopped != "all found":
+        lines.append(f"stopped on {r.stopped} before every acked publish was found: on a slow "
+                     "cluster, a larger --idle (or --timeout) waits longer")
     if r.ok:
         lines.append("lost 0: OK, every acked publish is in Kafka")
     else:
