@@ -42,6 +42,7 @@ CONNECT_SECONDS = 5.0  # an unreachable Kafka or S3 is said after this long
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 # librdkafka prefetches up to 64 MiB per partition by default: more than verify's own state
 PREFETCH_KIB = 4096
+FETCH_BYTES = 8 << 20  # a fetch response is buffered whole (default 50 MiB)
 
 
 def read_log(path: Path) -> Log:
@@ -103,7 +104,8 @@ def _consumer(bootstrap: str, topics: list[str]) -> Consumer:
     missing one."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mqtt-kafka-bridge-verify",
                          "enable.auto.commit": False, "enable.partition.eof": False,
-                         "queued.max.messages.kbytes": PREFETCH_KIB}, logger=QUIET)
+                         "queued.max.messages.kbytes": PREFETCH_KIB,
+                         "fetch.max.bytes": FETCH_BYTES}, logger=QUIET)
     try:
         partitions = []
         for topic in topics:
