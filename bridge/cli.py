@@ -1,4 +1,5 @@
-"""The command line: run, check-config, route, s3-setup, dev, simulate, tail, init-site.
+"""The command line: run, check-config, route, s3-setup, dev, simulate, verify, tail,
+init-site.
 
 A mistake or a failure of the outside world (a server that does not answer, a file that
 does not open) is one line on stderr that says what to do, and exit 2 (bridge/explain.py).
@@ -112,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--segment-bytes", type=_positive(int), default=256 * 1024,
                      help="bytes per segment (--file)")
 
+    _verify_options(command("verify", "check Kafka against a simulate --log: lost (exit 1 "
+                            "unless 0), duplicates, unexpected, latency percentiles"))
+
     tail = command("tail", "print a Kafka topic as decoded envelopes (JSON lines)")
     tail.add_argument("--bootstrap", default="127.0.0.1:9092", metavar="HOST:PORT",
                       help="a Kafka broker")
@@ -124,6 +128,26 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("dir", metavar="DIR", help="where to write them (created if missing)")
     init.add_argument("--force", action="store_true", help="overwrite files that exist")
     return top
+
+
+def _verify_options(verify: argparse.ArgumentParser) -> None:
+    verify.add_argument("--bootstrap", required=True, metavar="HOST:PORT", help="a Kafka broker")
+    verify.add_argument("--log", required=True, metavar="FILE", help="the JSON lines "
+                        "`simulate --log` wrote (several runs may share it)")
+    verify.add_argument("--topic", required=True, action="append", metavar="T",
+                        help="a Kafka topic to read; repeat for more (the dead-letter topic "
+                        "too, so dead letters count as settled)")
+    s3 = verify.add_mutually_exclusive_group()
+    s3.add_argument("--s3-endpoint", metavar="URL", help="follow reference envelopes into the "
+                    "S3 at URL (default: references are not followed)")
+    s3.add_argument("--follow-references", action="store_true",
+                    help="follow reference envelopes into S3 at boto3's usual endpoint "
+                    "(AWS)")
+    verify.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    verify.add_argument("--idle", type=_positive(float), default=10.0, metavar="SECONDS",
+                        help="stop after this long without a record")
+    verify.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+                        help="stop after this long in all (default: no limit)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -369,6 +393,26 @@ def _fleet(args: argparse.Namespace) -> int:
     return 130 if report.interrupted else 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every acked publish of the log is in Kafka, 1 when one is missing."""
+    import json
+
+    from bridge.devkit import verify, verify_io
+
+    path = _readable(args.log, "--log")
+    try:
+        log = verify_io.read_log(path)
+    except verify.LogError as exc:
+        raise Mistake(f"--log {path} {exc}: is it a simulate --log file?") from None
+    if not log.runs and not log.files:
+        raise Mistake(f"--log {path} holds no publishes: run simulate --log {path} first")
+    report = verify_io.run(args.bootstrap, log, list(dict.fromkeys(args.topic)),
+                           args.s3_endpoint, args.follow_references, args.idle, args.timeout,
+                           progress=sys.stderr.isatty())
+    print(json.dumps(report.to_json()) if args.json else verify_io.render(report))
+    return 0 if report.ok else 1
+
+
 def _tail(args: argparse.Namespace) -> int:
     from bridge.devkit.tail import tail
 
@@ -420,4 +464,4 @@ def _exec_start(unit: str) -> tuple[str, str]:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup, "dev": _dev,
-    "simulate": _simulate, "tail": _tail, "init-site": _init_site}
+    "simulate": _simulate, "verify": _verify, "tail": _tail, "init-site": _init_site}
