@@ -1,14 +1,15 @@
 """Latency per lane: publish -> Kafka record at a steady 2,000 msg/s, with simulate + verify.
 
-One bridge process runs two routes: `latfast/{device_id}/telemetry` on the fast lane and
-`latbulk/{device_id}/telemetry` on the bulk lane. Each run publishes to one lane at a time
-(the order alternates run by run) with `simulate --rate 2000 --log FILE`, then
+Measured with the project's own tools, as an operator would: `simulate` (the asyncio
+fleet) and `verify`. One bridge process runs two routes: `latfast/{device_id}/telemetry`
+on the fast lane and `latbulk/{device_id}/telemetry` on the bulk lane. Each run publishes
+to one lane at a time (the order alternates run by run) with `simulate --rate 2000 --log FILE`, then
 `verify --json` checks that lane's topic against the log: lost, duplicates, and latency
 p50/p99/max from each payload's `sent_ns` to its record's Kafka timestamp. The same
 latencies are read back here too, for the distribution chart, and so is how many records
 were in Kafka when the publisher finished (a lane that cannot hold the rate falls behind).
 
-    python bench/latency.py [--seconds 15] [--rate 2000] [--runs 3]
+    python bench/latency.py [--quick] [--rate 2000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ DEVICES = 100
 def simulate(url: str, prefix: str, rate: float, seconds: float, log: Path) -> float:
     """`mqtt-kafka-bridge simulate` at `rate` msg/s from DEVICES devices, QoS 1, 200 B,
     logging every settled publish; returns when it finished (wall time)."""
-    if not _has("simulate", "--log"):  # TEMPORARY until simulate --log lands in main
-        from bench import standin
-
-        return standin.simulate(url, prefix, rate, seconds, log)
     subprocess.run([sys.executable, "-m", "bridge", "simulate", "--url", url,
                     "--devices", str(DEVICES), "--rate", str(rate), "--size", "200",
                     "--qos", "1", "--duration", str(seconds), "--prefix", prefix,
@@ -59,10 +56,6 @@ def simulate(url: str, prefix: str, rate: float, seconds: float, log: Path) -> f
 
 def verify(bootstrap: str, log: Path, topic: str) -> dict[str, Any]:
     """`mqtt-kafka-bridge verify --json` on one lane's topic: its JSON report."""
-    if not _has("verify", "--json"):  # TEMPORARY until verify lands in main
-        from bench import standin
-
-        return standin.verify(bootstrap, log, topic)
     done = subprocess.run([sys.executable, "-m", "bridge", "verify", "--bootstrap", bootstrap,
                            "--log", str(log), "--topic", topic, "--json", "--idle", "5"],
                           cwd=ROOT, timeout=300, capture_output=True, text=True)
@@ -70,12 +63,6 @@ def verify(bootstrap: str, log: Path, topic: str) -> dict[str, Any]:
         raise RuntimeError(f"verify failed ({done.returncode}): {done.stderr.strip()}")
     report: dict[str, Any] = json.loads(done.stdout)
     return report
-
-
-def _has(command: str, option: str) -> bool:  # TEMPORARY, with bench/standin.py
-    done = subprocess.run([sys.executable, "-m", "bridge", command, "--help"], cwd=ROOT,
-                          capture_output=True, text=True)
-    return done.returncode == 0 and option in done.stdout
 
 
 def lane_run(local: LocalStack, work: Path, lane: str, run: int, rate: float,
@@ -89,6 +76,7 @@ def lane_run(local: LocalStack, work: Path, lane: str, run: int, rate: float,
     mine = [r for r in read_records(local.bootstrap, topic, idle=2) if r.run in runs]
     latencies = sorted(r.timestamp_ms - r.sent_ns / 1e6 for r in mine)
     return {"lane": lane, "verify": report, "records": len(mine),
+            "offered_msg_s": report.get("acked", 0) / seconds,
             "in_kafka_at_finish": sum(1 for r in mine if r.timestamp_ms / 1000 <= finished),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "max_ms": latencies[-1] if latencies else float("nan"),
@@ -132,6 +120,7 @@ def bench(work: Path, quick: bool, runs: int, rate: float = 2000.0) -> dict[str,
         out[f"{lane}.lost"] = [figures(r["verify"], f"lat.{lane}")["lost"] for r in lane_runs]
         out[f"{lane}.behind_at_finish"] = [r["records"] - r["in_kafka_at_finish"]
                                            for r in lane_runs]
+        out[f"{lane}.offered"] = summary([r["offered_msg_s"] for r in lane_runs])
     return out
 
 
@@ -142,8 +131,10 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
                                                                         "max_ms"))
         lost = ", ".join(f"{x:.0f}" for x in result[f"{lane}.lost"])
         behind = ", ".join(str(x) for x in result[f"{lane}.behind_at_finish"])
+        offered = cell(result.get(f"{lane}.offered", {}))
         out.append(["latency", f"{lane} lane at {result['rate']:,.0f} msg/s: p50 / p99 / max "
-                    "(ms)", p, f"lost {lost}; not in Kafka at finish {behind}"])
+                    "(ms)", p, f"acked {offered} msg/s; lost {lost}; not in Kafka when "
+                    f"simulate ended {behind}"])
     return out
 
 
