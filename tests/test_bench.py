@@ -85,9 +85,10 @@ def test_crossing_interpolates_and_steady_rate_leaves_out_the_ends() -> None:
 
 
 def _record(seq: int, arrival: int, dup: bool = False, partition: int = 0,
-            run: str = "r1") -> Record:
+            run: str = "r1", offset: int | None = None) -> Record:
     body = f'{{"device_id":"dev-1","seq":{seq},"sent_ns":5,"run":"{run}","pad":"x"}}'
-    return Record(1000, body.encode(), arrival, dup, "b", partition, seq)
+    return Record(1000, body.encode(), arrival, dup, "b", partition,
+                  arrival if offset is None else offset)
 
 
 def test_record_parses_the_payload_ids_when_asked() -> None:
@@ -105,9 +106,11 @@ def test_duplicates_group_copies_of_one_payload() -> None:
 def test_explain_classifies_where_copies_came_from() -> None:
     records = [_record(1, 10), _record(1, 10, partition=1),  # one receipt, produced twice
                _record(2, 11), _record(2, 15, dup=True),     # broker redelivery
-               _record(3, 12), _record(3, 13)]               # received twice, no DUP
+               _record(3, 12), _record(3, 13),               # received twice, no DUP
+               _record(4, 20, offset=7), _record(4, 20, offset=7)]  # one record read twice
     found = explain(records)
-    assert found["messages"] == 3 and found["extra_copies"] == 3
+    assert found["messages"] == 4 and found["extra_copies"] == 4
     assert found["kinds"] == {"one receipt, produced twice (same arrival time)": 1,
                               "broker redelivery (DUP flag)": 1,
-                              "received twice, no DUP flag": 1}
+                              "received twice, no DUP flag": 1,
+                              "one record read twice (same offset): the reader's, not Kafka's": 1}
