@@ -82,6 +82,16 @@ def staged_by_hand(s3: Any, source: Path, segment: int) -> None:
                                                             for i, e in enumerate(etags, 1)]})
 
 
+def wait_for_line(log: Path, marker: bytes, proc: subprocess.Popen[bytes],
+                  timeout: float) -> None:
+    """Until the bridge's latest run (after its last bridge_started) logged `marker`."""
+    deadline = time.monotonic() + timeout
+    while marker not in log.read_bytes().split(b"bridge_started")[-1]:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"the bridge did not log {marker.decode()}: see {log}")
+        time.sleep(0.02)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, default=200)
@@ -192,12 +202,16 @@ kafka_topic = "bench.telemetry"
         env = {**os.environ, **s3_environment()}
         argv = [sys.executable, "-m", "bridge", "run", "--config", str(config)]
         log = (work / "bridge.log").open("wb")
+        log_path = work / "bridge.log"
         # Start once so the session and its subscription exist, then stop: the upload
-        # waits in Mosquitto and the bridge drains it from a standing start.
+        # waits in Mosquitto and the bridge drains it from a standing start. Ready, not a
+        # fixed sleep: on a loaded machine start-up alone can take longer than one.
         bridge = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        time.sleep(3)
-        bridge.terminate()
-        bridge.wait(30)
+        try:
+            wait_for_line(log_path, b'"bridge_ready"', bridge, 120)
+        finally:
+            bridge.terminate()
+            bridge.wait(30)
 
         client = simulate.device_client(stack.mqtt_url, "bench-device")
         start = time.monotonic()
@@ -209,16 +223,14 @@ kafka_topic = "bench.telemetry"
 
         bridge = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         start = time.monotonic()
-        log_path = work / "bridge.log"
-        with RssSampler(bridge.pid, 0.02) as rss:
-            while b'"file_completed"' not in log_path.read_bytes().split(b"bridge_started")[-1]:
-                if time.monotonic() - start > 1800 or bridge.poll() is not None:
-                    raise SystemExit(f"the bridge did not complete the file: see {log_path}")
-                time.sleep(0.02)
-            drained = time.monotonic() - start
-        idle_rss = rss_mib(bridge.pid)
-        bridge.terminate()
-        bridge.wait(60)
+        try:
+            with RssSampler(bridge.pid, 0.02) as rss:
+                wait_for_line(log_path, b'"file_completed"', bridge, 600)
+                drained = time.monotonic() - start
+            idle_rss = rss_mib(bridge.pid)
+        finally:
+            bridge.terminate()
+            bridge.wait(60)
         got = list(records(stack.bootstrap, "bench.files", idle=3.0,
                            deadline=time.monotonic() + 60))
         assert got, "no reference envelope in Kafka"
