@@ -465,8 +465,11 @@ def machine() -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    mem = next(line.split(":", 1)[1].strip() for line in
-               Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    mem_kib = next(int(line.split()[1]) for line in
+                   Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    mem = f"{mem_kib / 2**20:.1f} GiB"
+    client = confluent_kafka.version()
+    client = client if isinstance(client, str) else client[0]
     from bridge.devkit.localstack import tansu_binary
 
     tansu = subprocess.run([str(tansu_binary()), "--version"], capture_output=True,
@@ -478,6 +481,6 @@ def machine() -> dict[str, str]:
     return {"nproc": str(os.cpu_count()), "cpu": cpu, "memory": mem,
             "kernel": platform.release(), "python": platform.python_version(),
             "librdkafka": confluent_kafka.libversion()[0],
-            "confluent_kafka": confluent_kafka.version()[0], "tansu": tansu,
+            "confluent_kafka": client, "tansu": tansu,
             "mosquitto": mosquitto[0] if mosquitto else "", "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}

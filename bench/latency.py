@@ -57,7 +57,7 @@ def simulate(url: str, prefix: str, rate: float, seconds: float, log: Path) -> f
 def verify(bootstrap: str, log: Path, topic: str) -> dict[str, Any]:
     """`mqtt-kafka-bridge verify --json` on one lane's topic: its JSON report."""
     done = subprocess.run([sys.executable, "-m", "bridge", "verify", "--bootstrap", bootstrap,
-                           "--log", str(log), "--topic", topic, "--json", "--idle", "5"],
+                           "--log", str(log), "--topic", topic, "--json", "--idle", "30"],
                           cwd=ROOT, timeout=300, capture_output=True, text=True)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"verify failed ({done.returncode}): {done.stderr.strip()}")

@@ -68,6 +68,20 @@ def render_table(results: dict[str, Any]) -> str:
     return table(HEADER, rows)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The machine, the command, each benchmark's commit and duration, and the table: the
+    part of RESULTS.md a run writes itself (bench/results/latest.md)."""
+    meta = results.get("machine", {})
+    lines = [f"Command: `{results.get('command', '')}` ({results.get('seconds', 0) / 60:.1f} min)",
+             "", "| machine | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in meta.items()]
+    lines += ["", "| benchmark | commit | finished | minutes |", "|---|---|---|---|"]
+    for name, result in results.get("benchmarks", {}).items():
+        lines.append(f"| {name} | {result.get('commit', '?')[:7]} | {result.get('date', '?')} | "
+                     f"{result.get('seconds', 0) / 60:.1f} |")
+    return "\n".join([*lines, "", render_table(results), ""])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one run, small sizes")
@@ -88,6 +102,7 @@ def main() -> None:
         save(results, args.out)  # what finished survives a later crash
     results["seconds"] = round(time.monotonic() - started, 1)
     save(results, args.out)
+    args.out.with_suffix(".md").write_text(markdown(results))
     print(render_table(results))
     for path in charts.render(results, ROOT / "bench" / "charts"):
         print(f"chart: {path.relative_to(ROOT)}")
