@@ -1,7 +1,7 @@
 """Why librdkafka's broker threads burn CPU while Kafka is slow to answer (issue 10, scale-out
 anomaly b), shown on the bridge's own producer settings.
 
-A producer with the bridge's lane settings (acks=all, idempotence, linger.ms 0 or 5) keeps
+A producer with the bridge's lane settings (acks=all, idempotence; linger.ms 0, 2 and 5) keeps
 producing at a steady rate while Tansu is paused (SIGSTOP) for `--pause` seconds: no
 ProduceResponse can come back. Its threads' CPU is sampled from /proc before, during and after
 the pause. An idempotent librdkafka producer keeps at most one ProduceRequest in flight per
@@ -10,7 +10,7 @@ partition's queued batch is past linger.ms it asks to be woken at once, finds it
 send, and loops: the broker thread spins at a full core for as long as the answer takes.
 The same run without idempotence is the control. Not a pass/fail test.
 
-    python bench/kafka_spin.py [--pause 2] [--rate 5000]
+    python bench/kafka_spin.py [--pause 2] [--rate 5000] [--linger 0,2,5]
 """
 
 from __future__ import annotations
@@ -86,17 +86,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pause", type=float, default=2.0)
     parser.add_argument("--rate", type=float, default=5000.0)
+    parser.add_argument("--linger", default="0,2,5", help="linger.ms values to try")
     args = parser.parse_args()
     out = {}
     with tempfile.TemporaryDirectory() as work, stack(Path(work)) as local:
-        for lane in ("fast", "bulk"):
+        for linger in args.linger.split(","):
             for idempotent in (True, False):
-                topic = f"spin.{lane}.{idempotent}"
+                topic = f"spin.{linger}.{idempotent}"
                 local.create_topics([topic])
-                props = producer_config({"bootstrap.servers": local.bootstrap}, {}, lane)
+                props = producer_config({"bootstrap.servers": local.bootstrap},
+                                        {"linger.ms": linger}, "bulk")
                 if not idempotent:
                     props["enable.idempotence"] = False
-                out[f"{lane} (linger.ms {props['linger.ms']}), idempotence {idempotent}"] = \
+                out[f"linger.ms {linger}, idempotence {idempotent}"] = \
                     trial(local.bootstrap, local.kafka, topic, props, args.pause, args.rate)
     print(json.dumps(out, indent=1))
 
