@@ -136,10 +136,13 @@ def one_run(local: LocalStack, work: Path, size: int, messages: int, run: int) -
     sub = sub_drain(port, f"{prefix}-sub", f"{prefix}/+/telemetry", n, size,
                     work / "sub.out")
     config = bridge_config(local, f"{prefix}-bridge", prefix, topic)
-    seconds, _daemon = asyncio.run(drain_with_bridge(config, n))
+    # (seconds, daemon), or on the hot path's branch (seconds, steady, first ack, daemon)
+    drained = asyncio.run(drain_with_bridge(config, n))
     records = read_records(local.bootstrap, topic, expected=n)
-    bridge = {"end_to_end": n / seconds, "steady": steady_rate(progress(records), n),
+    bridge = {"end_to_end": n / drained[0], "steady": steady_rate(progress(records), n),
               "records": len(records)}
+    if len(drained) == 4:
+        bridge.update(steady_by_acks=drained[1], first_ack_s=drained[2])
     kafka = kafka_ceiling(config.producer_config("bulk"), f"{topic}.ceiling",
                           sample_record(local.bootstrap, topic), n)
     return {"messages": n, "mosquitto_sub": sub, "bridge": bridge, "kafka_loop": kafka}
