@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import charts, drain, large_files, latency, memory, scaleout
-from bench.common import ROOT, exit_on_sigterm, machine, table
+from bench.common import ROOT, cell, exit_on_sigterm, machine, table
 
 BENCHMARKS: dict[str, ModuleType] = {"throughput": drain, "latency": latency,
                                      "memory": memory, "files": large_files,
@@ -68,6 +68,42 @@ def render_table(results: dict[str, Any]) -> str:
     return table(HEADER, rows)
 
 
+def targets(results: dict[str, Any]) -> list[list[str]]:
+    """Issue 10's targets against the medians measured (same-run ratios): met or missed."""
+    b = results.get("benchmarks", {})
+    out: list[list[str]] = []
+
+    def add(label: str, figure: dict[str, float] | None, goal: float, fmt: str,
+            above: bool = True) -> None:
+        if not figure or not figure.get("runs"):
+            return
+        median = figure["median"]
+        met = median >= goal if above else median <= goal
+        out.append([label, cell(figure, fmt), "met" if met else "missed"])
+
+    t = b.get("throughput", {})
+    if "200" in t:
+        add("200 B end to end >= 0.5x mosquitto_sub", t["200"]["ratio.mosquitto_sub.end_to_end"],
+            0.5, "{:.2f}")
+        add("200 B steady >= 0.7x mosquitto_sub", t["200"]["ratio.mosquitto_sub.steady"], 0.7,
+            "{:.2f}")
+    if "4096" in t:
+        add("4 KB >= 0.8x the tight producer loop (steady)", t["4096"]["ratio.kafka_loop.steady"],
+            0.8, "{:.2f}")
+        add("4 KB >= 0.8x the tight producer loop (end to end)",
+            t["4096"]["ratio.kafka_loop.end_to_end"], 0.8, "{:.2f}")
+    if "fast.p99_ms" in b.get("latency", {}):
+        lat = b["latency"]
+        add("fast lane p99 <= 20 ms at 2,000 msg/s (median of runs)", lat["fast.p99_ms"], 20,
+            "{:.1f}", above=False)
+        worst = {"median": lat["fast.p99_ms"]["max"], "runs": 1}
+        add("fast lane p99 <= 20 ms in every run (worst run)", worst, 20, "{:.1f}", above=False)
+    if "peak" in b.get("memory", {}):
+        add("RSS <= 64 MiB on the 1M backlog (peak)", b["memory"]["peak"], 64, "{:.0f}",
+            above=False)
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The machine, the command, each benchmark's commit and duration, and the table: the
     part of RESULTS.md a run writes itself (bench/results/latest.md)."""
@@ -79,7 +115,8 @@ def markdown(results: dict[str, Any]) -> str:
     for name, result in results.get("benchmarks", {}).items():
         lines.append(f"| {name} | {result.get('commit', '?')[:7]} | {result.get('date', '?')} | "
                      f"{result.get('seconds', 0) / 60:.1f} |")
-    return "\n".join([*lines, "", render_table(results), ""])
+    goals = table(("target (issue 10)", "measured", ""), targets(results))
+    return "\n".join([*lines, "", render_table(results), "", goals, ""])
 
 
 def main() -> None:
