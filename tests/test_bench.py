@@ -114,3 +114,17 @@ def test_explain_classifies_where_copies_came_from() -> None:
                               "broker redelivery (DUP flag)": 1,
                               "received twice, no DUP flag": 1,
                               "one record read twice (same offset): the reader's, not Kafka's": 1}
+
+
+def test_targets_say_met_or_missed_from_the_medians() -> None:
+    from bench.suite import markdown, targets
+
+    results = {"benchmarks": {
+        "throughput": {"200": {"ratio.mosquitto_sub.end_to_end": summary([0.4, 0.6, 0.55]),
+                               "ratio.mosquitto_sub.steady": summary([0.6, 0.65, 0.69])}},
+        "memory": {"peak": summary([54.0, 55.0, 53.0])}}}
+    assert targets(results) == [
+        ["200 B end to end >= 0.5x mosquitto_sub", "0.55 (0.40-0.60)", "met"],
+        ["200 B steady >= 0.7x mosquitto_sub", "0.65 (0.60-0.69)", "missed"],
+        ["RSS <= 64 MiB on the 1M backlog (peak)", "54 (53-55)", "met"]]
+    assert "| target (issue 10)" in markdown({"benchmarks": {}})
