@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -45,6 +46,9 @@ _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _POLL_BUSY, _POLL_IDLE = 0.001, 0.005  # seconds between polls with / without records in flight
 _CATALOG_FRESH = 1.0  # seconds a topic listing answers "no such topic" without asking again
 _METADATA_TIMEOUT = 5.0
+# How often librdkafka reports statistics unless [kafka] says: the report is how the sink
+# learns that its producer holds a producer id (librdkafka exposes it nowhere else).
+_STATS_EVERY_MS = 100
 
 
 _NO_REPORTS: list[Any] = []  # replaced by the sink's list when produced
@@ -208,9 +212,18 @@ class KafkaSink:
         # said since that every broker is down: what readiness asks of a lane's producer.
         self.reachable = False
         self.answered_at = float("-inf")  # loop time of Kafka's last answer
+        # Primed: the producer holds its producer id and Kafka answered its metadata, so a
+        # record produced now leaves at once. A fresh idempotent producer first asks for an
+        # id 500 ms after it is built (librdkafka's PID timer, again every 500 ms until a
+        # broker is up): the daemon reads no PUBLISH before every lane's producer is primed.
+        self.primed = asyncio.Event()
+        self._has_pid = False
+        self._born = loop.time()
 
     def start(self) -> None:
-        self._poll()
+        """Poll from the loop (once: a reload may start a sink it is priming)."""
+        if self._poller is None and not self._stopping:
+            self._poll()
 
     def _new_producer(self) -> Producer:
         generation = self._generation
@@ -223,8 +236,38 @@ class KafkaSink:
             elif err.code() != KafkaError._TRANSPORT:
                 log.warning("kafka_error", lane=self.lane, error=err.str())
 
-        return Producer({**self.properties, "error_cb": on_error},
+        def on_stats(stats: str) -> None:  # served by poll(), on the loop
+            if generation == self._generation and not self._has_pid:
+                self._stats(stats)
+
+        stats_every = {} if "statistics.interval.ms" in self.properties \
+            else {"statistics.interval.ms": _STATS_EVERY_MS}
+        return Producer({**self.properties, **stats_every, "error_cb": on_error,
+                         "stats_cb": on_stats},
                         logger=KafkaLog(self.lane, debug=bool(self.properties.get("debug"))))
+
+    def _stats(self, stats: str) -> None:
+        """librdkafka's statistics: `eos.idemp_state` says when the producer id came."""
+        try:
+            eos = json.loads(stats).get("eos")
+        except ValueError:
+            return
+        if eos is None or eos.get("idemp_state") == "Assigned":
+            self._has_pid = True
+            self._check_primed()
+
+    def _check_primed(self) -> None:
+        if self._has_pid and self.reachable and not self.primed.is_set():
+            self.primed.set()
+            log.info("kafka_producer_primed", lane=self.lane,
+                     after_ms=round((self._loop.time() - self._born) * 1000))
+
+    @property
+    def waits_for_pid(self) -> bool:
+        """True while readiness must wait for the producer id: librdkafka reports it only
+        in its statistics, which `statistics.interval.ms` = 0 turns off."""
+        return not self._has_pid and str(self.properties.get("statistics.interval.ms",
+                                                             _STATS_EVERY_MS)) != "0"
 
     def _list_topics(self) -> set[str]:
         """Every topic the cluster has (blocking); KafkaException when it cannot say."""
@@ -240,6 +283,9 @@ class KafkaSink:
             self.reachable = False
             return False
         self.reachable, self.answered_at = True, self._loop.time()
+        if not self.waits_for_pid:
+            self._has_pid = True
+        self._loop.call_soon_threadsafe(self._check_primed)
         return True
 
     def missing_topics(self, topics: list[str], timeout: float = 10) -> list[str]:
@@ -382,6 +428,8 @@ class KafkaSink:
             return  # already replaced for this failure
         old = self._producer
         self._generation += 1
+        self._has_pid, self._born = False, self._loop.time()
+        self.primed.clear()
         self._producer = self._new_producer()
         self._metrics.inc("kafka_producers_replaced", lane=self.lane)
         replay = list(self._pending)

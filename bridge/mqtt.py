@@ -123,8 +123,12 @@ class BrokerSession:
     and reconnect with exponential backoff and full jitter."""
 
     def __init__(self, config: BrokerConfig, subscriptions: list[str], handler: Handler,
-                 metrics: Metrics, lane: str = "bulk") -> None:
+                 metrics: Metrics, lane: str = "bulk",
+                 gate: asyncio.Event | None = None) -> None:
         self.config, self.handler, self.metrics, self.lane = config, handler, metrics, lane
+        # Set once Kafka can take records at once (the daemon's primed producers): until
+        # then the session connects and subscribes, but hands on no PUBLISH.
+        self.gate = gate
         self.subscriptions = list(subscriptions)
         self.name = config.name
         self.log = log.bind(broker=self.name, client_id=config.client_id)
@@ -397,6 +401,8 @@ class BrokerSession:
                         del buffer[:start]
                         start, view = 0, memoryview(buffer)
                     if type(packet) is publish_type:
+                        if self.gate is not None:
+                            await self._open_gate(connection)
                         waiting = self._on_publish(connection, packet)
                         del packet  # the session keeps no payload once it is handed on
                         if waiting is not None:
@@ -441,6 +447,16 @@ class BrokerSession:
         connection.window_open.clear()
         window = connection.window_open.wait()
         return window if waiting is None else asyncio.gather(waiting, window)
+
+    async def _open_gate(self, connection: Connection) -> None:
+        """The first PUBLISH waits until Kafka can take it (the gate), then none does."""
+        gate = self.gate
+        assert gate is not None
+        if not gate.is_set():
+            self.log.info("mqtt_waiting_for_kafka",
+                          why="no PUBLISH is read before every lane's producer is primed")
+            await self._paused(connection, gate.wait())
+        self.gate = None
 
     @staticmethod
     async def _paused(connection: Connection, waiting: Awaitable[object]) -> None:
