@@ -29,7 +29,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from bridge.envelope import Headers
 from bridge.errors import Rejected
 from bridge.logs import KafkaLog
-from bridge.metrics import Metrics
+from bridge.metrics import SETTLE_CLOCK, Metrics
 
 log = structlog.get_logger("bridge.kafka")
 
@@ -52,6 +52,7 @@ _STATS_EVERY_MS = 100
 
 
 _NO_REPORTS: list[Any] = []  # replaced by the sink's list when produced
+_GONE = object()  # what a settled delivery's pending entry pops as
 
 
 _BROKER_LISTS = ("bootstrap.servers", "metadata.broker.list")  # one property, two names
@@ -312,7 +313,8 @@ class KafkaSink:
         if self._stopping and self.successor is not None:
             delivery.sink = self.successor
             return self.successor.try_send(delivery)
-        if len(self._waiting) >= self._waiting_max and delivery not in self._waiting:
+        waiting = self._waiting
+        if waiting and len(waiting) >= self._waiting_max and delivery not in waiting:
             self._metrics.inc("kafka_backpressure", lane=self.lane)
             return False
         delivery.reports = self._reports
@@ -325,8 +327,10 @@ class KafkaSink:
         except KafkaException as exc:
             self._reject_or_retry(delivery, exc.args[0])
             return True
-        self._pending[delivery] = None
-        self._idle.clear()
+        pending = self._pending
+        if not pending:
+            self._idle.clear()
+        pending[delivery] = None
         return True
 
     def submit(self, delivery: Delivery) -> None:
@@ -368,28 +372,35 @@ class KafkaSink:
         self._poller = self._loop.call_later(_POLL_BUSY if busy else _POLL_IDLE, self._poll)
 
     def _settle(self, batch: list[tuple[Delivery, KafkaError | None]], generation: int) -> None:
-        """Ack what is durable, retry or reject what is not."""
+        """Ack what is durable, retry or reject what is not; the batch shares one clock
+        reading for its latencies."""
         durable = 0
-        for delivery, err in batch:
-            if delivery not in self._pending:
-                continue  # settled already, e.g. by an older producer before a replay
-            try:
-                if err is None:
-                    del self._pending[delivery]
-                    durable += 1
-                    if delivery.on_durable is not None:
-                        delivery.on_durable()
-                elif generation == self._generation:
-                    del self._pending[delivery]
-                    self._reject_or_retry(delivery, err)
-            except Exception:  # one bad callback must not leave the rest of the batch
-                self._metrics.inc("kafka_callback_crashes")
-                log.exception("kafka_callback_crashed", lane=self.lane, topic=delivery.topic)
+        pending = self._pending
+        SETTLE_CLOCK.now = now = self._loop.time()
+        try:
+            for delivery, err in batch:
+                try:
+                    if err is None:
+                        if pending.pop(delivery, _GONE) is _GONE:
+                            continue  # settled already, e.g. by an older producer
+                        durable += 1
+                        on_durable = delivery.on_durable
+                        if on_durable is not None:
+                            on_durable()
+                    elif generation == self._generation and \
+                            pending.pop(delivery, _GONE) is not _GONE:
+                        self._reject_or_retry(delivery, err)
+                except Exception:  # one bad callback must not leave the rest of the batch
+                    self._metrics.inc("kafka_callback_crashes")
+                    log.exception("kafka_callback_crashed", lane=self.lane,
+                                  topic=delivery.topic)
+        finally:
+            SETTLE_CLOCK.now = None
         if durable:
-            self.reachable, self.answered_at = True, self._loop.time()
+            self.reachable, self.answered_at = True, now
             self._metrics.inc("kafka_records_delivered", durable, lane=self.lane)
         self._room.set()
-        if not self._pending and not self._waiting:
+        if not pending and not self._waiting:
             self._idle.set()
 
     def _reject_or_retry(self, delivery: Delivery, err: KafkaError) -> None:
