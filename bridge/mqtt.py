@@ -140,7 +140,7 @@ class BrokerSession:
                  gate: asyncio.Event | None = None) -> None:
         self.config, self.handler, self.metrics, self.lane = config, handler, metrics, lane
         # Set once Kafka can take records at once (the daemon's primed producers): until
-        # then the session connects and subscribes, but hands on no PUBLISH.
+        # then the session connects, but neither subscribes nor reads past the CONNACK.
         self.gate = gate
         self.subscriptions = list(subscriptions)
         self.name = config.name
@@ -263,6 +263,8 @@ class BrokerSession:
         if not connack.session_present:
             self._session_not_present()
         self._ever_connected = True
+        if self.gate is not None:
+            await self._open_gate()
         # Subscribing again on a present session is harmless (retained messages are sent
         # only for a new subscription) and picks up filters added while the bridge was away.
         self._requests.clear()  # answers to an older connection's requests never come
@@ -427,7 +429,7 @@ class BrokerSession:
                     if end > size:
                         break
                     first = view[start]
-                    if first >> 4 == 3 and body > 0 and self.gate is None:
+                    if first >> 4 == 3 and body > 0:
                         fields = read_publish(view, first, body, end, topics)
                         if fields is not None:
                             start = end
@@ -452,8 +454,6 @@ class BrokerSession:
                         start, view = 0, memoryview(buffer)
                         size = len(view)
                     if type(packet) is publish_type:
-                        if self.gate is not None:
-                            await self._open_gate(connection)
                         waiting = self._on_publish(connection, packet, arrival, born)
                         del packet  # the session keeps no payload once it is handed on
                         if waiting is not None:
@@ -519,14 +519,16 @@ class BrokerSession:
         window = connection.window_open.wait()
         return window if waiting is None else asyncio.gather(waiting, window)
 
-    async def _open_gate(self, connection: Connection) -> None:
-        """The first PUBLISH waits until Kafka can take it (the gate), then none does."""
+    async def _open_gate(self) -> None:
+        """Before the first SUBSCRIBE of the process and the first read past CONNACK, wait
+        until Kafka can take records at once (the gate); then never again. A new session
+        gets no PUBLISH before it subscribes, a present one none before it is read."""
         gate = self.gate
         assert gate is not None
         if not gate.is_set():
             self.log.info("mqtt_waiting_for_kafka",
                           why="no PUBLISH is read before every lane's producer is primed")
-            await self._paused(connection, gate.wait())
+            await gate.wait()
         self.gate = None
 
     @staticmethod
