@@ -1,4 +1,5 @@
-"""The command line: run, check-config, route, s3-setup, dev, simulate, tail, init-site.
+"""The command line: run, check-config, route, s3-setup, dev, simulate, verify, tail,
+init-site.
 
 A mistake or a failure of the outside world (a server that does not answer, a file that
 does not open) is one line on stderr that says what to do, and exit 2 (bridge/explain.py).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.metadata
 import logging
 import shutil
@@ -85,23 +87,34 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--progress-after", type=_positive(float), default=60.0, metavar="SECONDS",
                      help="print a progress line after this long without output")
 
-    sim = command("simulate", "a device fleet publishing telemetry, or one file upload")
+    sim = command("simulate", "a device fleet publishing traced telemetry (one MQTT "
+                  "connection per device, one process), or one file upload")
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the MQTT broker")
     sim.add_argument("--devices", type=_positive(int), default=100, help="devices in the fleet")
-    sim.add_argument("--messages", type=_positive(int), default=10,
-                     help="messages per device")
+    sim.add_argument("--messages", type=_positive(int), help="messages per device "
+                     "(default: 10, unless --duration)")
+    sim.add_argument("--duration", type=_positive(float), metavar="SECONDS",
+                     help="publish for this long instead of --messages (default: off)")
     sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="MQTT QoS")
     sim.add_argument("--size", type=_positive(int, zero=True), default=200,
-                     help="payload bytes")
+                     help="payload bytes (at least the traced JSON's own size)")
     sim.add_argument("--rate", type=_positive(float), help="messages per second in all "
                      "(default: as fast as the broker takes them)")
     sim.add_argument("--herd", action="store_true",
-                     help="every device connects at once as its own client")
+                     help="every device connects at once and publishes a burst; dropped "
+                     "devices reconnect with jittered backoff")
+    sim.add_argument("--prefix", default="devices",
+                     help="topic prefix: PREFIX/DEVICE_ID/telemetry")
+    sim.add_argument("--log", metavar="FILE", help="append one JSON line per publish's outcome "
+                     "(acked, refused, unknown, sent) for `verify` (default: no log)")
     sim.add_argument("--file", help="upload this file over MQTT file transfer instead "
                      "(default: no file, telemetry)")
     sim.add_argument("--device-id", default="dev-00000", help="the uploading device (--file)")
     sim.add_argument("--segment-bytes", type=_positive(int), default=256 * 1024,
                      help="bytes per segment (--file)")
+
+    _verify_options(command("verify", "check Kafka against a simulate --log: lost (exit 1 "
+                            "unless 0), duplicates, unexpected, latency percentiles"))
 
     tail = command("tail", "print a Kafka topic as decoded envelopes (JSON lines)")
     tail.add_argument("--bootstrap", default="127.0.0.1:9092", metavar="HOST:PORT",
@@ -115,6 +128,27 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("dir", metavar="DIR", help="where to write them (created if missing)")
     init.add_argument("--force", action="store_true", help="overwrite files that exist")
     return top
+
+
+def _verify_options(verify: argparse.ArgumentParser) -> None:
+    verify.add_argument("--bootstrap", required=True, metavar="HOST:PORT", help="a Kafka broker")
+    verify.add_argument("--log", required=True, metavar="FILE", help="the JSON lines "
+                        "`simulate --log` wrote (several runs may share it)")
+    verify.add_argument("--topic", required=True, action="append", metavar="T",
+                        help="a Kafka topic to read; repeat for more (the dead-letter topic "
+                        "too, so dead letters count as settled)")
+    s3 = verify.add_mutually_exclusive_group()
+    s3.add_argument("--s3-endpoint", metavar="URL", help="follow reference envelopes into the "
+                    "S3 at URL (default: references are not followed)")
+    s3.add_argument("--follow-references", action="store_true",
+                    help="follow reference envelopes into S3 at boto3's usual endpoint "
+                    "(AWS)")
+    verify.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    verify.add_argument("--idle", type=_positive(float), default=30.0, metavar="SECONDS",
+                        help="while acked publishes are missing, stop after this long "
+                        "without a record (a false 'lost' costs more than a wait)")
+    verify.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+                        help="stop after this long in all (default: no limit)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -311,40 +345,73 @@ def _simulate(args: argparse.Namespace) -> int:
         config_module.mqtt_endpoint(args.url)
     except ValueError as exc:
         raise Mistake(f"--url {args.url}: {exc}") from None
+    if args.duration is not None and args.messages is not None:
+        raise Mistake("--duration and --messages exclude each other: give one")
     if args.file:
         _readable(args.file, "--file")  # before connecting
+    if args.log:
+        _appendable(args.log, "--log")
     return _fleet(args)
 
 
+def _appendable(path: str, option: str) -> Path:
+    """The file an option names, once it is known to open for appending."""
+    try:
+        with open(path, "a"):
+            return Path(path)
+    except OSError as exc:
+        raise Mistake(f"cannot write {option} {path}: {exc.strerror or exc}") from None
+
+
 def _fleet(args: argparse.Namespace) -> int:
-    """Reach the broker once (a herd's devices each connect in a thread of their own), then
-    run the fleet or the upload `args` asks for."""
-    from bridge.devkit import simulate
+    """Reach the broker once (not once per device), then run the fleet or the upload."""
+    from bridge.devkit import fleet, simulate
+    from bridge.errors import MqttError
 
-    probe = simulate.device_client(args.url, f"sim-check-{time.time_ns()}")
-    probe.disconnect()
-    probe.loop_stop()
+    spec = fleet.FleetSpec(
+        args.url, devices=args.devices, size=args.size, qos=args.qos, rate=args.rate,
+        messages=None if args.duration else args.messages or 10, duration=args.duration,
+        herd=args.herd, prefix=args.prefix, log=Path(args.log) if args.log else None)
+    try:
+        fleet.raise_fd_limit(args.devices + 64)
+        asyncio.run(fleet.probe(spec))
+    except ValueError as exc:
+        raise Mistake(f"--devices {args.devices}: {exc}") from None
+    except MqttError as exc:
+        raise Mistake(f"the broker at {args.url} refused: {exc}") from None
     if args.file:
-        from bridge.devkit.device import upload_file
-
-        client = simulate.device_client(args.url, args.device_id)
-        try:
-            upload = upload_file(client, args.device_id, f"f{time.time_ns()}", Path(args.file),
-                                 segment_bytes=args.segment_bytes)
-        finally:
-            client.disconnect()
-            client.loop_stop()
+        upload = simulate.upload(spec, args.device_id, Path(args.file), args.segment_bytes)
         print(f"uploaded {upload.size} bytes as {upload.file_id} in {upload.segments} "
               f"segments, {upload.seconds:.1f} s, sha256 {upload.sha256}")
         return 0
-    if args.herd:
-        result = simulate.herd(args.url, args.devices, args.messages, args.qos, args.size)
-    else:
-        result = simulate.telemetry(args.url, args.devices, args.messages, args.qos, args.size,
-                                    args.rate)
-    print(f"published {result.published} messages in {result.seconds:.1f} s "
-          f"({result.rate:.0f} msg/s)")
-    return 0
+    planned = args.devices * spec.messages if spec.messages else None
+    progress = fleet.Progress(planned)
+    try:
+        report = fleet.run(dataclasses.replace(spec, progress=progress), check=False)
+    finally:
+        progress.close()
+    print(report.summary() + (" (interrupted)" if report.interrupted else ""))
+    return 130 if report.interrupted else 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every acked publish of the log is in Kafka, 1 when one is missing."""
+    import json
+
+    from bridge.devkit import verify, verify_io
+
+    path = _readable(args.log, "--log")
+    try:
+        log = verify_io.read_log(path)
+    except verify.LogError as exc:
+        raise Mistake(f"--log {path} {exc}: is it a simulate --log file?") from None
+    if not log.runs and not log.files:
+        raise Mistake(f"--log {path} holds no publishes: run simulate --log {path} first")
+    report = verify_io.run(args.bootstrap, log, list(dict.fromkeys(args.topic)),
+                           args.s3_endpoint, args.follow_references, args.idle, args.timeout,
+                           progress=sys.stderr.isatty())
+    print(json.dumps(report.to_json()) if args.json else verify_io.render(report))
+    return 0 if report.ok else 1
 
 
 def _tail(args: argparse.Namespace) -> int:
@@ -398,4 +465,4 @@ def _exec_start(unit: str) -> tuple[str, str]:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup, "dev": _dev,
-    "simulate": _simulate, "tail": _tail, "init-site": _init_site}
+    "simulate": _simulate, "verify": _verify, "tail": _tail, "init-site": _init_site}

@@ -69,7 +69,8 @@ def _kafka(exc: BaseException, args: argparse.Namespace) -> str:
     known = getattr(exc, "known", None)
     if known is not None:
         topics = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "") or "none"
-        return f"{where} has no topic {getattr(args, 'topic', '')!r}: check its name " \
+        topic = getattr(exc, "topic", "") or getattr(args, "topic", "")
+        return f"{where} has no topic {topic!r}: check its name " \
                f"(topics there: {topics})"
     if isinstance(error, KafkaError) and error.code() in _UNREACHABLE:
         return f"cannot reach {where} ({text}): is it running?{check}"
@@ -81,12 +82,13 @@ def _s3(exc: BaseException, args: argparse.Namespace) -> str:
     text = describe(exc)
     config = getattr(args, "config", None)
     where = f" in {config}" if config else ""
+    endpoint = "--s3-endpoint" if hasattr(args, "s3_endpoint") else f"[s3] endpoint_url{where}"
     if isinstance(cause, botocore.exceptions.NoCredentialsError |
                   botocore.exceptions.PartialCredentialsError):
         return f"no S3 credentials ({text}): set AWS_ACCESS_KEY_ID and " \
                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (boto3's chain)"
     if isinstance(cause, botocore.exceptions.ConnectionError):
-        return f"cannot reach S3 ({text}): is it running? check [s3] endpoint_url{where}"
+        return f"cannot reach S3 ({text}): is it running? check {endpoint}"
     if isinstance(cause, botocore.exceptions.ClientError):
         code = cause.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":

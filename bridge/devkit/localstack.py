@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -212,6 +213,7 @@ def create_bucket(endpoint_url: str, name: str) -> None:
 def mosquitto_service(workdir: Path, port: int | None = None) -> Service:
     """Mosquitto rendered from mosquitto/local.conf: loopback, persistent, unlimited queues."""
     binary = mosquitto_binary()
+    raise_fd_limit()
     port = port or free_port()
     data = workdir / "mosquitto-data"
     data.mkdir(parents=True, exist_ok=True)
@@ -221,6 +223,14 @@ def mosquitto_service(workdir: Path, port: int | None = None) -> Service:
     conf.write_text(string.Template(text).substitute(
         port=port, persistence_dir=data, log_file=log_path, user=user))  # fmt: skip
     return Service("mosquitto", [binary, "-c", str(conf)], port, log_path)
+
+
+def raise_fd_limit() -> None:
+    """Lift our soft RLIMIT_NOFILE to the hard limit: Mosquitto inherits it and takes one
+    descriptor per client, and a simulated herd of 1,000 devices must all get in."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def s3_service(workdir: Path, port: int | None = None) -> S3Service:

@@ -1,16 +1,22 @@
-"""A device fleet for `mqtt-kafka-bridge simulate`, `dev`, benchmarks and tests (paho-mqtt).
+"""Device helpers for `dev`, benchmarks and tests on paho-mqtt, and simulate's file upload.
 
-Each payload is JSON `{"device": id, "seq": n, "pad": ...}`, so a reader of Kafka can check
-that every (device, seq) arrived under the right device id.
+`telemetry` (a few paho connections, from threads) is what the integration tests publish
+with: each payload is JSON `{"device": id, "seq": n, "pad": ...}`, so a reader of Kafka can
+check that every (device, seq) arrived under the right device id. The `simulate` command's
+fleet, with one connection per device and a log of outcomes, is `bridge.devkit.fleet`;
+`herd` runs on it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -19,6 +25,10 @@ from paho.mqtt.properties import Properties
 
 from bridge import auth
 from bridge.config import mqtt_endpoint
+
+if TYPE_CHECKING:
+    from bridge.devkit.device import Upload
+    from bridge.devkit.fleet import FleetSpec
 
 
 @dataclass
@@ -115,27 +125,51 @@ def telemetry(url: str, devices: int = 100, messages: int = 100, qos: int = 1,
 
 def herd(url: str, devices: int = 200, messages: int = 5, qos: int = 1, size: int = 200,
          prefix: str = "devices") -> FleetResult:
-    """A reconnect herd: every device connects at once, as each its own client, and sends."""
-    start = time.monotonic()
-    clients: list[paho.Client] = []
-    lock = threading.Lock()
+    """A reconnect herd: every device connects at once, as its own connection, and sends
+    (on the fleet: one event loop, not a thread per device)."""
+    from bridge.devkit import fleet
 
-    def one(device: str) -> None:
-        client = device_client(url, device)
-        with lock:
-            clients.append(client)
-        publish_all(client, [(f"{prefix}/{device}/telemetry", payload(device, s, size))
-                             for s in range(messages)], qos)
+    report = fleet.run(fleet.FleetSpec(url, devices=devices, messages=messages, qos=qos,
+                                       size=size, prefix=prefix, herd=True))
+    return FleetResult(report.published, report.seconds)
 
-    threads = [threading.Thread(target=one, args=(f"dev-{i:05d}",)) for i in range(devices)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for c in clients:
-        c.disconnect()
-        c.loop_stop()
-    return FleetResult(devices * messages, time.monotonic() - start)
+
+def upload(spec: FleetSpec, device_id: str, path: Path, segment_bytes: int) -> Upload:
+    """`simulate --file`: one upload as `device_id`, and its line in `spec.log` (acked once
+    the fin's PUBACK arrived; unknown if the upload failed part way)."""
+    from bridge.devkit.device import upload_file
+
+    file_id, sent_ns = f"f{time.time_ns()}", time.time_ns()
+    head = {"run": spec.run_id, "kind": "file", "device_id": device_id, "file_id": file_id,
+            "name": path.name}
+    tail = {"topic": f"{spec.prefix}/{device_id}/files/{file_id}", "qos": 1,
+            "sent_ns": sent_ns}
+    try:
+        client = device_client(spec.url, device_id)
+        try:
+            done = upload_file(client, device_id, file_id, path, prefix=spec.prefix,
+                               segment_bytes=segment_bytes)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    except BaseException:
+        _log_file_line(spec.log, head | _size_and_sha256(path) | tail | {"outcome": "unknown"})
+        raise
+    _log_file_line(spec.log, head | {"size": done.size, "sha256": done.sha256} | tail |
+                   {"outcome": "acked", "acked_ns": time.time_ns()})
+    return done
+
+
+def _size_and_sha256(path: Path) -> dict[str, object]:
+    with path.open("rb") as f:
+        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256")
+                .hexdigest()}
+
+
+def _log_file_line(log: Path | None, line: dict[str, object]) -> None:
+    if log is not None:
+        with log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def trickle(url: str, stop: threading.Event, rate: float = 5.0, devices: int = 10,

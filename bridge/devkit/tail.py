@@ -19,11 +19,11 @@ from bridge.kafka import QUIET
 
 class UnknownTopic(KafkaException):
     """The topic is not in the cluster; `known` are the topics it has (internal ones left
-    out), for a reader who mistyped the name."""
+    out), for a reader who mistyped the name; `topic` is the one asked for."""
 
-    def __init__(self, error: KafkaError, known: list[str]) -> None:
+    def __init__(self, error: KafkaError, known: list[str], topic: str = "") -> None:
         super().__init__(error)
-        self.known = known
+        self.known, self.topic = known, topic
 
 
 def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
@@ -39,7 +39,8 @@ def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
         if info.error is not None:
             if info.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 known = consumer.list_topics(timeout=10).topics
-                raise UnknownTopic(info.error, sorted(t for t in known if not t.startswith("__")))
+                raise UnknownTopic(info.error, sorted(t for t in known if not t.startswith("__")),
+                                   topic)
             raise KafkaException(info.error)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in info.partitions])
         last = time.monotonic()
