@@ -144,8 +144,9 @@ def _verify_options(verify: argparse.ArgumentParser) -> None:
                     help="follow reference envelopes into S3 at boto3's usual endpoint "
                     "(AWS)")
     verify.add_argument("--json", action="store_true", help="print one JSON object, not a table")
-    verify.add_argument("--idle", type=_positive(float), default=10.0, metavar="SECONDS",
-                        help="stop after this long without a record")
+    verify.add_argument("--idle", type=_positive(float), default=30.0, metavar="SECONDS",
+                        help="while acked publishes are missing, stop after this long "
+                        "without a record (a false 'lost' costs more than a wait)")
     verify.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
                         help="stop after this long in all (default: no limit)")
 

@@ -43,6 +43,11 @@ _PROBE_EVERY = 2.0  # seconds between metadata requests of a producer Kafka has 
 # A producer Kafka has not answered for this long is asked: a hung broker keeps its TCP
 # connection open, and librdkafka says "all brokers down" only after its socket timeout.
 _ANSWER_FRESH = 10.0
+# Seconds start-up holds PUBLISHes for the producers to be primed: librdkafka asks for a
+# producer id 0.5 s after a producer is built, then every 0.5 s until a broker is up.
+_PRIME_MAX = 2.0
+_PRIME_RELOAD_MAX = 10.0  # seconds a reload waits for its new producers to be primed
+_GC_YOUNG = 20_000  # allocations between collections of the young generation
 
 
 class Daemon:
@@ -60,6 +65,9 @@ class Daemon:
         self.ready = asyncio.Event()  # once ready for the first time
         self.notifier = Notifier.from_environment()  # systemd's Type=notify, if it is there
         self._ledgers = self.metrics.ledger.lanes  # the hot path's bookkeeping, per lane
+        # Set once every lane's producer is primed (`KafkaSink.primed`): sessions read no
+        # PUBLISH before, so the first records do not wait out librdkafka's PID timer.
+        self.primed = asyncio.Event()
         self._stop = asyncio.Event()
         self._signals = 0
         self.sinks: dict[str, KafkaSink] = {}
@@ -86,9 +94,14 @@ class Daemon:
         self.metrics.build_info.info({"version": _version()})
         self.metrics.map_info.info({"map_version": self.config.version})
         self._apply(self.config, self._new_sinks(self.config))
+        priming = asyncio.create_task(self._prime())
         # What start-up built (modules, config, clients) lives as long as the process: full
         # garbage collections, 50-80 ms each while bridging, need not walk it every time.
         gc.freeze()
+        # Each message allocates a few tracked objects (message, receipt, delivery, ...), all
+        # gone within milliseconds: collecting the young generation every 700 allocations
+        # (the default) walked them about 30 times a second per 1,000 msg/s for nothing.
+        gc.set_threshold(_GC_YOUNG, *gc.get_threshold()[1:])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
@@ -107,7 +120,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self._shutdown()
-            for task in (stats, sweeper, watch, probe):
+            for task in (stats, sweeper, watch, probe, priming):
                 task.cancel()
             if self.http is not None:
                 self.http.close()
@@ -124,7 +137,46 @@ class Daemon:
                    for (_, lane), s in self.sessions.items() if not s.subscribed.is_set()]
         waiting += [f"kafka ({lane}): no answer from {sink.properties.get('bootstrap.servers')}"
                     for lane, sink in self.sinks.items() if not sink.reachable]
+        waiting += [f"kafka ({lane}): no producer id yet"
+                    for lane, sink in self.sinks.items()
+                    if sink.reachable and not sink.primed.is_set()]
         return tuple(waiting)
+
+    async def _prime(self) -> None:
+        """Open the sessions' gate once every lane's producer is primed, or after
+        `_PRIME_MAX` s: a Kafka that answers by then is one the first records need not
+        wait for; one that does not gets what it always got (sessions read, records wait
+        in the producer's bounded queue, readiness says what it waits for). The probe loop
+        asks Kafka for metadata meanwhile; a reload may replace a sink, so they are looked
+        at again now and then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _PRIME_MAX
+        while loop.time() < deadline:
+            waiting = [sink for sink in self.sinks.values() if not sink.primed.is_set()]
+            if not waiting:
+                log.info("bridge_primed", lanes=list(self.sinks))
+                break
+            await _any_set([sink.primed for sink in waiting], min(_BEAT, deadline - loop.time()))
+        else:
+            log.warning("kafka_not_primed", lanes=[lane for lane, sink in self.sinks.items()
+                                                   if not sink.primed.is_set()],
+                        why=f"no producer id or metadata within {_PRIME_MAX:g} s: reading "
+                            "anyway, records wait in the producer until Kafka answers")
+        self.primed.set()
+
+    async def _prime_new(self, sinks: dict[str, KafkaSink]) -> None:
+        """A reload's new producers are primed before they take over (the old ones bridge
+        meanwhile), for at most `_PRIME_RELOAD_MAX` s: a Kafka that does not answer then
+        delays the reload no further (readiness says what it waits for)."""
+        fresh = [sink for sink in sinks.values() if sink not in self.sinks.values()]
+        loop = asyncio.get_running_loop()
+        for sink in fresh:
+            sink.start()
+        await asyncio.gather(*(loop.run_in_executor(None, sink.probe) for sink in fresh))
+        deadline = loop.time() + _PRIME_RELOAD_MAX
+        while loop.time() < deadline and not all(s.primed.is_set() for s in fresh):
+            await _any_set([s.primed for s in fresh if not s.primed.is_set()],
+                           deadline - loop.time())
 
     async def _watch(self) -> None:
         """The event loop's heartbeat: readiness and health for the HTTP endpoint and for
@@ -254,7 +306,7 @@ class Daemon:
                     continue
                 session = BrokerSession(broker.for_lane(lane), filters,
                                         functools.partial(self._handle, lane), self.metrics,
-                                        lane)
+                                        lane, self.primed)
                 self.sessions[key] = session
                 self._tasks[key] = asyncio.create_task(session.run(),
                                                        name=f"mqtt {session.name} {lane}")
@@ -345,6 +397,7 @@ class Daemon:
                 config = dataclasses.replace(config, bridge=self.config.bridge,
                                              brokers=self.config.brokers)
             sinks = self._new_sinks(config)
+            await self._prime_new(sinks)
         except ConfigError as exc:
             self.metrics.inc("reloads", outcome="refused")
             log.error("reload_refused", problems=exc.problems, map_version=self.config.version,
@@ -481,6 +534,16 @@ def _version() -> str:
         return importlib.metadata.version("mqtt-kafka-bridge")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+async def _any_set(events: list[asyncio.Event], timeout: float) -> None:
+    """Wait until one of `events` is set, or `timeout` seconds."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _same_cluster(old: KafkaSink, sinks: Iterable[KafkaSink]) -> KafkaSink | None:

@@ -42,8 +42,9 @@ class Template:
     """Encodes the envelopes of one topic: what every message there shares is packed once.
 
     A msgpack map is its header followed by packed keys and values, so the constant pairs
-    are kept as bytes and only the arrival time and the body are packed per message. The
-    output decodes to exactly what `encode` gives.
+    are kept as bytes (per QoS/retain/dup, up to the arrival time's marker) and only the
+    arrival time and the body's header are added per message. The output decodes to
+    exactly what `encode` gives.
     """
 
     __slots__ = ("_broker", "_device_id", "_flags", "_head", "_topic", "content_type")
@@ -56,39 +57,39 @@ class Template:
             "v", VERSION, "device_id", device_id, "content_type", content_type,
             "bridge", {"instance": lineage.instance, "route": lineage.route,
                        "map_version": lineage.map_version}))
-        self._flags: dict[tuple[int, bool, bool], bytes] = {}
+        # by qos + 4 * retain + 8 * dup: the envelope up to the arrival time's value
+        self._flags: list[bytes | None] = [None] * 16
 
     def encode(self, message: Message) -> bytes:
-        flags = (message.qos, message.retain, message.dup)
-        mqtt = self._flags.get(flags)
+        flags = message.qos + 4 * message.retain + 8 * message.dup
+        mqtt = self._flags[flags]
         if mqtt is None:
-            mqtt = self._flags[flags] = msgpack.packb("mqtt") + msgpack.packb({
-                "topic": self._topic, "qos": flags[0], "broker": self._broker,
-                "retain": flags[1], "dup": flags[2]})
+            mqtt = self._flags[flags] = _MAP7 + self._head + msgpack.packb("mqtt") + \
+                msgpack.packb({"topic": self._topic, "qos": message.qos,
+                               "broker": self._broker, "retain": message.retain,
+                               "dup": message.dup}) + _ARRIVAL
         payload = message.payload
-        return b"".join((_MAP7, self._head, mqtt, _ARRIVAL, _uint64(message.arrival_millis),
-                         _BODY, _bin_header(len(payload)), payload))
+        size = len(payload)
+        body = _BIN8[size] if size < 0x100 else _body_header(size)
+        return b"".join((mqtt, message.arrival_millis.to_bytes(8, "big"), body, payload))
 
 
-def _uint64(value: int) -> bytes:
-    """msgpack uint 64: fixed width, so no branch on the value (decoders read it as int)."""
-    return b"\xcf" + value.to_bytes(8, "big")
-
-
-def _bin_header(size: int) -> bytes:
-    """msgpack bin 8/16/32 header; the body bytes follow it without being copied into a
-    packer first."""
+def _body_header(size: int) -> bytes:
+    """The "body" key and its msgpack bin 8/16/32 header; the body bytes follow it without
+    being copied into a packer first."""
     if size < 0x100:
-        return b"\xc4" + size.to_bytes(1, "big")
+        return _BODY + b"\xc4" + size.to_bytes(1, "big")
     if size < 0x10000:
-        return b"\xc5" + size.to_bytes(2, "big")
-    return b"\xc6" + size.to_bytes(4, "big")
+        return _BODY + b"\xc5" + size.to_bytes(2, "big")
+    return _BODY + b"\xc6" + size.to_bytes(4, "big")
 
 
 # fixmap of 7 pairs: v, device_id, content_type, bridge, mqtt, arrival_time_millis, body
 _MAP7 = b"\x87"
-_ARRIVAL = msgpack.packb("arrival_time_millis")
-_BODY = msgpack.packb("body")
+# the arrival time's key and a uint 64's marker: fixed width, so no branch on the value
+_ARRIVAL: bytes = msgpack.packb("arrival_time_millis") + b"\xcf"
+_BODY: bytes = msgpack.packb("body")
+_BIN8 = [_body_header(size) for size in range(0x100)]
 
 
 def encode_dead_letter(message: Message, device_id: str, lineage: Lineage, code: str,

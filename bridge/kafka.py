@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from bridge.envelope import Headers
 from bridge.errors import Rejected
 from bridge.logs import KafkaLog
-from bridge.metrics import Metrics
+from bridge.metrics import SETTLE_CLOCK, Metrics
 
 log = structlog.get_logger("bridge.kafka")
 
@@ -45,9 +46,13 @@ _RETRY_MIN, _RETRY_MAX = 0.1, 5.0
 _POLL_BUSY, _POLL_IDLE = 0.001, 0.005  # seconds between polls with / without records in flight
 _CATALOG_FRESH = 1.0  # seconds a topic listing answers "no such topic" without asking again
 _METADATA_TIMEOUT = 5.0
+# How often librdkafka reports statistics unless [kafka] says: the report is how the sink
+# learns that its producer holds a producer id (librdkafka exposes it nowhere else).
+_STATS_EVERY_MS = 100
 
 
 _NO_REPORTS: list[Any] = []  # replaced by the sink's list when produced
+_GONE = object()  # what a settled delivery's pending entry pops as
 
 
 _BROKER_LISTS = ("bootstrap.servers", "metadata.broker.list")  # one property, two names
@@ -208,9 +213,18 @@ class KafkaSink:
         # said since that every broker is down: what readiness asks of a lane's producer.
         self.reachable = False
         self.answered_at = float("-inf")  # loop time of Kafka's last answer
+        # Primed: the producer holds its producer id and Kafka answered its metadata, so a
+        # record produced now leaves at once. A fresh idempotent producer first asks for an
+        # id 500 ms after it is built (librdkafka's PID timer, again every 500 ms until a
+        # broker is up): the daemon reads no PUBLISH before every lane's producer is primed.
+        self.primed = asyncio.Event()
+        self._has_pid = False
+        self._born = loop.time()
 
     def start(self) -> None:
-        self._poll()
+        """Poll from the loop (once: a reload may start a sink it is priming)."""
+        if self._poller is None and not self._stopping:
+            self._poll()
 
     def _new_producer(self) -> Producer:
         generation = self._generation
@@ -223,8 +237,38 @@ class KafkaSink:
             elif err.code() != KafkaError._TRANSPORT:
                 log.warning("kafka_error", lane=self.lane, error=err.str())
 
-        return Producer({**self.properties, "error_cb": on_error},
+        def on_stats(stats: str) -> None:  # served by poll(), on the loop
+            if generation == self._generation and not self._has_pid:
+                self._stats(stats)
+
+        stats_every = {} if "statistics.interval.ms" in self.properties \
+            else {"statistics.interval.ms": _STATS_EVERY_MS}
+        return Producer({**self.properties, **stats_every, "error_cb": on_error,
+                         "stats_cb": on_stats},
                         logger=KafkaLog(self.lane, debug=bool(self.properties.get("debug"))))
+
+    def _stats(self, stats: str) -> None:
+        """librdkafka's statistics: `eos.idemp_state` says when the producer id came."""
+        try:
+            eos = json.loads(stats).get("eos")
+        except ValueError:
+            return
+        if eos is None or eos.get("idemp_state") == "Assigned":
+            self._has_pid = True
+            self._check_primed()
+
+    def _check_primed(self) -> None:
+        if self._has_pid and self.reachable and not self.primed.is_set():
+            self.primed.set()
+            log.info("kafka_producer_primed", lane=self.lane,
+                     after_ms=round((self._loop.time() - self._born) * 1000))
+
+    @property
+    def waits_for_pid(self) -> bool:
+        """True while readiness must wait for the producer id: librdkafka reports it only
+        in its statistics, which `statistics.interval.ms` = 0 turns off."""
+        return not self._has_pid and str(self.properties.get("statistics.interval.ms",
+                                                             _STATS_EVERY_MS)) != "0"
 
     def _list_topics(self) -> set[str]:
         """Every topic the cluster has (blocking); KafkaException when it cannot say."""
@@ -240,6 +284,9 @@ class KafkaSink:
             self.reachable = False
             return False
         self.reachable, self.answered_at = True, self._loop.time()
+        if not self.waits_for_pid:
+            self._has_pid = True
+        self._loop.call_soon_threadsafe(self._check_primed)
         return True
 
     def missing_topics(self, topics: list[str], timeout: float = 10) -> list[str]:
@@ -266,7 +313,8 @@ class KafkaSink:
         if self._stopping and self.successor is not None:
             delivery.sink = self.successor
             return self.successor.try_send(delivery)
-        if len(self._waiting) >= self._waiting_max and delivery not in self._waiting:
+        waiting = self._waiting
+        if waiting and len(waiting) >= self._waiting_max and delivery not in waiting:
             self._metrics.inc("kafka_backpressure", lane=self.lane)
             return False
         delivery.reports = self._reports
@@ -279,8 +327,10 @@ class KafkaSink:
         except KafkaException as exc:
             self._reject_or_retry(delivery, exc.args[0])
             return True
-        self._pending[delivery] = None
-        self._idle.clear()
+        pending = self._pending
+        if not pending:
+            self._idle.clear()
+        pending[delivery] = None
         return True
 
     def submit(self, delivery: Delivery) -> None:
@@ -322,28 +372,35 @@ class KafkaSink:
         self._poller = self._loop.call_later(_POLL_BUSY if busy else _POLL_IDLE, self._poll)
 
     def _settle(self, batch: list[tuple[Delivery, KafkaError | None]], generation: int) -> None:
-        """Ack what is durable, retry or reject what is not."""
+        """Ack what is durable, retry or reject what is not; the batch shares one clock
+        reading for its latencies."""
         durable = 0
-        for delivery, err in batch:
-            if delivery not in self._pending:
-                continue  # settled already, e.g. by an older producer before a replay
-            try:
-                if err is None:
-                    del self._pending[delivery]
-                    durable += 1
-                    if delivery.on_durable is not None:
-                        delivery.on_durable()
-                elif generation == self._generation:
-                    del self._pending[delivery]
-                    self._reject_or_retry(delivery, err)
-            except Exception:  # one bad callback must not leave the rest of the batch
-                self._metrics.inc("kafka_callback_crashes")
-                log.exception("kafka_callback_crashed", lane=self.lane, topic=delivery.topic)
+        pending = self._pending
+        SETTLE_CLOCK.now = now = self._loop.time()
+        try:
+            for delivery, err in batch:
+                try:
+                    if err is None:
+                        if pending.pop(delivery, _GONE) is _GONE:
+                            continue  # settled already, e.g. by an older producer
+                        durable += 1
+                        on_durable = delivery.on_durable
+                        if on_durable is not None:
+                            on_durable()
+                    elif generation == self._generation and \
+                            pending.pop(delivery, _GONE) is not _GONE:
+                        self._reject_or_retry(delivery, err)
+                except Exception:  # one bad callback must not leave the rest of the batch
+                    self._metrics.inc("kafka_callback_crashes")
+                    log.exception("kafka_callback_crashed", lane=self.lane,
+                                  topic=delivery.topic)
+        finally:
+            SETTLE_CLOCK.now = None
         if durable:
-            self.reachable, self.answered_at = True, self._loop.time()
+            self.reachable, self.answered_at = True, now
             self._metrics.inc("kafka_records_delivered", durable, lane=self.lane)
         self._room.set()
-        if not self._pending and not self._waiting:
+        if not pending and not self._waiting:
             self._idle.set()
 
     def _reject_or_retry(self, delivery: Delivery, err: KafkaError) -> None:
@@ -382,6 +439,8 @@ class KafkaSink:
             return  # already replaced for this failure
         old = self._producer
         self._generation += 1
+        self._has_pid, self._born = False, self._loop.time()
+        self.primed.clear()
         self._producer = self._new_producer()
         self._metrics.inc("kafka_producers_replaced", lane=self.lane)
         replay = list(self._pending)

@@ -91,12 +91,13 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 class Receipt:
     """One received message until its outcome is durable: call it then, once. It calls the
-    message's MQTT ack (an `Inflight`; None for QoS 0) and tells the ledger how it ended:
-    bridged, or dead-lettered with the code `refused` set."""
+    message's MQTT ack (None for QoS 0) and tells the ledger how it ended: bridged, or
+    dead-lettered with the code `refused` set. A QoS 1/2 message's `Inflight` is a Receipt
+    itself, so each such message costs one object here, not two."""
 
     __slots__ = ("ack", "born", "code", "done", "lane")
 
-    def __init__(self, lane: LaneLedger, ack: Callable[[], None] | None) -> None:
+    def __init__(self, lane: LaneLedger | None, ack: Callable[[], None] | None) -> None:
         self.lane, self.ack = lane, ack
         self.born = time.monotonic()
         self.code: str | None = None
@@ -110,9 +111,23 @@ class Receipt:
         if self.done:
             return
         self.done = True
-        self.lane.settled(self)
+        if self.lane is not None:
+            self.lane.settled(self)
         if self.ack is not None:
             self.ack()
+
+
+class SettleClock:
+    """The time a batch of delivery reports settles at, taken once for the batch (None
+    outside one: a receipt then reads the clock itself). Loop time is time.monotonic()."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now: float | None = None
+
+
+SETTLE_CLOCK = SettleClock()
 
 
 def mark_dead_lettered(on_durable: Callable[[], None] | None, code: str) -> None:
@@ -139,7 +154,13 @@ class LaneLedger:
         self.latency: list[float] = [0] * (len(LATENCY_BUCKETS) + 1) + [0, 0.0]
 
     def receive(self, broker: str, ack: Callable[[], None] | None) -> Receipt:
-        receipt = Receipt(self, ack)
+        """The message's Receipt: the ack itself when it is one not yet counted (a QoS 1/2
+        `Inflight`), else a new one that calls the ack."""
+        if isinstance(ack, Receipt) and ack.lane is None:
+            receipt = ack
+            receipt.lane = self
+        else:
+            receipt = Receipt(self, ack)
         self.received[broker] = self.received.get(broker, 0) + 1
         self.received_total += 1
         self.open.append(receipt)
@@ -151,7 +172,8 @@ class LaneLedger:
             self.bridged += 1
         else:
             self._dead_lettered.labels(receipt.code).inc()
-        seconds = time.monotonic() - receipt.born
+        now = SETTLE_CLOCK.now
+        seconds = (time.monotonic() if now is None else now) - receipt.born
         latency = self.latency
         latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         latency[-2] += 1

@@ -15,6 +15,7 @@ import contextlib
 import random
 import ssl
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ import structlog
 from bridge.config import BrokerConfig, tls_context
 from bridge.errors import MalformedPacket, MqttError
 from bridge.message import Message
-from bridge.metrics import Metrics
+from bridge.metrics import Metrics, Receipt
 
 log = structlog.get_logger("bridge.mqtt")
 
@@ -35,23 +36,35 @@ _PUBCOMP = 0x70
 _PACK_ACK = struct.Struct(">BBH").pack
 _PINGREQ = mqtt5.PingReqPacket().write()
 _READ_SIZE = 256 * 1024
+# Topics (as bytes) mqtt5 decoded once: a PUBLISH on one of them, without properties, is
+# read straight from the buffer. Bounded: a full table starts over.
+_TOPICS_MAX = 4096
+_TOPIC_MAX = 1024  # longer topics always go through mqtt5
+_new_message = tuple.__new__  # Message's own __new__ is a Python function: a frame each
 _CONNECT_TIMEOUT = 10.0
 
 # Called for every PUBLISH; the ack handle is None for QoS 0. It may await (backpressure).
 Handler = Callable[[Message, "Inflight | None"], Awaitable[None] | None]
 
 
-class Inflight:
-    """A QoS 1/2 message owed an ack on one connection. Calling it says: durable, ack it."""
+class Inflight(Receipt):
+    """A QoS 1/2 message owed an ack on one connection, and its Receipt: calling it says
+    durable (or dead-lettered durably), count it and ack it."""
 
-    __slots__ = ("connection", "done", "packet_id", "qos")
+    __slots__ = ("connection", "packet_id", "qos")
 
-    def __init__(self, connection: Connection, packet_id: int, qos: int) -> None:
+    def __init__(self, connection: Connection, packet_id: int, qos: int,
+                 born: float | None = None) -> None:
         self.connection, self.packet_id, self.qos = connection, packet_id, qos
-        self.done = False
+        self.lane, self.ack, self.code, self.done = None, None, None, False
+        self.born = time.monotonic() if born is None else born
 
     def __call__(self) -> None:
+        if self.done:
+            return
         self.done = True
+        if self.lane is not None:
+            self.lane.settled(self)
         self.connection.settled()
 
 
@@ -123,8 +136,12 @@ class BrokerSession:
     and reconnect with exponential backoff and full jitter."""
 
     def __init__(self, config: BrokerConfig, subscriptions: list[str], handler: Handler,
-                 metrics: Metrics, lane: str = "bulk") -> None:
+                 metrics: Metrics, lane: str = "bulk",
+                 gate: asyncio.Event | None = None) -> None:
         self.config, self.handler, self.metrics, self.lane = config, handler, metrics, lane
+        # Set once Kafka can take records at once (the daemon's primed producers): until
+        # then the session connects, but neither subscribes nor reads past the CONNACK.
+        self.gate = gate
         self.subscriptions = list(subscriptions)
         self.name = config.name
         self.log = log.bind(broker=self.name, client_id=config.client_id)
@@ -141,6 +158,7 @@ class BrokerSession:
         self._packet_id = 0
         self._removed: list[str] = []  # filters to unsubscribe, until an UNSUBACK says done
         self._requests: dict[int, list[str]] = {}  # (UN)SUBSCRIBE packet id -> its filters
+        self._topics: dict[bytes, str] = {}  # raw topic -> topic, as mqtt5 decoded it
         self._unsubscribed = asyncio.Event()
 
     async def run(self) -> None:
@@ -245,6 +263,8 @@ class BrokerSession:
         if not connack.session_present:
             self._session_not_present()
         self._ever_connected = True
+        if self.gate is not None:
+            await self._open_gate()
         # Subscribing again on a present session is harmless (retained messages are sent
         # only for a new subscription) and picks up filters added while the bridge was away.
         self._requests.clear()  # answers to an older connection's requests never come
@@ -376,28 +396,65 @@ class BrokerSession:
 
     async def _read_loop(self, reader: asyncio.StreamReader, connection: Connection,
                          buffer: bytearray) -> None:
+        """Read, split into packets, hand each on. The common PUBLISH (a topic mqtt5
+        decoded before, no properties) is read straight from the buffer; everything else,
+        and every error, goes through mqtt5. One timestamp serves each read."""
         loop = asyncio.get_running_loop()
         publish_type = mqtt5.PublishPacket
         limit = self.config.max_packet_size
+        topics = self._topics
+        broker = self.name
+        arrival, born = time.time_ns() // 1_000_000, loop.time()
         while not self._stopping:
             start = 0
             view = memoryview(buffer)
+            size = len(view)
             try:
                 while not self._stopping:
-                    length = packet_length(view, start)
-                    if length is not None and length > limit:
-                        raise PacketTooLarge(f"packet of {length} bytes exceeds the maximum "
-                                             f"of {limit} the bridge announced")
-                    if length is None or start + length > len(view):
+                    # The remaining length, inline when it takes one or two bytes.
+                    if start + 2 < size and view[start + 1] < 0x80:
+                        body = start + 2
+                        end = body + view[start + 1]
+                    elif start + 2 < size and 0 < view[start + 2] < 0x80:
+                        body = start + 3
+                        end = body + (view[start + 1] & 0x7F) + (view[start + 2] << 7)
+                    else:
+                        length = packet_length(view, start)
+                        if length is None:
+                            break
+                        body, end = -1, start + length
+                    if end - start > limit:
+                        raise PacketTooLarge(f"packet of {end - start} bytes exceeds the "
+                                             f"maximum of {limit} the bridge announced")
+                    if end > size:
                         break
-                    packet, _ = _decode(view[start:start + length])
-                    start += length
+                    first = view[start]
+                    if first >> 4 == 3 and body > 0:
+                        fields = read_publish(view, first, body, end, topics)
+                        if fields is not None:
+                            start = end
+                            topic, payload, qos, packet_id = fields
+                            message = _new_message(Message, (
+                                broker, topic, payload, qos, bool(first & 1),
+                                bool(first & 8), arrival, ()))
+                            del fields, payload
+                            waiting = self._hand_on(connection, message, packet_id, born)
+                            del message
+                            if waiting is not None:
+                                await self._paused(connection, waiting)
+                            continue
+                    length = end - start
+                    packet, _ = _decode(view[start:end])
+                    if type(packet) is publish_type:
+                        self._remember_topic(view, start, end, packet.topic)
+                    start = end
                     if length > _READ_SIZE:  # a large packet: its raw bytes go before it
                         view.release()  # is handed on, so memory holds it once, not twice
                         del buffer[:start]
                         start, view = 0, memoryview(buffer)
+                        size = len(view)
                     if type(packet) is publish_type:
-                        waiting = self._on_publish(connection, packet)
+                        waiting = self._on_publish(connection, packet, arrival, born)
                         del packet  # the session keeps no payload once it is handed on
                         if waiting is not None:
                             await self._paused(connection, waiting)
@@ -418,18 +475,38 @@ class BrokerSession:
             chunk = await reader.read(_READ_SIZE)
             if not chunk:
                 raise MqttError("connection closed by the broker")
-            connection.last_received = loop.time()
+            arrival, born = time.time_ns() // 1_000_000, loop.time()
+            connection.last_received = born
             buffer += chunk
 
-    def _on_publish(self, connection: Connection,
-                    packet: mqtt5.PublishPacket) -> Awaitable[object] | None:
-        """Hand one PUBLISH on; returns what to wait for before reading on, if anything."""
-        message = Message.from_publish(self.name, packet)
+    def _remember_topic(self, view: memoryview, start: int, end: int, topic: str) -> None:
+        """Keep the raw bytes of a topic mqtt5 decoded, so its next PUBLISHes skip it."""
+        raw = topic_bytes(view, start, end)
+        if not raw or len(raw) > _TOPIC_MAX or raw in self._topics or \
+                raw.decode("utf-8", "replace") != topic:  # an alias, say: not this one
+            return
+        if len(self._topics) >= _TOPICS_MAX:
+            self._topics.clear()
+        self._topics[raw] = topic
+
+    def _on_publish(self, connection: Connection, packet: mqtt5.PublishPacket, arrival: int,
+                    born: float) -> Awaitable[object] | None:
+        """Hand one PUBLISH decoded by mqtt5 on; returns what to wait for before reading
+        on, if anything."""
+        qos = packet.qos.value
+        if qos and packet.packet_id is None:
+            raise ProtocolError("QoS 1/2 PUBLISH without a packet id")
+        properties = packet.user_properties
+        message = Message(self.name, packet.topic, packet.payload, qos, packet.retain,
+                          packet.duplicate, arrival, tuple(properties) if properties else ())
+        return self._hand_on(connection, message, packet.packet_id, born)
+
+    def _hand_on(self, connection: Connection, message: Message, packet_id: int | None,
+                 born: float) -> Awaitable[object] | None:
         inflight = None
-        if message.qos:  # mqtt5's QoS enum is always truthy: test the int
-            if packet.packet_id is None:
-                raise ProtocolError("QoS 1/2 PUBLISH without a packet id")
-            inflight = Inflight(connection, packet.packet_id, message.qos)
+        if message.qos:
+            assert packet_id is not None
+            inflight = Inflight(connection, packet_id, message.qos, born)
             connection.owed.append(inflight)
         waiting = self.handler(message, inflight)
         if len(connection.owed) < connection.window:
@@ -441,6 +518,18 @@ class BrokerSession:
         connection.window_open.clear()
         window = connection.window_open.wait()
         return window if waiting is None else asyncio.gather(waiting, window)
+
+    async def _open_gate(self) -> None:
+        """Before the first SUBSCRIBE of the process and the first read past CONNACK, wait
+        until Kafka can take records at once (the gate); then never again. A new session
+        gets no PUBLISH before it subscribes, a present one none before it is read."""
+        gate = self.gate
+        assert gate is not None
+        if not gate.is_set():
+            self.log.info("mqtt_waiting_for_kafka",
+                          why="no PUBLISH is read before every lane's producer is primed")
+            await gate.wait()
+        self.gate = None
 
     @staticmethod
     async def _paused(connection: Connection, waiting: Awaitable[object]) -> None:
@@ -478,6 +567,44 @@ class BrokerSession:
                             + (f" ({packet.reason_str})" if packet.reason_str else ""))
         elif not isinstance(packet, mqtt5.PingRespPacket):
             raise ProtocolError(f"unexpected {type(packet).__name__} from the broker")
+
+
+def read_publish(view: memoryview, first: int, body: int, end: int,
+                 topics: dict[bytes, str]) -> tuple[str, bytes, int, int | None] | None:
+    """(topic, payload, qos, packet id) of the PUBLISH whose variable header starts at
+    `body` and which ends at `end`, read straight from the buffer; None unless it is the
+    common case that gives exactly what mqtt5 would: no properties, a valid QoS, and a
+    topic whose raw bytes mqtt5 decoded before (`topics`). The caller then asks mqtt5,
+    which also answers every malformed packet."""
+    if end - body < 3:
+        return None
+    topic_end = body + 2 + (view[body] << 8 | view[body + 1])
+    qos = first >> 1 & 3
+    packet_id = None
+    position = topic_end
+    if qos:
+        if qos == 3 or position + 2 > end:
+            return None
+        packet_id = view[position] << 8 | view[position + 1]
+        position += 2
+    if position >= end or view[position]:  # no property length, or properties
+        return None
+    topic = topics.get(bytes(view[body + 2:topic_end]))
+    if topic is None:
+        return None
+    return topic, bytes(view[position + 1:end]), qos, packet_id
+
+
+def topic_bytes(view: memoryview, start: int, end: int) -> bytes | None:
+    """The raw topic of the well-formed PUBLISH at `start`, or None when it has none."""
+    index = start + 1
+    while view[index] & 0x80:
+        index += 1
+    body = index + 1
+    if body + 2 > end:
+        return None
+    topic_end = body + 2 + (view[body] << 8 | view[body + 1])
+    return bytes(view[body + 2:topic_end]) if topic_end <= end else None
 
 
 class ProtocolError(MalformedPacket):

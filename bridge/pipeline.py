@@ -33,6 +33,7 @@ from bridge.routing import KeySpec, Router
 from bridge.s3 import ObjectStore, retrying
 
 T = TypeVar("T")
+_new_origin = tuple.__new__  # Origin's own __new__ is a Python function: a frame each
 log = structlog.get_logger("bridge.pipeline")
 
 # The plan cache holds what a fleet's topics need, never what an attacker chooses to send:
@@ -66,6 +67,9 @@ class Plan(NamedTuple):
     inline_max: int | None  # larger bodies go to S3 (None: no S3, all inline)
     truncate: int | None  # the route keeps only this head of each body
     topic_known: bool  # False: ask Kafka whether the rendered topic exists before producing
+    # Bodies up to this size need no stage but the envelope (no refusal, signature, format
+    # check, truncation, offload, and they fit a record): -1 when every body needs one.
+    direct_max: int = -1
 
 
 class Job(NamedTuple):
@@ -133,12 +137,16 @@ class Pipeline:
         self._dead_letter_body_max = min(envelope.DEAD_LETTER_BODY_MAX, self._record_max // 2)
         self._plans: dict[tuple[str, str], Plan] = {}
         self._plans_bytes = 0
+        self._arrival_key: tuple[int, bytes] = (-1, b"")  # the last arrival_millis key
 
     # -- the fast path ---------------------------------------------------------------------
 
     def prepare(self, message: Message, on_durable: Callable[[], None] | None) -> Delivery | Job:
         """The outcome of one message: its Delivery, or the Job that leads to it."""
         plan = self._plans.get((message.broker, message.topic))
+        if plan is not None and len(message.payload) <= plan.direct_max:
+            return self._delivery(message, plan, on_durable, plan.template.encode(message),
+                                  self.sink)
         if plan is None:
             try:
                 plan = self._plan(message)
@@ -213,11 +221,20 @@ class Pipeline:
 
     def _delivery(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
                   value: bytes, sink: KafkaSink | None) -> Delivery:
-        key = plan.key if plan.key_per_message is None else \
-            plan.key_per_message.key(plan.device_id, message.arrival_millis)
+        spec = plan.key_per_message
+        if spec is None:
+            key = plan.key
+        elif spec.strategy == "arrival_millis":  # messages of one read share their arrival
+            millis = message.arrival_millis
+            if millis != self._arrival_key[0]:
+                self._arrival_key = (millis, str(millis).encode())
+            key = self._arrival_key[1]
+        else:
+            key = spec.key(plan.device_id, message.arrival_millis)
         return Delivery(plan.kafka_topic, key, value, plan.headers, on_durable,
-                        self.rejected_by_kafka, Origin(message, plan.device_id, plan.lineage),
-                        sink)
+                        self.rejected_by_kafka, _new_origin(Origin, (
+                            message, plan.device_id, plan.lineage, None, None, None, None,
+                            False)), sink)
 
     # -- work off the fast path (Jobs) ------------------------------------------------------
 
@@ -327,6 +344,10 @@ class Pipeline:
             lineage, payload_format, refusal,
             device.hmac_key if device is not None and route.auth == "hmac" else None,
             self._inline_max(route), route.truncate_bytes, topic_known)
+        if refusal is None and plan.hmac_key is None and payload_format.check is None and \
+                plan.truncate is None:
+            plan = plan._replace(direct_max=self._record_max if plan.inline_max is None
+                                 else min(plan.inline_max, self._record_max))
         if refusal is None and topic_known:
             self._remember(message, plan)
         return plan

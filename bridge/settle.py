@@ -137,6 +137,8 @@ class Lane:
             outcome = pipeline.prepare(message, inflight)
         except Exception as exc:
             outcome = self._crashed(pipeline, message, inflight, exc)
+        if type(outcome) is Delivery:  # the common case, one call shorter
+            return self._send(pipeline, outcome)
         return self.start(pipeline, outcome)
 
     def start(self, pipeline: Pipeline, outcome: Delivery | Job) -> Awaitable[None] | None:
