@@ -40,7 +40,7 @@ check: $(STAMP)  ## lint and type-check
 	$(BIN)/python -m ruff check bridge tests bench
 	$(BIN)/python -m mypy bridge
 
-bench: $(BENCH_STAMP)  ## the benchmark suite (~20 min): one table, results/latest.json, charts
+bench: $(BENCH_STAMP)  ## the benchmark suite (13-25 min): one table, results/latest.json, charts
 	$(BIN)/python bench/suite.py $(BENCH)
 
 bench-quick: $(BENCH_STAMP)  ## the suite's smoke run: one run of each, small sizes (~2 min)
