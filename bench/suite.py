@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import charts, drain, large_files, latency, memory, scaleout
+from bench import drain, large_files, latency, memory, scaleout
 from bench.common import ROOT, cell, exit_on_sigterm, machine, table
 
 BENCHMARKS: dict[str, ModuleType] = {"throughput": drain, "latency": latency,
@@ -141,6 +141,8 @@ def main() -> None:
     save(results, args.out)
     args.out.with_suffix(".md").write_text(markdown(results))
     print(render_table(results))
+    from bench import charts  # matplotlib: the bench extra, which the tests do not install
+
     for path in charts.render(results, ROOT / "bench" / "charts"):
         print(f"chart: {path.relative_to(ROOT)}")
     print(f"results: {args.out} ({results['seconds']:.0f} s)")
