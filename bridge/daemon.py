@@ -148,21 +148,27 @@ class Daemon:
         wait for; one that does not gets what it always got (sessions read, records wait
         in the producer's bounded queue, readiness says what it waits for). The probe loop
         asks Kafka for metadata meanwhile; a reload may replace a sink, so they are looked
-        at again now and then."""
+        at again now and then. The gate opens whatever happens here: a bug in this wait
+        must not keep every session from reading."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _PRIME_MAX
-        while loop.time() < deadline:
-            waiting = [sink for sink in self.sinks.values() if not sink.primed.is_set()]
-            if not waiting:
-                log.info("bridge_primed", lanes=list(self.sinks))
-                break
-            await _any_set([sink.primed for sink in waiting], min(_BEAT, deadline - loop.time()))
-        else:
-            log.warning("kafka_not_primed", lanes=[lane for lane, sink in self.sinks.items()
-                                                   if not sink.primed.is_set()],
-                        why=f"no producer id or metadata within {_PRIME_MAX:g} s: reading "
-                            "anyway, records wait in the producer until Kafka answers")
-        self.primed.set()
+        try:
+            while loop.time() < deadline:
+                waiting = [sink for sink in self.sinks.values() if not sink.primed.is_set()]
+                if not waiting:
+                    log.info("bridge_primed", lanes=list(self.sinks))
+                    break
+                await _any_set([sink.primed for sink in waiting],
+                               min(_BEAT, deadline - loop.time()))
+            else:
+                log.warning("kafka_not_primed", lanes=[lane for lane, sink in self.sinks.items()
+                                                       if not sink.primed.is_set()],
+                            why=f"no producer id or metadata within {_PRIME_MAX:g} s: reading "
+                                "anyway, records wait in the producer until Kafka answers")
+        except Exception:
+            log.exception("bridge_priming_crashed", why="reading without waiting for Kafka")
+        finally:
+            self.primed.set()
 
     async def _prime_new(self, sinks: dict[str, KafkaSink]) -> None:
         """A reload's new producers are primed before they take over (the old ones bridge
