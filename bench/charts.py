@@ -47,6 +47,14 @@ def _caption(fig: Any, result: dict[str, Any], meta: dict[str, str]) -> None:
              color="gray")
 
 
+def _save(fig: Any, path: Path, result: dict[str, Any], meta: dict[str, str]) -> None:
+    """Caption (machine, commit, date), lay out, write the PNG, free the figure."""
+    _caption(fig, result, meta)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def throughput(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
     """msg/s per size and phase, median with min-max error bars, three sides per group."""
     sizes = [k for k in result if k.isdigit()]
@@ -67,10 +75,7 @@ def throughput(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None
         ax.set_ylabel("msg/s (median, min-max)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    _caption(fig, result, meta)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, result, meta)
 
 
 def latency(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
@@ -90,10 +95,7 @@ def latency(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
     ax.set_title(f"Latency at {result['rate']:,.0f} msg/s per lane, {len(result['runs'])} runs")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    _caption(fig, result, meta)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, result, meta)
 
 
 def memory(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
@@ -109,10 +111,7 @@ def memory(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
     ax.set_title(f"Bridge RSS draining a {result['messages']:,}-message backlog")
     ax.grid(alpha=0.3)
     ax.legend()
-    _caption(fig, result, meta)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, result, meta)
 
 
 def main() -> None:

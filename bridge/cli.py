@@ -188,11 +188,20 @@ def _positive(kind: Callable[[str], float], zero: bool = False) -> Callable[[str
 
 def _readable(path: str, option: str) -> Path:
     """The file an option names, once it is known to open."""
+    return _opens(path, option, "rb", "read")
+
+
+def _appendable(path: str, option: str) -> Path:
+    """The file an option names, once it is known to open for appending."""
+    return _opens(path, option, "a", "write")
+
+
+def _opens(path: str, option: str, mode: str, verb: str) -> Path:
     try:
-        with open(path, "rb"):
+        with open(path, mode):
             return Path(path)
     except OSError as exc:
-        raise Mistake(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+        raise Mistake(f"cannot {verb} {option} {path}: {exc.strerror or exc}") from None
 
 
 def _load(path: str, load: Callable[[str], config_module.Config] = config_module.load
@@ -352,15 +361,6 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.log:
         _appendable(args.log, "--log")
     return _fleet(args)
-
-
-def _appendable(path: str, option: str) -> Path:
-    """The file an option names, once it is known to open for appending."""
-    try:
-        with open(path, "a"):
-            return Path(path)
-    except OSError as exc:
-        raise Mistake(f"cannot write {option} {path}: {exc.strerror or exc}") from None
 
 
 def _fleet(args: argparse.Namespace) -> int:
