@@ -120,6 +120,11 @@ def _ignore(_err: KafkaError) -> None:
     """The probe's error_cb: it is never polled, so this is never called."""
 
 
+def _is_fatal(err: KafkaError) -> bool:
+    """The producer is unusable: fatal itself, or produce() refusing because it is."""
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
 class Delivery:
     """One record on its way to Kafka, and what to call once Kafka has it durably.
 
@@ -360,16 +365,33 @@ class KafkaSink:
             self._poller.cancel()
 
     def _poll(self) -> None:
-        """Serve delivery reports (and errors), settle them as one batch, poll again soon."""
+        """Serve delivery reports (and errors), settle them as one batch, poll again soon.
+        Whatever poll() raises, polling goes on: a timer that died with it would leave every
+        record of the lane unsettled, and its MQTT messages unacked, for good."""
         if self._stopping:
             return
-        self._producer.poll(0)
+        try:
+            self._producer.poll(0)
+        except KafkaException as exc:  # confluent-kafka 2.x raises a fatal error here
+            self._on_poll_error(exc)
+        except Exception:
+            self._metrics.inc("kafka_poll_crashes")
+            log.exception("kafka_poll_crashed", lane=self.lane)
+        finally:
+            busy = self._pending or self._waiting
+            self._poller = self._loop.call_later(_POLL_BUSY if busy else _POLL_IDLE,
+                                                 self._poll)
         if self._reports:
             batch = self._reports.copy()
             self._reports.clear()
             self._settle(batch, self._generation)
-        busy = self._pending or self._waiting
-        self._poller = self._loop.call_later(_POLL_BUSY if busy else _POLL_IDLE, self._poll)
+
+    def _on_poll_error(self, exc: KafkaException) -> None:
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if err is not None and _is_fatal(err):
+            self._replace_producer(err.str(), self._generation)
+        else:
+            log.warning("kafka_error", lane=self.lane, error=error_text(exc))
 
     def _settle(self, batch: list[tuple[Delivery, KafkaError | None]], generation: int) -> None:
         """Ack what is durable, retry or reject what is not; the batch shares one clock
@@ -409,7 +431,7 @@ class KafkaSink:
             self._metrics.inc("kafka_records_rejected", lane=self.lane)
             delivery.on_rejected(delivery, Rejected(code, f"Kafka refused the record: {err.str()}"))
             return
-        if err.fatal():
+        if _is_fatal(err):
             self._pending[delivery] = None  # the new producer replays it
             self._replace_producer(err.str(), self._generation)
             return

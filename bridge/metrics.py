@@ -56,6 +56,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mqtt_window_full": ("Times a session stopped reading: its receive window was full", ()),
     "mqtt_subscribe_failures": ("Topic filters a broker refused to subscribe", ()),
     "mqtt_unsubscribe_failures": ("Topic filters a broker refused to unsubscribe", ()),
+    "mqtt_presence_refused": ("Presence messages a broker refused (an ACL): adopt cannot "
+                              "tell whether the session is connected", ()),
     "kafka_records_delivered": ("Records Kafka reported durable", ("lane",)),
     "kafka_records_rejected": ("Records Kafka refused for good (dead-lettered instead)",
                                ("lane",)),
@@ -63,6 +65,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kafka_backpressure": ("Times producing waited for room in the local queue", ("lane",)),
     "kafka_producers_replaced": ("Producers replaced after a fatal error", ("lane",)),
     "kafka_callback_crashes": ("Delivery callbacks that raised", ()),
+    "kafka_poll_crashes": ("Producer polls that raised something other than a Kafka error",
+                           ()),
     "payloads_offloaded": ("Payloads written to S3 and sent by reference", ()),
     "dead_letters_shrunk": ("Dead letters Kafka refused as too large, sent again smaller", ()),
     "dead_letters_refused": ("Dead letters Kafka refused for good (left unacked)", ()),

@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from bridge.devkit.localstack import LocalStack
 from bridge.kafka import Delivery, KafkaSink
@@ -132,3 +133,59 @@ def test_a_record_kafka_can_never_take_is_rejected_with_a_code(stack: LocalStack
     asyncio.run(run_sink(stack, {"message.max.bytes": 2000}, body))
     assert acks.rejected == [(1, "record_too_large")]
     assert acks.durable == Counter([2])
+
+
+class Faulty:
+    """The sink's producer, raising once from poll() or produce() what the test chose (what
+    confluent-kafka does when librdkafka's idempotence state is lost, seen on Tansu with
+    three producers: poll() raises the fatal error instead of calling error_cb)."""
+
+    def __init__(self, real: Any, poll: BaseException | None = None,
+                 produce: BaseException | None = None) -> None:
+        self.real, self.poll_error, self.produce_error = real, poll, produce
+
+    def poll(self, timeout: float) -> int:
+        error, self.poll_error = self.poll_error, None
+        if error is not None:
+            raise error
+        return int(self.real.poll(timeout))
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        error, self.produce_error = self.produce_error, None
+        if error is not None:
+            raise error
+        self.real.produce(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+FATAL = KafkaException(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+                                  "injected: sequence desynchronization", fatal=True))
+PRODUCER_FATAL = KafkaException(KafkaError(KafkaError._FATAL, "Local: Fatal error"))
+
+
+@pytest.mark.parametrize(("where", "error", "replaced"), [
+    pytest.param("poll", FATAL, 1, id="poll-raises-fatal"),
+    pytest.param("produce", PRODUCER_FATAL, 1, id="produce-refuses-fatal"),
+    pytest.param("poll", RuntimeError("injected bug"), 0, id="poll-raises-a-bug"),
+    pytest.param("poll", KafkaException(KafkaError(KafkaError._TRANSPORT, "injected")), 0,
+                 id="poll-raises-not-fatal"),
+])
+def test_whatever_the_producer_raises_polling_goes_on_and_every_record_settles(
+        stack: LocalStack, where: str, error: BaseException, replaced: int) -> None:
+    """The class of failure: an exception out of the poll timer stopped polling for good
+    (every record of the lane unsettled, its MQTT messages never acked), and a producer in
+    its fatal state was retried forever instead of replaced."""
+    topic, acks = fresh_topic(stack), Acks()
+
+    async def body(sink: KafkaSink) -> None:
+        for n in range(2000):
+            await sink.send(acks.delivery(topic, n))
+            if n == 1000:
+                sink._producer = Faulty(sink._producer, **{where: error})
+
+    metrics = asyncio.run(run_sink(stack, {"linger.ms": 20}, body))
+    assert metrics.value("kafka_producers_replaced") == replaced
+    assert acks.durable == Counter(range(2000)), "each record is acked exactly once"
+    assert set(values_in(stack, topic)) == set(range(2000))
