@@ -1,5 +1,5 @@
-"""The command line: run, check-config, route, s3-setup, dev, simulate, verify, tail,
-init-site.
+"""The command line: run, check-config, route, s3-setup, retire, adopt, dev, simulate,
+verify, tail, init-site.
 
 A mistake or a failure of the outside world (a server that does not answer, a file that
 does not open) is one line on stderr that says what to do, and exit 2 (bridge/explain.py).
@@ -12,7 +12,9 @@ import asyncio
 import dataclasses
 import importlib.metadata
 import logging
+import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -74,6 +76,29 @@ def parser() -> argparse.ArgumentParser:
     route.add_argument("topic", help="the MQTT topic the message arrives on")
 
     config(command("s3-setup", "apply the S3 bucket lifecycle rules of [s3]"))
+
+    retire = command("retire", "scale in: tell a running bridge (SIGUSR1) to end its "
+                     "sessions once it has bridged what its brokers queued, and wait until it "
+                     "exits")
+    retire.add_argument("--pid", type=_positive(int), required=True, help="the process id of "
+                        "`mqtt-kafka-bridge run` (systemd: systemctl show -p MainPID --value "
+                        "mqtt-kafka-bridge; its container: 1)")
+    retire.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+                        help="stop waiting after this long and exit 1; the bridge goes on "
+                        "retiring (default: no limit)")
+    retire.add_argument("--if-scaled-down", action="store_true",
+                        help="Kubernetes preStop: retire only when this pod's ordinal is at or "
+                        "above its StatefulSet's replicas (a scale-down); else exit 0 at once, "
+                        "and the SIGTERM that follows is a restart that keeps the session")
+
+    adopt = command("adopt", "take over the sessions of a bridge that will never come back: "
+                    "bridge what its brokers queued for it into Kafka, then end them")
+    config(adopt)
+    adopt.add_argument("--client-id", required=True, metavar="ID", help="the gone bridge's "
+                       "client_id as its config rendered it (check-config shows it); every "
+                       "lane's session (ID, ID-fast, ID-fat) is adopted on each broker")
+    adopt.add_argument("--force", action="store_true", help="take the sessions over even "
+                       "when their presence says connected, or cannot tell")
 
     dev = command("dev", "run the bridge on a local Mosquitto, Kafka (Tansu) and S3 (moto), "
                   "with a simulated fleet")
@@ -237,6 +262,12 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.file}: ok ({len(config.brokers)} broker(s), {len(config.routes)} route(s), "
           f"map version {config.version})")
+    print(f"  instance: {config.bridge.instance}")
+    for broker in config.brokers:  # as rendered here: {hostname}, ${NAME}
+        sessions = ", ".join(f"{broker.for_lane(lane).client_id} ({lane})"
+                             for lane in config.session_lanes())
+        group = f", share group {broker.share_group}" if broker.share_group else ""
+        print(f"  {broker.name}: session {sessions}{group}")
     return 0
 
 
@@ -335,6 +366,128 @@ def _s3_setup(args: argparse.Namespace) -> int:
     for rule in rules:
         print(f"  {rule.get('ID', '?')}: {rule}")
     return 0
+
+
+def _retire(args: argparse.Namespace) -> int:
+    """SIGUSR1 to the daemon, then wait for it to exit: it does once every session ended."""
+    if args.if_scaled_down:
+        from bridge import kubernetes
+
+        decision = kubernetes.scale_down()
+        print(f"{'retiring' if decision.retire else 'not retiring'}: {decision.why}")
+        if not decision.retire:
+            return 0
+    _bridge_process(args.pid)
+    try:
+        os.kill(args.pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        raise Mistake(f"--pid {args.pid}: no such process (it exited?)") from None
+    except PermissionError:
+        raise Mistake(f"--pid {args.pid}: not allowed to signal it: run retire as the "
+                      "bridge's user, or root") from None
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    while _alive(args.pid):
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"{PROG} retire: PID {args.pid} still retiring after {args.timeout:g} s "
+                  "(a large queue, or a broker it cannot reach: its log says)", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print(f"PID {args.pid} retired its sessions and exited")
+    return 0
+
+
+def _bridge_process(pid: int) -> None:
+    """Refuse a PID that is not a bridge daemon: SIGUSR1 ends most other programs."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not Path("/proc/self/cmdline").exists():
+        return  # no /proc to look in: trust the operator
+    try:
+        argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+    except FileNotFoundError:
+        raise Mistake(f"--pid {pid}: no such process") from None
+    except OSError:
+        return  # another user's process: os.kill says whether it may be signalled
+    if "run" not in argv or "--config" not in argv:
+        shown = " ".join(argv).strip()[:80]
+        raise Mistake(f"--pid {pid} is not a bridge daemon ({shown}): give the PID of "
+                      f"`{PROG} run`")
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs; a zombie (exited, not yet reaped) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    """Connect as a gone member's sessions, bridge their queues, end them (`retire`)."""
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if not config_module.CLIENT_ID.fullmatch(args.client_id):
+        raise Mistake(f"--client-id {args.client_id!r}: must be 1-64 characters of "
+                      "[0-9A-Za-z._-]")
+    config = dataclasses.replace(config, http=None, brokers=tuple(  # no port of a running bridge
+        dataclasses.replace(b, client_id=args.client_id) for b in config.brokers))
+    if not args.force:
+        for index, broker in enumerate(config.brokers):
+            _refuse_if_connected(args, index, broker, config.session_lanes())
+    from bridge import logs
+    from bridge.daemon import Daemon
+
+    logs.configure(config.bridge.log_format)
+    daemon = Daemon(config, retire=True)
+    asyncio.run(daemon.run())
+    if not daemon.retired:
+        print(f"{PROG} adopt: stopped before the sessions ended: what they still queue stays "
+              "with the broker; run adopt again", file=sys.stderr)
+        return 1
+    done = daemon.metrics.snapshot()
+    sessions = [f"{s.config.client_id}@{s.name}" + ("" if s.session_present else " (none)")
+                for s in daemon.sessions.values()]
+    print(f"adopted {', '.join(sessions)}: {done.get('received_messages', 0)} message(s) "
+          f"received, {done.get('bridged_messages', 0)} bridged, "
+          f"{done.get('dead_lettered_messages', 0)} dead-lettered; the sessions are ended")
+    return 0
+
+
+def _refuse_if_connected(args: argparse.Namespace, index: int,
+                         broker: config_module.BrokerConfig, lanes: list[str]) -> None:
+    """A Mistake unless the presence of each of the member's sessions on `broker` says it
+    is offline: adopting a live session would fight its owner for it."""
+    from bridge import mqtt
+    from bridge.errors import MqttError
+
+    where = f"brokers[{index}] ({broker.name})"
+    if not broker.presence_prefix:
+        raise Mistake(f"{where} has presence_prefix = \"\": adopt cannot tell whether "
+                      f"{args.client_id} is connected; --force takes it over anyway")
+    ids = [broker.for_lane(lane).client_id for lane in lanes]
+    try:
+        found = asyncio.run(mqtt.read_presence(broker, ids))
+    except (OSError, MqttError) as exc:
+        raise Mistake(f"cannot read presence from {where}: {exc or type(exc).__name__}: is "
+                      "the broker running? check its url and credentials") from None
+    for client_id, presence in found.items():
+        if presence is not None and presence.get("state") == "online":
+            raise Mistake(f"{client_id} is connected to {broker.name} right now (instance "
+                          f"{presence.get('instance')}, host {presence.get('host')}, pid "
+                          f"{presence.get('pid')}): retire that bridge instead, or --force to "
+                          "take its session over")
+    if all(presence is None for presence in found.values()):
+        raise Mistake(f"{where} holds no presence for {args.client_id}: cannot tell whether "
+                      f"it is connected (a mistyped id? check-config on its config shows it; "
+                      f"or an ACL that hides {broker.presence_prefix}/#); --force takes it "
+                      "over anyway")
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -464,5 +617,6 @@ def _exec_start(unit: str) -> tuple[str, str]:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup, "dev": _dev,
+    "run": _run, "check-config": _check, "route": _route, "s3-setup": _s3_setup,
+    "retire": _retire, "adopt": _adopt, "dev": _dev,
     "simulate": _simulate, "verify": _verify, "tail": _tail, "init-site": _init_site}

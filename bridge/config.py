@@ -42,7 +42,8 @@ from bridge.routing import (
 _REQUIRED: Any = object()
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
 _REGION = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")  # what botocore accepts
-_CLIENT_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # fullmatch: `$` lets a final newline by
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")  # {hostname} in an identity
+CLIENT_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")  # fullmatch: `$` lets a final newline by
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -131,6 +132,9 @@ class BrokerConfig:
     # subscriber silently after acking the device, so it must be at least the broker's own
     # limit for devices: the default is MQTT's maximum.
     max_packet_size: int = MQTT_MAX_PACKET_SIZE
+    # Where each session says whether it is connected (retained, with a will that says
+    # offline), so `adopt` can tell a live member from a gone one; "" turns it off.
+    presence_prefix: str = "mqtt-kafka-bridge/sessions"
 
     @property
     def name(self) -> str:
@@ -141,6 +145,11 @@ class BrokerConfig:
         """The session of one lane: each lane has its own, so a backed-up lane's unsent acks
         never hold up another's. Bulk keeps the client id; others add `-LANE`."""
         return self if lane == "bulk" else replace(self, client_id=f"{self.client_id}-{lane}")
+
+    @property
+    def presence_topic(self) -> str | None:
+        """This session's retained presence topic, or None when presence is off."""
+        return f"{self.presence_prefix}/{self.client_id}" if self.presence_prefix else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,8 +450,9 @@ def _s3_endpoint_problem(url: str) -> str | None:
 def _broker(data: Any, path: str, problems: list[str], env: Environment) -> BrokerConfig | None:
     t = _Table(data, path, problems)
     url = t.get("url", str, check=_parses(mqtt_endpoint))
-    client_id = t.get("client_id", str, check=lambda v: None if _CLIENT_ID.fullmatch(v) else
-                      "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)")
+    client_id = t.get("client_id", str, check=lambda v: _client_id_problem(render(v, env)))
+    if client_id is not None:
+        client_id = render(client_id, env)
     options = {
         "username": t.get("username", str, None, _mqtt_text_problem),
         "password_file": _secret_file(t, "password_file", env, _password_size_problem),
@@ -460,6 +470,8 @@ def _broker(data: Any, path: str, problems: list[str], env: Environment) -> Brok
         "reconnect_max": float(t.get("reconnect_max", (int, float), 30.0, _between(0.01, 3600))),
         "max_packet_size": t.get("max_packet_size", int, MQTT_MAX_PACKET_SIZE,
                                  _between(4096, MQTT_MAX_PACKET_SIZE)),
+        "presence_prefix": t.get("presence_prefix", str, "mqtt-kafka-bridge/sessions",
+                                 _presence_prefix_problem),
     }
     t.finish()
     if options["password_file"] and not options["username"]:
@@ -479,6 +491,34 @@ def _broker(data: Any, path: str, problems: list[str], env: Environment) -> Brok
     if client_id is None:
         return None
     return BrokerConfig(url=url, client_id=client_id, host=host, port=port, tls=tls, **options)
+
+
+def render(text: str, env: Environment) -> str:
+    """An identity (`client_id`, `instance`) as this process uses it: `{hostname}` is the
+    host's name (a StatefulSet pod's name), `${NAME}` an environment variable (e.g. the pod
+    name from the downward API), so N replicas of one config get distinct, stable sessions.
+    ValueError names a placeholder it does not know."""
+    def replace(found: re.Match[str]) -> str:
+        if found.group(1) != "hostname":
+            raise ValueError(f"unknown placeholder {found.group(0)}: only {{hostname}} and "
+                             "${NAME} (an environment variable) are replaced")
+        return env.hostname
+    return _PLACEHOLDER.sub(replace, env.expand(text))
+
+
+def _presence_prefix_problem(prefix: str) -> str | None:
+    if not prefix or (re.fullmatch(r"[^+#$/][^+#]*", prefix) and not prefix.endswith("/")
+                      and not _mqtt_text_problem(prefix)):
+        return None
+    return "must be \"\" (off) or a topic without '+', '#', a leading '$' or '/', or a " \
+        "trailing '/'"
+
+
+def _client_id_problem(rendered: str) -> str | None:
+    if CLIENT_ID.fullmatch(rendered):
+        return None
+    return (f"renders as {rendered!r}: " if rendered else "") + \
+        "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)"
 
 
 def _no_passphrase() -> bytes:
@@ -819,19 +859,22 @@ def _hex_key_problem(value: str) -> str | None:
 
 
 def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
-          environ: Mapping[str, str] | None = None) -> Config:
+          environ: Mapping[str, str] | None = None, hostname: str | None = None) -> Config:
     """Build the model from parsed TOML, or raise ConfigError with every problem.
 
     `base` is the config file's folder: a relative registry path is read from there.
-    References (`${NAME}`) are expanded from `environ`, by default the process's.
+    References (`${NAME}`) are expanded from `environ`, by default the process's, and
+    `{hostname}` in an identity from `hostname`, by default this host's name.
     """
-    env = Environment(os.environ if environ is None else environ)
+    env = Environment(os.environ if environ is None else environ,
+                      socket.gethostname() if hostname is None else hostname)
     problems: list[str] = []
     top = _Table(data, "", problems)
     b = _Table(top.get("bridge", dict, {}), "bridge", problems)
     bridge = BridgeSettings(
-        instance=b.get("instance", str, socket.gethostname(),
-                       lambda v: None if v.strip() else "must not be empty"),
+        instance=render(b.get("instance", str, env.hostname,
+                              lambda v: None if render(v, env).strip() else "must not be empty"),
+                        env),
         shutdown_timeout=float(b.get("shutdown_timeout", (int, float), 30.0, _between(0, 3600))),
         log_format=b.get("log_format", str, "auto", lambda v: None if v in {
             "auto", "json", "console"} else "must be auto, json or console"),

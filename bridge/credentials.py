@@ -33,8 +33,8 @@ class Environment:
     """Expands references against one environment, and remembers what came from it so no
     problem text shows a value that may be a secret."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
+    def __init__(self, environ: Mapping[str, str], hostname: str = "") -> None:
+        self._environ, self.hostname = environ, hostname
         self._expanded: dict[str, str] = {}  # value: the reference it came from
 
     def expand(self, text: str) -> str:

@@ -2,8 +2,10 @@
 
 One object owns every task and thread. SIGTERM/SIGINT: stop reading, wait (up to
 `bridge.shutdown_timeout`) for outstanding delivery reports, send the acks they earned,
-DISCONNECT. Whatever was not acked stays with the broker, which redelivers it. A second
-signal exits at once. SIGHUP reloads the config: checked in full, then applied in one step.
+DISCONNECT. Whatever was not acked stays with the broker, which redelivers it: a restart.
+A second signal exits at once. SIGHUP reloads the config: checked in full, then applied in
+one step. SIGUSR1 retires the bridge (scale-in): every session unsubscribes, bridges what
+its broker still queued, and ends with session expiry 0; then the daemon stops and exits 0.
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ class Daemon:
     """
 
     def __init__(self, config: Config, loader: Callable[[], Config] | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, retire: bool = False) -> None:
+        """`retire`: end every session at once, having bridged its queue (`adopt`)."""
         self.config, self._loader, self._on_ready = config, loader, on_ready
+        self._retire_at_start = retire
+        self.retiring: asyncio.Task[None] | None = None
+        self.retired = False  # every session ended: the broker forgot them
         self.metrics = Metrics()
         self.status = Status()  # what the HTTP endpoint reads: heartbeat and readiness
         self.http: StatusServer | None = None
@@ -94,6 +100,8 @@ class Daemon:
         self.metrics.build_info.info({"version": _version()})
         self.metrics.map_info.info({"map_version": self.config.version})
         self._apply(self.config, self._new_sinks(self.config))
+        if self._retire_at_start:
+            self.retire()
         priming = asyncio.create_task(self._prime())
         # What start-up built (modules, config, clients) lives as long as the process: full
         # garbage collections, 50-80 ms each while bridging, need not walk it every time.
@@ -105,6 +113,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self.retire)
         stats = asyncio.create_task(self._log_stats())
         sweeper = asyncio.create_task(self._sweep_transfers())
         watch = asyncio.create_task(self._watch())
@@ -128,6 +137,30 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def retire(self) -> None:
+        """Scale in (SIGUSR1, or `adopt`): every session unsubscribes at once, bridges what
+        its broker still queued until it is quiet with every ack sent, and ends with session
+        expiry 0, leaving nothing for the broker to hold; then the daemon stops. A SIGTERM
+        meanwhile stops it as a restart does: what is still queued stays in the session."""
+        if self.retiring is not None:
+            log.info("bridge_already_retiring")
+            return
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.unsubscribe_all()
+        log.info("bridge_retiring", sessions=[s.config.client_id for s in sessions],
+                 why="scale-in: draining what the brokers queued, then ending the sessions")
+        self.notifier.stopping()
+        self.notifier.status("retiring: draining the sessions' queues, then ending them")
+        self.retiring = asyncio.create_task(self._retire_all(sessions))
+
+    async def _retire_all(self, sessions: list[BrokerSession]) -> None:
+        await asyncio.gather(*(session.retire() for session in sessions))
+        self.retired = True
+        log.info("bridge_retired", sessions=[s.config.client_id for s in sessions],
+                 present=[s.config.client_id for s in sessions if s.session_present])
+        self._stop.set()
+
     def readiness(self) -> tuple[str, ...]:
         """What the bridge still waits for before it can bridge: every session of every
         lane connected and subscribed, every lane's producer answered by Kafka. Empty when
@@ -140,6 +173,8 @@ class Daemon:
         waiting += [f"kafka ({lane}): no producer id yet"
                     for lane, sink in self.sinks.items()
                     if sink.reachable and not sink.primed.is_set()]
+        if self.retiring is not None:
+            waiting.append("nothing: retiring (scale-in), it takes no new messages")
         return tuple(waiting)
 
     async def _prime(self) -> None:
@@ -312,7 +347,7 @@ class Daemon:
                     continue
                 session = BrokerSession(broker.for_lane(lane), filters,
                                         functools.partial(self._handle, lane), self.metrics,
-                                        lane, self.primed)
+                                        lane, self.primed, config.bridge.instance)
                 self.sessions[key] = session
                 self._tasks[key] = asyncio.create_task(session.run(),
                                                        name=f"mqtt {session.name} {lane}")
@@ -369,6 +404,8 @@ class Daemon:
             log.warning("reload_unsupported", why="this daemon was not started from a file")
         elif self._reloading:
             log.info("reload_already_running")
+        elif self.retiring is not None:
+            log.warning("reload_ignored", why="retiring: no session subscribes again")
         else:
             self._reloading = True
             self.notifier.reloading()
@@ -506,6 +543,7 @@ class Daemon:
             for task in late:
                 task.cancel()
         tasks = [*self._tasks.values(), *self._retiring,
+                 *([self.retiring] if self.retiring is not None else []),
                  *(t for _, run, leaving in self._leaving.values() for t in (run, leaving))]
         for session in sessions:
             session.stop_reading()

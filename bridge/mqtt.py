@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import random
+import socket
 import ssl
 import struct
 import time
@@ -42,6 +45,7 @@ _TOPICS_MAX = 4096
 _TOPIC_MAX = 1024  # longer topics always go through mqtt5
 _new_message = tuple.__new__  # Message's own __new__ is a Python function: a frame each
 _CONNECT_TIMEOUT = 10.0
+_PRESENCE_ACK_WAIT = 5.0  # seconds a retiring session waits for its presence to be cleared
 
 # Called for every PUBLISH; the ack handle is None for QoS 0. It may await (backpressure).
 Handler = Callable[[Message, "Inflight | None"], Awaitable[None] | None]
@@ -137,8 +141,9 @@ class BrokerSession:
 
     def __init__(self, config: BrokerConfig, subscriptions: list[str], handler: Handler,
                  metrics: Metrics, lane: str = "bulk",
-                 gate: asyncio.Event | None = None) -> None:
+                 gate: asyncio.Event | None = None, instance: str = "") -> None:
         self.config, self.handler, self.metrics, self.lane = config, handler, metrics, lane
+        self.instance = instance  # named in the presence message
         # Set once Kafka can take records at once (the daemon's primed producers): until
         # then the session connects, but neither subscribes nor reads past the CONNACK.
         self.gate = gate
@@ -160,6 +165,9 @@ class BrokerSession:
         self._requests: dict[int, list[str]] = {}  # (UN)SUBSCRIBE packet id -> its filters
         self._topics: dict[bytes, str] = {}  # raw topic -> topic, as mqtt5 decoded it
         self._unsubscribed = asyncio.Event()
+        self.session_present: bool | None = None  # what the last CONNACK said
+        self._presence_id: int | None = None  # the last presence PUBLISH, until its PUBACK
+        self._presence_acked = asyncio.Event()
 
     async def run(self) -> None:
         """Keep a connection up until `stop_reading`; each failure is logged and retried."""
@@ -202,31 +210,50 @@ class BrokerSession:
             self._subscribe(connection, added)
         self._unsubscribe_removed(connection)
 
-    async def retire(self, quiet: float = 2.0) -> None:
-        """End a session no route needs any more: unsubscribe everything, bridge what the
-        broker still had queued until it has been quiet for `quiet` seconds with every ack
-        sent, then DISCONNECT with session expiry 0 so the broker forgets the session."""
+    def unsubscribe_all(self) -> None:
+        """The first step of a retire, taken at once: nothing is subscribed again, every
+        filter is unsubscribed now or at the next connect."""
         self._unsubscribed.clear()
         self.update_subscriptions([])
+
+    async def retire(self, quiet: float = 2.0) -> None:
+        """End a session for good (a lane no route needs, a bridge scaled in, an adopted
+        session): unsubscribe everything, bridge what the broker still had queued until it
+        has been quiet for `quiet` seconds with every ack sent, clear the presence message,
+        then DISCONNECT with session expiry 0 so the broker forgets the session."""
+        self.unsubscribe_all()  # again, if the caller did already: harmless
         loop = asyncio.get_running_loop()
+        cleared: Connection | None = None  # the connection the presence was cleared on
         while True:
             connection = self.connection
             if connection is not None and not connection.closed and \
-                    self._unsubscribed.is_set() and not connection.owed and \
-                    loop.time() - connection.last_received >= quiet:
-                break
+                    self._unsubscribed.is_set() and not connection.owed:
+                if cleared is connection:  # nothing arrived unacked since: end it now
+                    break
+                if loop.time() - connection.last_received >= quiet:
+                    cleared = connection
+                    await self._clear_presence(connection)
+                    continue
             await asyncio.sleep(quiet / 4)
+        # No await from the check above to the DISCONNECT: nothing unacked can arrive
+        # in between and be forgotten with the session.
         self.stop_reading()
         await self.close(session_expiry=0)
+        self.log.info("mqtt_session_ended", why="retired: the broker forgets this session")
 
     async def close(self, session_expiry: int | None = None) -> None:
         """Send the acks now due, then DISCONNECT; the session and unacked messages stay
-        (unless `session_expiry` is 0)."""
+        (unless `session_expiry` is 0). A session that stays asks the broker to publish its
+        will, so its presence says offline: it may come back, or be adopted."""
         connection = self.connection
         if connection is None or connection.closed:
             return
         connection.flush_acks()
-        connection.write(mqtt5.DisconnectPacket(session_expiry_interval=session_expiry).write())
+        reason = mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION
+        if session_expiry is None and self.config.presence_topic:
+            reason = mqtt5.DisconnectReasonCode.DISCONNECT_WITH_WILL_MESSAGE
+        connection.write(mqtt5.DisconnectPacket(reason_code=reason,
+                                                session_expiry_interval=session_expiry).write())
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(connection.writer.drain(), 5)
         connection.close()
@@ -259,6 +286,7 @@ class BrokerSession:
             else connack.server_keep_alive
         self.log.info("mqtt_connected", session_present=connack.session_present,
                       keepalive=keepalive, receive_max=self.config.receive_max)
+        self.session_present = connack.session_present
         self.metrics.inc("mqtt_connects", broker=self.name, lane=self.lane)
         if not connack.session_present:
             self._session_not_present()
@@ -272,6 +300,7 @@ class BrokerSession:
         if self._first_subscribe is None:
             self._now_subscribed()
         self._unsubscribe_removed(connection)
+        self._publish_presence(connection, self._presence("online"))
         self.connected.set()
         reading = asyncio.create_task(self._read_loop(reader, connection, buffer))
         tasks = {reading}
@@ -311,23 +340,19 @@ class BrokerSession:
         self.metrics.set("mqtt_connected", 1, broker=self.name, lane=self.lane)
 
     def _tls(self) -> ssl.SSLContext | None:
-        c = self.config
-        if not c.tls:
-            return None
-        try:
-            return tls_context(c.ca_file, c.cert_file, c.key_file)
-        except ValueError as exc:  # the key became encrypted after check-config
-            raise MqttError(str(exc)) from exc
+        return _tls(self.config)
 
     def _connect_packet(self) -> bytes:
-        password = None
-        if self.config.password_file:
-            password = Path(self.config.password_file).read_bytes().rstrip(b"\r\n")
+        password = _password(self.config)
+        topic = self.config.presence_topic
+        will = None if topic is None else mqtt5.Will(
+            topic, payload=self._presence("offline"), qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True)
         return mqtt5.ConnectPacket(
             self.config.client_id,
             username=self.config.username,
             password=password,
             clean_start=False,
+            will=will,
             keep_alive=self.config.keepalive,
             session_expiry_interval=self.config.session_expiry,
             receive_max=self.config.receive_max,
@@ -351,6 +376,33 @@ class BrokerSession:
             if not chunk:
                 raise MqttError("connection closed before CONNACK")
             buffer += chunk
+
+    def _presence(self, state: str) -> bytes:
+        """The presence message: who holds this session, and whether it is connected."""
+        return json.dumps({"state": state, "client_id": self.config.client_id,
+                           "instance": self.instance, "host": socket.gethostname(),
+                           "pid": os.getpid(), "at_millis": time.time_ns() // 1_000_000},
+                          separators=(",", ":")).encode()
+
+    def _publish_presence(self, connection: Connection, payload: bytes) -> None:
+        """Retain `payload` (empty: clear it) on the presence topic, QoS 1 so an ACL that
+        refuses it is answered (and logged) rather than silent."""
+        topic = self.config.presence_topic
+        if topic is None:
+            return
+        self._presence_id = self._next_packet_id()
+        self._presence_acked.clear()
+        connection.write(mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
+                                             retain=True, packet_id=self._presence_id).write())
+
+    async def _clear_presence(self, connection: Connection) -> None:
+        """A session that ends leaves no presence behind (and, disconnecting normally, no
+        will): wait a moment for the broker to take that."""
+        if self.config.presence_topic is None:
+            return
+        self._publish_presence(connection, b"")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._presence_acked.wait(), _PRESENCE_ACK_WAIT)
 
     def _wire(self, topic_filter: str) -> str:
         group = self.config.share_group
@@ -543,6 +595,17 @@ class BrokerSession:
     def _on_control(self, connection: Connection, packet: mqtt5.Packet) -> None:
         if isinstance(packet, mqtt5.PubRelPacket):
             connection.write(_PACK_ACK(_PUBCOMP, 2, packet.packet_id))
+        elif isinstance(packet, mqtt5.PubAckPacket):  # the answer to a presence PUBLISH
+            if packet.packet_id == self._presence_id:
+                self._presence_id = None
+                self._presence_acked.set()
+            if packet.reason_code.value >= 0x80:
+                self.metrics.inc("mqtt_presence_refused")
+                self.log.error("mqtt_presence_refused", topic=self.config.presence_topic,
+                               reason=packet.reason_code.name,
+                               why="adopt cannot tell whether this session is connected: "
+                                   "allow the bridge to write and read the presence topics "
+                                   "(mosquitto/acl), or set presence_prefix = \"\"")
         elif isinstance(packet, mqtt5.SubAckPacket | mqtt5.UnsubAckPacket):
             filters = self._requests.pop(packet.packet_id, [])
             failed = [(f, c.name) for f, c in zip(filters, packet.reason_codes, strict=False)
@@ -567,6 +630,78 @@ class BrokerSession:
                             + (f" ({packet.reason_str})" if packet.reason_str else ""))
         elif not isinstance(packet, mqtt5.PingRespPacket):
             raise ProtocolError(f"unexpected {type(packet).__name__} from the broker")
+
+
+def _tls(config: BrokerConfig) -> ssl.SSLContext | None:
+    if not config.tls:
+        return None
+    try:
+        return tls_context(config.ca_file, config.cert_file, config.key_file)
+    except ValueError as exc:  # the key became encrypted after check-config
+        raise MqttError(str(exc)) from exc
+
+
+def _password(config: BrokerConfig) -> bytes | None:
+    if not config.password_file:
+        return None
+    return Path(config.password_file).read_bytes().rstrip(b"\r\n")
+
+
+async def read_presence(config: BrokerConfig, client_ids: list[str],
+                        wait: float = 1.0) -> dict[str, dict[str, object] | None]:
+    """What the broker retains on the presence topic of each session id (None: nothing, or
+    not JSON), read over a throwaway connection with the bridge's credentials: whether a
+    session is connected right now, without taking it over (`adopt`)."""
+    topics = {f"{config.presence_prefix}/{client_id}": client_id for client_id in client_ids}
+    found: dict[str, dict[str, object] | None] = dict.fromkeys(client_ids)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+        config.host, config.port, ssl=_tls(config), limit=_READ_SIZE), _CONNECT_TIMEOUT)
+    try:
+        writer.write(mqtt5.ConnectPacket(
+            f"mkb-presence-{os.getpid()}-{random.getrandbits(32):08x}",
+            username=config.username, password=_password(config), clean_start=True,
+            keep_alive=30, session_expiry_interval=0).write())
+        writer.write(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(t, max_qos=mqtt5.QoS(0))
+                                               for t in topics]).write())
+        buffer, loop, deadline = bytearray(), asyncio.get_running_loop(), None
+        seen: set[str] = set()
+        while deadline is None or (loop.time() < deadline and len(seen) < len(topics)):
+            length = packet_length(buffer, 0)
+            if length is None or len(buffer) < length:
+                left = _CONNECT_TIMEOUT if deadline is None else deadline - loop.time()
+                try:
+                    chunk = await asyncio.wait_for(reader.read(_READ_SIZE), max(left, 0.01))
+                except TimeoutError:
+                    if deadline is None:
+                        raise
+                    break
+                if not chunk:
+                    raise MqttError("connection closed by the broker")
+                buffer += chunk
+                continue
+            packet, _ = _decode(memoryview(buffer)[:length])
+            del buffer[:length]
+            if isinstance(packet, mqtt5.ConnAckPacket) and \
+                    packet.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+                raise MqttError(f"connection refused: {packet.reason_code.name}")
+            if isinstance(packet, mqtt5.SubAckPacket):
+                refused = [(t, c.name) for t, c in zip(topics, packet.reason_codes,
+                                                         strict=False) if c.value >= 0x80]
+                if refused:
+                    raise MqttError(f"the broker refused to let the bridge read "
+                                    f"{refused[0][0]} ({refused[0][1]}): allow it in the ACL")
+                deadline = loop.time() + wait
+            elif isinstance(packet, mqtt5.PublishPacket) and packet.topic in topics:
+                seen.add(packet.topic)
+                with contextlib.suppress(ValueError):
+                    value = json.loads(packet.payload)
+                    found[topics[packet.topic]] = value if isinstance(value, dict) else None
+        writer.write(mqtt5.DisconnectPacket().write())
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.drain(), 2)
+    finally:
+        writer.close()
+    return found
 
 
 def read_publish(view: memoryview, first: int, body: int, end: int,

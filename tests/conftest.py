@@ -30,8 +30,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 class Bridge:
     """The bridge as a child process, as systemd would run it: kill -9 and SIGTERM are real."""
 
-    def __init__(self, config: Path, log: Path, module: str = "bridge") -> None:
+    def __init__(self, config: Path, log: Path, module: str = "bridge",
+                 env: dict[str, str] | None = None) -> None:
         self.config, self.log, self.module = config, log, module  # tests.faults injects faults
+        self.env = env or {}  # e.g. what ${NAME} in the config's identities names
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Bridge:
@@ -41,7 +43,7 @@ class Bridge:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "run", "--config",
                                       str(self.config)], stdout=self._log_file,
                                      stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **s3_environment()})
+                                     env={**os.environ, **s3_environment(), **self.env})
         connected = self.wait_for("mqtt_connected", after=before)
         if not connected["session_present"]:
             self.wait_for("mqtt_subscribed", after=before)
@@ -162,9 +164,9 @@ lane = "fast"
 """
 
     def bridge(self, config: Path | None = None, start: bool = True,
-               module: str = "bridge") -> Bridge:
+               module: str = "bridge", env: dict[str, str] | None = None) -> Bridge:
         bridge = Bridge(config or self.config(), self.tmp / f"bridge-{len(self.bridges)}.log",
-                        module)
+                        module, env)
         self.bridges.append(bridge)
         return bridge.start() if start else bridge
 

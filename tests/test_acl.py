@@ -41,7 +41,7 @@ BRIDGE_USER = "mkb-bridge"
 # Password-file users: devices A and B, the bridge, and usernames that try to reach into
 # other devices' prefixes through the %u substitution of `pattern write devices/%u/#`.
 USERS = ("A", "B", BRIDGE_USER, "+", "B#", "#", "A/telemetry")
-SUCCESS, NOT_AUTHORIZED = 0x00, 0x87
+SUCCESS, NO_SUBSCRIBERS, NOT_AUTHORIZED = 0x00, 0x10, 0x87
 TIMEOUT = 10.0
 
 
@@ -163,9 +163,9 @@ class Client:
             self.received.append((message.topic, bytes(message.payload)))
             self._changed.notify_all()
 
-    def publish(self, topic: str, payload: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
         """Publish at QoS 1 and return the reason code of the broker's PUBACK."""
-        mid = self.paho.publish(topic, payload, qos=1).mid
+        mid = self.paho.publish(topic, payload, qos=1, retain=retain).mid
         self._wait(lambda: mid in self._acks, f"PUBACK for {topic}")
         return self._acks.pop(mid).value
 
@@ -407,3 +407,21 @@ def test_anonymous_and_wrong_passwords_are_refused(
     with pytest.raises(ConnectionError, match="CONNACK Not authorized"), connect(
             port, username=username, password=password, tls=tls, ca=broker.certs / "ca.crt"):
         pass
+
+
+def test_the_bridge_user_keeps_its_presence_and_devices_cannot_touch_it(
+        broker: Broker) -> None:
+    """`adopt` reads what each bridge session retains under mqtt-kafka-bridge/sessions/;
+    a device must not fake a member's presence."""
+    online, fake = token(), token()
+    topic = f"mqtt-kafka-bridge/sessions/mkb-{secrets.token_hex(4)}"
+    with connect(broker.loopback_port, username=BRIDGE_USER, tls=False,
+                 password=broker.passwords[BRIDGE_USER]) as bridge:
+        # Accepted: 0x10 says no one subscribes yet, and the broker retains it all the same.
+        assert bridge.publish(topic, online, retain=True) in (SUCCESS, NO_SUBSCRIBERS)
+    with device(broker, "A") as a:
+        assert a.publish(topic, fake, retain=True) == NOT_AUTHORIZED
+    with connect(broker.loopback_port, username=BRIDGE_USER, tls=False,
+                 password=broker.passwords[BRIDGE_USER]) as reader:
+        reader.subscribe(topic)
+        assert online in reader.received_until(online)  # retained, and not overwritten

@@ -252,3 +252,39 @@ def test_explain_leaves_bugs_to_their_traceback() -> None:
         "cannot use /etc/x: Permission denied"
     failed = LocalStackError("tansu exited with code 1 (its log: /w/tansu.log)\nboom\n")
     assert explain(failed, args) == "tansu exited with code 1 (its log: /w/tansu.log)"
+
+
+def test_retire_refuses_a_pid_that_is_no_bridge_or_no_process() -> None:
+    """SIGUSR1 ends most programs: retire signals only a `run --config` process."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        line = one_line(cli("retire", "--pid", str(sleeper.pid)))
+        assert line == (f"mqtt-kafka-bridge retire: --pid {sleeper.pid} is not a bridge daemon "
+                        "(sleep 30): give the PID of `mqtt-kafka-bridge run`")
+        assert sleeper.poll() is None  # not signalled
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    line = one_line(cli("retire", "--pid", str(sleeper.pid)))
+    assert line == f"mqtt-kafka-bridge retire: --pid {sleeper.pid}: no such process"
+
+
+def test_adopt_says_in_one_line_why_it_cannot_tell_or_reach(good: Path,
+                                                            refusing_port: int) -> None:
+    off = good.parent / "off.toml"
+    off.write_text(good.read_text().replace('client_id = "mkb-1"',
+                                            'client_id = "mkb-1"\npresence_prefix = ""'))
+    line = one_line(cli("adopt", "--config", str(off), "--client-id", "mkb-9"))
+    assert line == ('mqtt-kafka-bridge adopt: brokers[0] (127.0.0.1:1883) has presence_prefix '
+                    '= "": adopt cannot tell whether mkb-9 is connected; --force takes it over '
+                    'anyway')
+    unreachable = good.parent / "unreachable.toml"
+    unreachable.write_text(good.read_text().replace("127.0.0.1:1883",
+                                                    f"127.0.0.1:{refusing_port}"))
+    line = one_line(cli("adopt", "--config", str(unreachable), "--client-id", "mkb-9"))
+    assert line.startswith(f"mqtt-kafka-bridge adopt: cannot read presence from brokers[0] "
+                           f"(127.0.0.1:{refusing_port}): ")
+    assert line.endswith("is the broker running? check its url and credentials")
+    line = one_line(cli("adopt", "--config", str(good), "--client-id", "no spaces"))
+    assert line == ("mqtt-kafka-bridge adopt: --client-id 'no spaces': must be 1-64 "
+                    "characters of [0-9A-Za-z._-]")

@@ -640,3 +640,81 @@ def test_instance_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(socket, "gethostname", lambda: "")
     assert "bridge.instance: missing, and this host has no name to default to" in problems_of(
         without)
+
+
+def _identities(text: str, environ: dict[str, str], hostname: str = "mkb-2") -> Any:
+    import tomllib
+
+    return config.parse(tomllib.loads(text), environ=environ, hostname=hostname)
+
+
+def test_identities_render_the_host_name_and_environment_for_replicas() -> None:
+    """N replicas of one config (a StatefulSet's ConfigMap) get distinct, stable sessions."""
+    text = GOOD.replace('instance = "edge-1"', 'instance = "{hostname}.${ZONE}"').replace(
+        'client_id = "mkb-1"', 'client_id = "bridge-{hostname}"')
+    for host in ("mkb-0", "mkb-2"):
+        loaded = _identities(text, {"ZONE": "eu1"}, host)
+        assert loaded.bridge.instance == f"{host}.eu1"
+        assert loaded.brokers[0].client_id == f"bridge-{host}"
+        assert loaded.brokers[0].for_lane("fast").client_id == f"bridge-{host}-fast"
+    pod = GOOD.replace('client_id = "mkb-1"', 'client_id = "${POD_NAME}"')
+    assert _identities(pod, {"POD_NAME": "mkb-7"}).brokers[0].client_id == "mkb-7"
+    # The version hashes the file, not the rendering: every replica runs one map version.
+    assert _identities(text, {"ZONE": "a"}, "x").version == \
+        _identities(text, {"ZONE": "b"}, "y").version
+
+
+def test_identities_that_render_badly_are_refused_with_the_key_path() -> None:
+    import tomllib
+
+    def problems(text: str, environ: dict[str, str], hostname: str = "mkb-2") -> list[str]:
+        with pytest.raises(ConfigError) as caught:
+            config.parse(tomllib.loads(text), environ=environ, hostname=hostname)
+        return caught.value.problems
+
+    unknown = GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-{host}"')
+    assert problems(unknown, {}) == ["brokers[0].client_id: unknown placeholder {host}: only "
+                                     "{hostname} and ${NAME} (an environment variable) are "
+                                     "replaced"]
+    long_host = GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-{hostname}"')
+    [problem] = problems(long_host, {}, "h" * 70)
+    assert problem.startswith(f"brokers[0].client_id: renders as 'mkb-{'h' * 70}': must be "
+                              "1-64 characters")
+    unset = GOOD.replace('instance = "edge-1"', 'instance = "${ZONE}"')
+    [problem] = problems(unset, {})
+    assert problem.startswith("bridge.instance: ${ZONE} is not set in the environment")
+    empty = GOOD.replace('client_id = "mkb-1"', 'client_id = "${POD_NAME}"')
+    assert problems(empty, {"POD_NAME": ""}) == [
+        "brokers[0].client_id: must be 1-64 characters of [0-9A-Za-z._-] (a stable "
+        "persistent-session id)"]
+
+
+def test_presence_prefix_is_a_plain_topic_or_off() -> None:
+    import tomllib
+
+    def broker(extra: str) -> Any:
+        return config.parse(tomllib.loads(GOOD.replace('client_id = "mkb-1"',
+                                                       f'client_id = "mkb-1"\n{extra}')))
+
+    assert broker("").brokers[0].presence_topic == "mqtt-kafka-bridge/sessions/mkb-1"
+    assert broker('presence_prefix = "site/a"').brokers[0].for_lane("fat").presence_topic == \
+        "site/a/mkb-1-fat"
+    assert broker('presence_prefix = ""').brokers[0].presence_topic is None
+    for bad in ("a/+", "a/#", "$SYS/x", "/a", "a/"):
+        found = problems_of(GOOD.replace('client_id = "mkb-1"',
+                                         f'client_id = "mkb-1"\npresence_prefix = "{bad}"'))
+        assert [p.split(":")[0] for p in found] == ["brokers[0].presence_prefix"], bad
+
+
+def test_check_config_shows_the_rendered_session_ids(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(GOOD.replace('client_id = "mkb-1"', 'client_id = "mkb-${MEMBER}"\n'
+                                 'share_group = "g"') + '[[routes]]\nfilter = "devices/'
+                    '{device_id}/alerts"\nkafka_topic = "iot.alerts"\nlane = "fast"\n')
+    done = subprocess.run([sys.executable, "-m", "bridge", "check-config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={"MEMBER": "3", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "  127.0.0.1:1883: session mkb-3-fast (fast), mkb-3 (bulk), share group g" in \
+        done.stdout.splitlines()
+    assert "  instance: edge-1" in done.stdout.splitlines()

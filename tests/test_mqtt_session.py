@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -226,7 +228,8 @@ class Recorder:
 def broker_config(port: int, **overrides: Any) -> BrokerConfig:
     fields: dict[str, Any] = dict(
         url=f"mqtt://127.0.0.1:{port}", client_id="mkb-test-1", host="127.0.0.1", port=port,
-        tls=False, keepalive=5, receive_max=17, reconnect_min=0.01, reconnect_max=0.05)
+        tls=False, keepalive=5, receive_max=17, reconnect_min=0.01, reconnect_max=0.05,
+        presence_prefix="")  # the presence tests below turn it on
     fields.update(overrides)
     return BrokerConfig(**fields)
 
@@ -825,5 +828,73 @@ def test_stop_reading_then_close_sends_durable_acks_then_disconnect() -> None:
             assert after_fence[0].packet_id == 1
             assert after_fence[1].reason_code.value == 0x00  # NORMAL_DISCONNECTION
             assert c.task.exception() is None
+
+    run(body)
+
+
+# --------------------------------------------------------------------------- 12. presence, retire
+
+
+def test_presence_is_retained_online_with_a_will_that_says_offline() -> None:
+    """`adopt` tells a live member from a gone one by this: online on connect (QoS 1, so an
+    ACL's refusal is answered and counted), offline as the will, published by the broker when
+    the connection dies, and on a restart's DISCONNECT (reason 0x04)."""
+    async def body() -> None:
+        async with ScriptedBroker() as broker, \
+                client(broker, presence_prefix="mkb/sessions") as c:
+            conn = await broker.connection(0)
+            connect = conn.of(mqtt5.ConnectPacket)[0]
+            assert connect.will is not None and connect.will.retain
+            assert connect.will.topic == "mkb/sessions/mkb-test-1"
+            assert json.loads(connect.will.payload or b"")["state"] == "offline"
+            await until(lambda: conn.of(mqtt5.PublishPacket), "the presence PUBLISH")
+            online = conn.of(mqtt5.PublishPacket)[0]
+            assert (online.topic, online.retain, online.qos.value) == (
+                "mkb/sessions/mkb-test-1", True, 1)
+            assert json.loads(online.payload)["state"] == "online"
+            assert json.loads(online.payload)["pid"] == os.getpid()
+            conn.send(mqtt5.PubAckPacket(online.packet_id,
+                                         reason_code=mqtt5.PubAckReasonCode.NOT_AUTHORIZED
+                                         ).write())
+            await until(lambda: c.metrics.value("mqtt_presence_refused") == 1,
+                        "the refusal to be counted")
+            assert not c.task.done()  # a refused presence costs no reconnect
+            c.session.stop_reading()
+            await c.session.close()
+            await until(lambda: conn.of(mqtt5.DisconnectPacket), "DISCONNECT")
+            assert conn.of(mqtt5.DisconnectPacket)[0].reason_code.value == 0x04
+
+    run(body)
+
+
+def test_retire_unsubscribes_drains_clears_presence_then_ends_the_session() -> None:
+    """What the broker queued is bridged and acked first; then the presence is cleared and
+    the DISCONNECT says session expiry 0. A message that arrives while the presence is
+    being cleared is acked before the session ends, never forgotten with it."""
+    async def body() -> None:
+        recorder = Recorder(ack_at_once=True)
+        async with ScriptedBroker() as broker, \
+                client(broker, recorder, presence_prefix="mkb/sessions") as c:
+            conn = await broker.connection(0)
+            await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE")
+            retiring = asyncio.create_task(c.session.retire(quiet=0.3))
+            await until(lambda: conn.of(mqtt5.UnsubscribePacket), "UNSUBSCRIBE")
+            assert sorted(conn.of(mqtt5.UnsubscribePacket)[0].patterns) == \
+                sorted(SUBSCRIPTIONS)
+            conn.send(publish(1, payload=b"queued"))  # still queued for the session
+            await until(lambda: len(conn.of(mqtt5.PublishPacket)) == 2, "presence cleared")
+            cleared = conn.of(mqtt5.PublishPacket)[1]
+            assert (cleared.topic, cleared.payload, cleared.retain) == (
+                "mkb/sessions/mkb-test-1", b"", True)
+            conn.send(publish(2, payload=b"late"))  # arrives before the clear is acked
+            await asyncio.sleep(0.1)
+            conn.send(mqtt5.PubAckPacket(cleared.packet_id).write())
+            await asyncio.wait_for(retiring, 10)
+            acked = [p.packet_id for p in conn.of(mqtt5.PubAckPacket)]
+            assert acked == [1, 2]
+            last = conn.packets[-1]
+            assert isinstance(last, mqtt5.DisconnectPacket)
+            assert last.session_expiry_interval == 0 and last.reason_code.value == 0
+            assert [m.payload for m in recorder.messages] == [b"queued", b"late"]
 
     run(body)
