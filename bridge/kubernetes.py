@@ -90,6 +90,14 @@ def replicas_of(scale: Any) -> int:
     return replicas
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The API server does not redirect a GET of a scale: a redirect would carry the token."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        return None
+
+
 def _api_url(environ: Mapping[str, str]) -> str | None:
     host = environ.get("KUBERNETES_SERVICE_HOST")
     if not host:
@@ -128,7 +136,8 @@ def scale_down(environ: Mapping[str, str] = os.environ, hostname: str | None = N
     where = f"StatefulSet {namespace}/{name}"
     # No proxy: the API server is in the cluster, and an HTTPS_PROXY set for the bridge's own
     # traffic would not know it (nor should it see the token).
-    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}),
+                                                  _NoRedirect()]
     if url.startswith("https:"):
         try:
             context = ssl.create_default_context(cafile=str(service_account / "ca.crt"))
@@ -141,6 +150,7 @@ def scale_down(environ: Mapping[str, str] = os.environ, hostname: str | None = N
         with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as answer:
             body = answer.read(MAX_ANSWER_BYTES + 1)
     except urllib.error.HTTPError as problem:
+        problem.close()
         hint = {401: "the service account token was refused",
                 403: "forbidden: the service account may not get statefulsets/scale (the Role"
                      " and RoleBinding in deploy/kubernetes)",

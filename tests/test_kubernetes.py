@@ -122,6 +122,7 @@ class StandIn:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.release = threading.Event()  # a hung server waits for this
         self.hang = False
+        self.headers: dict[str, str] = {}
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -132,6 +133,8 @@ class StandIn:
                 self.send_response(stand_in.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(stand_in.body)))
+                for name, value in stand_in.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(stand_in.body)
 
@@ -209,6 +212,14 @@ def test_an_api_error_does_not_retire_and_says_so(api: StandIn, account: Path, s
     decision = ask(api, account)
     assert not decision.retire
     assert f"HTTP {status}" in decision.why and said in decision.why, decision.why
+
+
+def test_a_redirect_is_not_followed_with_the_token(api: StandIn, account: Path) -> None:
+    api.status, api.body = 307, b""
+    api.headers = {"Location": f"{api.url}/elsewhere"}  # followed, it would come back here
+    decision = ask(api, account)
+    assert not decision.retire and "HTTP 307" in decision.why
+    assert len(api.requests) == 1
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[]", b'{"kind": "Scale"}',
