@@ -124,7 +124,8 @@ def scaleout(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
     same-run ratio N/1. Right: CPU seconds per 1,000 messages in the steady window, stacked
     by process kind, with how busy the machine's cores were."""
     cases = [n for n in result.get("cases", []) if f"{n}.steady" in result]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    top = 0.0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
     for i, n in enumerate(cases):
         s = result[f"{n}.steady"]
         left.bar(i, s["median"], 0.6, yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]],
@@ -135,6 +136,7 @@ def scaleout(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
         if ratio:
             left.annotate(f"{ratio['median']:.2f}x", (i, s["max"]), ha="center",
                           xytext=(0, 4), textcoords="offset points", fontsize=9)
+    left.set_ylim(0, max([result[f"{n}.steady"]["max"] for n in cases], default=1) * 1.12)
     left.set_xticks(range(len(cases)), [str(n) for n in cases])
     left.set_xlabel("bridge processes in one share group")
     left.set_ylabel("msg/s, steady 10-90% (median, min-max)")
@@ -148,6 +150,7 @@ def scaleout(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
             value = per.get(kind, {}).get("median", 0.0)
             right.bar(i, value, 0.6, bottom=bottom, color=colour, label=label if i == 0 else None)
             bottom += value
+        top = max(top, bottom)
         busy = result.get(f"{n}.cpu_share", {}).get("busy")
         if busy:
             right.annotate(f"cores {busy['median']:.0f}% busy", (i, bottom), ha="center",
@@ -157,8 +160,8 @@ def scaleout(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
     right.set_ylabel("CPU s per 1,000 messages (medians)")
     right.set_title("Where the CPU went, steady window", fontsize=9)
     right.grid(axis="y", alpha=0.3)
-    right.margins(y=0.15)
-    right.legend(fontsize=7, loc="upper left")
+    right.set_ylim(0, top * 1.15 or 1)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path, result, meta)
 
 
