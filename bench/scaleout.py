@@ -120,6 +120,7 @@ def case(local: LocalStack, work: Path, prefix: str, bridges: int, n: int,
             "window": window,
             "cpu_per_1000": cpu_per_1000(window, curve),
             "cpu_share": cpu_share(window),
+            "cpu_cores": cpu_cores(window),
             "cpu_s": {c: _cpu_between(smp, smp.cpu[0][0], smp.cpu[-1][0]) if smp.cpu else {}
                       for c, smp in zip(ids, samplers, strict=True)},
             "stalls": [s for c, smp in zip(ids, samplers, strict=True)
@@ -222,13 +223,31 @@ def debug_summary(run: dict[str, Any]) -> dict[str, Any]:
             "over_0_5_s": sum(1 for r in seconds if r >= 0.5), "stalls": run["stalls"]}
 
 
+def cpu_cores(window: dict[str, Any] | None) -> dict[str, float]:
+    """How many cores each kind kept busy on average over the window (CPU s / wall s)."""
+    if window is None or window["end"] <= window["start"]:
+        return {}
+    wall = window["end"] - window["start"]
+    cpu = {**window["cpu_s"], "rest": window["rest_s"], "busy": window["busy_s"]}
+    return {k: v / wall for k, v in cpu.items()}
+
+
+def ceiling(per_1000: dict[str, float], cores: int) -> float:
+    """The rate the path could reach with every core to itself: the cores over the CPU a
+    message costs the bridges, Tansu, Mosquitto and moto together (the harness and the
+    machine's other work left out)."""
+    path = sum(per_1000.get(k, 0.0) for k in ("bridges", "tansu", "mosquitto", "moto"))
+    return cores / path * 1000 if path else float("nan")
+
+
 def bench(work: Path, quick: bool, runs: int, debug: bool | None = None) -> dict[str, Any]:
     """The suite's entry: `runs` of 1, 2 and 3 bridges (the order rotating by run), then
     (unless quick) one more two-bridge drain with librdkafka's debug, for the stalls' round
     trips."""
     debug = not quick if debug is None else debug
     messages = 20_000 if quick else 200_000
-    out: dict[str, Any] = {"messages": messages, "cases": list(CASES), "runs": []}
+    out: dict[str, Any] = {"messages": messages, "cases": list(CASES), "runs": [],
+                           "cores": os.cpu_count() or 1}
     with stack(work) as local:
         for run in range(runs):
             n = backlog(local, work, f"so{run}", messages, CASES)
@@ -238,11 +257,11 @@ def bench(work: Path, quick: bool, runs: int, debug: bool | None = None) -> dict
         if debug:
             n = backlog(local, work, "sodebug", messages, (2,))
             out["debug_run"] = debug_summary(case(local, work, "sodebug", 2, n, debug=True))
-    out.update(aggregate(out["runs"]))
+    out.update(aggregate(out["runs"], out["cores"]))
     return out
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(runs: list[dict[str, Any]], cores: int = 2) -> dict[str, Any]:
     """Median/min/max over runs of each case's rates, CPU per 1,000 messages and CPU shares;
     the ratios N/1 within each run; every stall."""
     out: dict[str, Any] = {}
@@ -253,7 +272,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             if b > 1:
                 out[f"ratio.{key}.{phase}"] = summary([r[key][phase] / r["1"][phase]
                                                        for r in runs])
-        for field in ("cpu_per_1000", "cpu_share"):
+        out[f"{key}.ceiling"] = summary([ceiling(r[key]["cpu_per_1000"], cores) for r in runs
+                                         if r[key].get("cpu_per_1000")])
+        for field in ("cpu_per_1000", "cpu_share", "cpu_cores"):
             kinds = {k for r in runs for k in r[key].get(field, {})}
             out[f"{key}.{field}"] = {k: summary([r[key][field][k] for r in runs
                                                  if k in r[key].get(field, {})])
@@ -268,7 +289,11 @@ def limit(result: dict[str, Any], bridges: int) -> str:
     if "busy" not in share:
         return "no CPU window"
     busy = share["busy"]["median"]
-    parts = ", ".join(f"{LABELS[k]} {share[k]['median']:.0f}%" for k in KINDS if k in share)
+    cores = result.get(f"{bridges}.cpu_cores", {})
+    parts = ", ".join(f"{LABELS[k]} {share[k]['median']:.0f}%"
+                      + (f" ({cores[k]['median']:.2f} cores)" if k == "bridges" and k in cores
+                         else "")
+                      for k in KINDS if k in share)
     state = "saturated" if busy >= 90 else "not saturated"
     return f"cores {busy:.0f}% busy ({state}): {parts}"
 
@@ -295,6 +320,11 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
                              for k in ("bridges", "tansu", "mosquitto", "busy"))
         out.append(["scale-out", f"{_case_label(b)}: CPU s per 1,000 msgs, bridges / Tansu / "
                     "Mosquitto / whole machine", figures, limit(result, b)])
+    if "1.ceiling" in result:
+        out.append(["scale-out", f"ceiling: {result.get('cores', '?')} cores / the path's CPU per "
+                    "msg (msg/s), " + " / ".join(_case_label(b) for b in CASES),
+                    " / ".join(cell(result[f"{b}.ceiling"]) for b in CASES),
+                    "bridges + Tansu + Mosquitto + moto, nothing else running"])
     stalled = sum(1 for r in result["runs"] for k in map(str, CASES[1:]) if r[k]["stalls"])
     out.append(["scale-out", f"drains with a >= {GAP:g} s stall (2 and 3 bridges)",
                 f"{stalled} of {len(result['runs']) * (len(CASES) - 1)}", "see stalls in JSON"])

@@ -184,10 +184,25 @@ def test_cpu_per_1000_messages_and_shares_of_the_busy_cpu() -> None:
     assert cpu_per_1000(window, []) == {}
 
 
+def test_cores_used_and_the_ceiling_of_the_path() -> None:
+    from bench.common import cpu_window
+    from bench.scaleout import ceiling, cpu_cores
+
+    cores = cpu_cores(cpu_window(_samples(), 9.5, 14.5))  # a 4 s window
+    assert cores == pytest.approx({"bridges": 1.0, "tansu": 0.25, "rest": 0.55, "busy": 1.8})
+    assert cpu_cores(None) == {}
+    # 0.025 + 0.01 + 0.005 CPU s per 1,000 messages on the path (harness and rest left out):
+    # 2 cores of it make 50,000 msg/s
+    per = {"bridges": 0.025, "tansu": 0.01, "mosquitto": 0.005, "harness": 1.0, "rest": 9.0}
+    assert ceiling(per, 2) == pytest.approx(50_000)
+    assert math.isnan(ceiling({}, 2))
+
+
 def _case(steady: float, busy: float, bridges_share: float) -> dict[str, object]:
     return {"steady": steady, "end_to_end": steady / 2, "stalls": [],
             "cpu_per_1000": {"bridges": 0.02, "busy": 0.04},
-            "cpu_share": {"bridges": bridges_share, "rest": 100 - bridges_share, "busy": busy}}
+            "cpu_share": {"bridges": bridges_share, "rest": 100 - bridges_share, "busy": busy},
+            "cpu_cores": {"bridges": bridges_share / 50}}
 
 
 def test_scaleout_ratios_are_within_each_run_and_the_limit_says_where_the_cpu_went() -> None:
@@ -199,7 +214,8 @@ def test_scaleout_ratios_are_within_each_run_and_the_limit_says_where_the_cpu_we
     assert result["ratio.2.steady"]["min"] == 1.5 and result["ratio.2.steady"]["max"] == 2.0
     assert result["ratio.3.steady"]["median"] == pytest.approx(1.6)  # 1.2 and 2.0
     assert result["3.cpu_share"]["busy"]["median"] == 98.5
-    assert limit(result, 3) == ("cores 98% busy (saturated): bridges 75%, rest of machine 25%")
+    assert limit(result, 3) == ("cores 98% busy (saturated): bridges 75% (1.50 cores), "
+                                "rest of machine 25%")
     assert limit(result, 1).startswith("cores 90% busy (saturated)")
     assert limit({}, 1) == "no CPU window"
     table_rows = rows(result)
@@ -207,4 +223,6 @@ def test_scaleout_ratios_are_within_each_run_and_the_limit_says_where_the_cpu_we
     assert table_rows[3] == ["scale-out", "ratio 2 / 1, steady / end to end",
                              "1.75 (1.50-2.00) / 1.75 (1.50-2.00)",
                              "same run; end to end incl. start-up"]
+    # 2 cores / the bridges' 0.02 CPU s per 1,000 msgs (the machine's busy CPU is not the path)
+    assert table_rows[-2][2].startswith("100,000 (100,000-100,000) / ")
     assert table_rows[-1][2] == "0 of 4"
