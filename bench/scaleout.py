@@ -111,12 +111,14 @@ def case(local: LocalStack, work: Path, prefix: str, bridges: int, n: int,
     curve = progress(records)
     started = min(b.started for b in procs)
     per_bridge = {c: sum(1 for r in records if r.instance == c) for c in ids}
+    timeline = {c: bridge_timeline(records, c, b.started) for c, b in zip(ids, procs, strict=True)}
     window = cpu_window(machine_cpu.samples, crossing(curve, n * 0.1), crossing(curve, n * 0.9),
                         os.sysconf("SC_CLK_TCK"))
     return {"bridges": bridges, "messages": n, "records": len(records),
             "steady": steady_rate(curve, n),
             "end_to_end": n / (curve[-1][0] - started) if curve else float("nan"),
             "per_bridge": per_bridge,
+            "timeline": timeline,
             "window": window,
             "cpu_per_1000": cpu_per_1000(window, curve),
             "cpu_share": cpu_share(window),
@@ -126,6 +128,15 @@ def case(local: LocalStack, work: Path, prefix: str, bridges: int, n: int,
             "stalls": [s for c, smp in zip(ids, samplers, strict=True)
                        for s in stalls(records, c, smp)],
             "logs": [str(b.log) for b in procs]}
+
+
+def bridge_timeline(records: list[Record], instance: str, spawned: float) -> dict[str, float]:
+    """When one bridge's first and last records were produced, in seconds after its spawn:
+    what an end-to-end rate far below the steady one spent its time on (start-up or tail)."""
+    stamps = [r.timestamp_ms / 1000 for r in records if r.instance == instance]
+    if not stamps:
+        return {}
+    return {"first_s": round(min(stamps) - spawned, 3), "last_s": round(max(stamps) - spawned, 3)}
 
 
 def _pid(service: Any) -> int:

@@ -226,3 +226,12 @@ def test_scaleout_ratios_are_within_each_run_and_the_limit_says_where_the_cpu_we
     # 2 cores / the bridges' 0.02 CPU s per 1,000 msgs (the machine's busy CPU is not the path)
     assert table_rows[-2][2].startswith("100,000 (100,000-100,000) / ")
     assert table_rows[-1][2] == "0 of 4"
+
+
+def test_bridge_timeline_is_first_and_last_record_after_the_spawn() -> None:
+    from bench.scaleout import bridge_timeline
+
+    records = [Record(t, b"{}", instance=i) for t, i in ((101_500, "a"), (104_000, "a"),
+                                                         (100_200, "b"))]
+    assert bridge_timeline(records, "a", 100.0) == {"first_s": 1.5, "last_s": 4.0}
+    assert bridge_timeline(records, "c", 100.0) == {}
