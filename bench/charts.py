@@ -4,7 +4,9 @@ can be redrawn without measuring again:
     python bench/charts.py [bench/results/latest.json]
 
 throughput.png: the bridge against both ceilings; latency.png: the distribution (CDF) of
-publish -> Kafka latency per lane; memory.png: the bridge's RSS over the 1M drain.
+publish -> Kafka latency per lane; memory.png: the bridge's RSS over the 1M drain;
+scaleout.png: msg/s by number of bridge processes in one share group, and where the CPU per
+message went (bridges, Tansu, Mosquitto, the rest of the machine).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ SIDES = (("bridge", "bridge", "tab:blue"), ("mosquitto_sub", "mosquitto_sub (MQT
                                            "tab:gray"),
          ("kafka_loop", "confluent-kafka loop (Kafka ceiling)", "tab:orange"))
 COLOURS = {"fast": "tab:red", "bulk": "tab:blue"}
+KINDS = (("bridges", "bridges", "tab:blue"), ("tansu", "Tansu", "tab:orange"),
+         ("mosquitto", "Mosquitto", "tab:green"), ("moto", "moto", "tab:purple"),
+         ("harness", "harness", "tab:brown"), ("rest", "rest of machine", "lightgray"))
 
 
 def render(results: dict[str, Any], out: Path) -> list[Path]:
@@ -32,7 +37,7 @@ def render(results: dict[str, Any], out: Path) -> list[Path]:
     benchmarks = results.get("benchmarks", {})
     made = []
     for name, draw in (("throughput", throughput), ("latency", latency),
-                       ("memory", memory)):
+                       ("memory", memory), ("scaleout", scaleout)):
         result = benchmarks.get(name)
         if result and "error" not in result:
             path = out / f"{name}.png"
@@ -111,6 +116,52 @@ def memory(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
     ax.set_title(f"Bridge RSS draining a {result['messages']:,}-message backlog")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path, result, meta)
+
+
+def scaleout(result: dict[str, Any], path: Path, meta: dict[str, str]) -> None:
+    """Left: steady msg/s per number of bridges (median, min-max, each run a dot) with the
+    same-run ratio N/1. Right: CPU seconds per 1,000 messages in the steady window, stacked
+    by process kind, with how busy the machine's cores were."""
+    cases = [n for n in result.get("cases", []) if f"{n}.steady" in result]
+    top = 0.0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for i, n in enumerate(cases):
+        s = result[f"{n}.steady"]
+        left.bar(i, s["median"], 0.6, yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]],
+                 capsize=4, color="tab:blue")
+        left.plot([i] * len(result["runs"]), [r[str(n)]["steady"] for r in result["runs"]],
+                  "o", color="black", ms=3)
+        ratio = result.get(f"ratio.{n}.steady")
+        if ratio:
+            left.annotate(f"{ratio['median']:.2f}x", (i, s["max"]), ha="center",
+                          xytext=(0, 4), textcoords="offset points", fontsize=9)
+    left.set_ylim(0, max([result[f"{n}.steady"]["max"] for n in cases], default=1) * 1.12)
+    left.set_xticks(range(len(cases)), [str(n) for n in cases])
+    left.set_xlabel("bridge processes in one share group")
+    left.set_ylabel("msg/s, steady 10-90% (median, min-max)")
+    left.set_title(f"{result['messages']:,} preloaded, 200 B QoS 1; ratio to 1 in the same run",
+                   fontsize=9)
+    left.grid(axis="y", alpha=0.3)
+    for i, n in enumerate(cases):
+        per = result.get(f"{n}.cpu_per_1000", {})
+        bottom = 0.0
+        for kind, label, colour in KINDS:
+            value = per.get(kind, {}).get("median", 0.0)
+            right.bar(i, value, 0.6, bottom=bottom, color=colour, label=label if i == 0 else None)
+            bottom += value
+        top = max(top, bottom)
+        busy = result.get(f"{n}.cpu_share", {}).get("busy")
+        if busy:
+            right.annotate(f"cores {busy['median']:.0f}% busy", (i, bottom), ha="center",
+                           xytext=(0, 4), textcoords="offset points", fontsize=8)
+    right.set_xticks(range(len(cases)), [str(n) for n in cases])
+    right.set_xlabel("bridge processes in one share group")
+    right.set_ylabel("CPU s per 1,000 messages (medians)")
+    right.set_title("Where the CPU went, steady window", fontsize=9)
+    right.grid(axis="y", alpha=0.3)
+    right.set_ylim(0, top * 1.15 or 1)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path, result, meta)
 
 

@@ -189,6 +189,82 @@ class RssSampler:
         return min(self.samples, key=lambda s: abs(s[0] - when))[1]
 
 
+def parse_cpu_stat(text: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores from the text of /proc/stat's `cpu` line:
+    total sums user, nice, system, idle, iowait, irq, softirq and steal (guest is inside
+    user); busy is total minus idle and iowait, so steal (a core the hypervisor gave to
+    someone else) counts as busy: it was not ours to use."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            ticks = [int(f) for f in fields[1:9]]
+            return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+    raise ValueError("no cpu line in /proc/stat")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a whole process, its exited threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """Every `interval` s on a thread: the CPU seconds of each kind of process (the sum
+    over its pids, e.g. {"bridges": [..], "tansu": [pid]}) and the machine's busy and total
+    ticks from /proc/stat, as (wall time, {kind: s}, (busy, total)). A process that has
+    exited keeps its last reading, so a kind's sum never goes back."""
+
+    def __init__(self, kinds: dict[str, Sequence[int]], interval: float = 0.1) -> None:
+        self.kinds, self.interval = {k: list(v) for k, v in kinds.items()}, interval
+        self.samples: list[tuple[float, dict[str, float], tuple[int, int]]] = []
+        self._last: dict[int, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.sample()
+
+    def sample(self) -> None:
+        stat = parse_cpu_stat(Path("/proc/stat").read_text())
+        now = time.time()
+        out: dict[str, float] = {}
+        for kind, pids in self.kinds.items():
+            for pid in pids:
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    self._last[pid] = process_cpu(pid)
+                out[kind] = out.get(kind, 0.0) + self._last.get(pid, 0.0)
+        self.samples.append((now, out, stat))
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.sample()
+
+
+def cpu_window(samples: Sequence[tuple[float, dict[str, float], tuple[int, int]]],
+               start: float, end: float, tick: float = 100.0) -> dict[str, Any] | None:
+    """What a CpuSampler saw between the first sample at or after `start` and the last at or
+    before `end`: the wall times, each kind's CPU seconds, the machine's busy CPU seconds
+    (`tick` ticks a second) and busy share of all cores, and `rest`, the busy CPU of the
+    machine not in any kind (other work on a shared machine). None if under two samples."""
+    inside = [s for s in samples if start <= s[0] <= end]
+    if len(inside) < 2:
+        return None
+    (t0, first, stat0), (t1, last, stat1) = inside[0], inside[-1]
+    cpu = {k: round(v - first.get(k, 0.0), 3) for k, v in last.items()}
+    busy, total = stat1[0] - stat0[0], stat1[1] - stat0[1]
+    busy_s = busy / tick
+    return {"start": t0, "end": t1, "cpu_s": cpu, "busy_s": round(busy_s, 3),
+            "busy_share": busy / total if total else float("nan"),
+            "rest_s": round(max(0.0, busy_s - sum(cpu.values())), 3)}
+
+
 # ---------------------------------------------------------------- the local stack
 
 

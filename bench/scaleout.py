@@ -1,16 +1,21 @@
-"""Scale-out: 1 vs 2 bridge processes in one MQTT 5 shared subscription, same backlog.
+"""Scale-out: 1, 2 and 3 bridge processes in MQTT 5 shared subscriptions, same backlog.
 
-Each case gets its own share group whose member sessions exist (offline) before the
-preload, so Mosquitto spreads the backlog over them as it arrives; then the bridges start
-together. Rates come from the records' Kafka timestamps: steady state (10-90% of all
-records) and end to end (spawn to last record, Python start-up included). The cases
-alternate run by run, and the ratio is taken within each run. Each bridge's threads are
-sampled (CPU per thread name, every 100 ms) so a stall, a gap of >= 0.5 s in a bridge's
-records before its drain ends, can be told apart: librdkafka's broker threads burning CPU
-with nothing acked, or everything idle. `--debug` adds librdkafka's `debug=broker,protocol`
-to the [kafka] properties (the lines land in each bridge's JSON log as kafka_log events).
+Each case gets its own share group whose member sessions exist (offline) before the one
+preload, so Mosquitto spreads the backlog over them as it arrives and every case drains the
+same messages; then a case's bridges start together. Rates come from the records' Kafka
+timestamps: steady state (10-90% of all records) and end to end (spawn to last record,
+Python start-up included). The order of the cases rotates run by run, and the ratios (2/1,
+3/1) are taken within each run. Over each case's steady window the CPU of every process on
+the path is read from /proc (the bridges summed over members, Tansu, Mosquitto, moto, this
+harness) with the machine's busy CPU from /proc/stat, so the result says where the cores
+went: CPU seconds per 1,000 messages per kind, and each kind's share of the busy CPU. Each
+bridge's threads are sampled (CPU per thread name, every 100 ms) so a stall, a gap of
+>= 0.5 s in a bridge's records before its drain ends, can be told apart: librdkafka's
+broker threads burning CPU with nothing acked, or everything idle. `--debug` adds
+librdkafka's `debug=broker,protocol` to the [kafka] properties (the lines land in each
+bridge's JSON log as kafka_log events).
 
-    python bench/scaleout.py [--messages 200000] [--runs 3] [--debug]
+    python bench/scaleout.py [--quick] [--runs 3] [--debug]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import re
 import sys
 import tempfile
@@ -31,9 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     Bridge,
+    CpuSampler,
     Record,
     RssSampler,
     cell,
+    cpu_window,
+    crossing,
     exit_on_sigterm,
     open_session,
     percentile,
@@ -48,11 +57,16 @@ from bench.common import (
 from bridge.devkit.localstack import LocalStack
 
 GAP = 0.5  # seconds without a record from a bridge that count as a stall
+CASES = (1, 2, 3)  # bridge processes per share group
+# the processes on the path, as the CPU breakdown names them (rest: the machine's other work)
+KINDS = ("bridges", "tansu", "mosquitto", "moto", "harness", "rest")
+LABELS = {"bridges": "bridges", "tansu": "Tansu", "mosquitto": "Mosquitto", "moto": "moto",
+          "harness": "harness", "rest": "rest of machine"}
 
 
 def backlog(local: LocalStack, work: Path, prefix: str, messages: int,
             cases: tuple[int, ...]) -> int:
-    """The member sessions of one share group per case (1 and 2 bridges), then one preload:
+    """The member sessions of one share group per case (1, 2, 3 bridges), then one preload:
     each group gets every message (spread over its members), so the cases drain the same
     backlog."""
     for bridges in cases:
@@ -84,6 +98,10 @@ def case(local: LocalStack, work: Path, prefix: str, bridges: int, n: int,
             bridge.start()
             stop.callback(bridge.stop)
         samplers = [stop.enter_context(RssSampler(b.pid, 0.1, threads=True)) for b in procs]
+        machine_cpu = stop.enter_context(CpuSampler(
+            {"bridges": [b.pid for b in procs], "tansu": [_pid(local.kafka)],
+             "mosquitto": [_pid(local.mqtt)], "moto": [_pid(local.s3)],
+             "harness": [os.getpid()]}))
         deadline = time.monotonic() + 600
         while sum(int(b.stats().get("mqtt_acks_sent", 0)) for b in procs) < n:
             if time.monotonic() > deadline:
@@ -93,15 +111,66 @@ def case(local: LocalStack, work: Path, prefix: str, bridges: int, n: int,
     curve = progress(records)
     started = min(b.started for b in procs)
     per_bridge = {c: sum(1 for r in records if r.instance == c) for c in ids}
+    timeline = {c: bridge_timeline(records, c, b.started) for c, b in zip(ids, procs, strict=True)}
+    window = cpu_window(machine_cpu.samples, crossing(curve, n * 0.1), crossing(curve, n * 0.9),
+                        os.sysconf("SC_CLK_TCK"))
     return {"bridges": bridges, "messages": n, "records": len(records),
             "steady": steady_rate(curve, n),
             "end_to_end": n / (curve[-1][0] - started) if curve else float("nan"),
             "per_bridge": per_bridge,
+            "timeline": timeline,
+            "window": window,
+            "cpu_per_1000": cpu_per_1000(window, curve),
+            "cpu_share": cpu_share(window),
+            "cpu_cores": cpu_cores(window),
             "cpu_s": {c: _cpu_between(smp, smp.cpu[0][0], smp.cpu[-1][0]) if smp.cpu else {}
                       for c, smp in zip(ids, samplers, strict=True)},
             "stalls": [s for c, smp in zip(ids, samplers, strict=True)
                        for s in stalls(records, c, smp)],
             "logs": [str(b.log) for b in procs]}
+
+
+def bridge_timeline(records: list[Record], instance: str, spawned: float) -> dict[str, float]:
+    """When one bridge's first and last records were produced, in seconds after its spawn:
+    what an end-to-end rate far below the steady one spent its time on (start-up or tail)."""
+    stamps = [r.timestamp_ms / 1000 for r in records if r.instance == instance]
+    if not stamps:
+        return {}
+    return {"first_s": round(min(stamps) - spawned, 3), "last_s": round(max(stamps) - spawned, 3)}
+
+
+def _pid(service: Any) -> int:
+    if service.pid is None:
+        raise RuntimeError(f"{service.name} is not running")
+    return int(service.pid)
+
+
+def in_window(curve: list[tuple[float, float]], start: float, end: float) -> int:
+    """How many records of a progress curve have their Kafka timestamp in [start, end]."""
+    return sum(1 for t, _ in curve if start <= t <= end)
+
+
+def cpu_per_1000(window: dict[str, Any] | None,
+                 curve: list[tuple[float, float]]) -> dict[str, float]:
+    """CPU seconds per 1,000 messages bridged inside the window, per kind of process, plus
+    `rest` (the machine's other busy CPU) and `busy` (the whole machine's)."""
+    if window is None:
+        return {}
+    done = in_window(curve, window["start"], window["end"])
+    if not done:
+        return {}
+    cpu = {**window["cpu_s"], "rest": window["rest_s"], "busy": window["busy_s"]}
+    return {k: v / done * 1000 for k, v in cpu.items()}
+
+
+def cpu_share(window: dict[str, Any] | None) -> dict[str, float]:
+    """Each kind's share (%) of the machine's busy CPU in the window, `rest` included, and
+    `busy`: the busy share (%) of all the machine's cores."""
+    if window is None or not window["busy_s"]:
+        return {}
+    cpu = {**window["cpu_s"], "rest": window["rest_s"]}
+    out = {k: 100 * min(v, window["busy_s"]) / window["busy_s"] for k, v in cpu.items()}
+    return {**out, "busy": 100 * window["busy_share"]}
 
 
 def stalls(records: list[Record], instance: str, sampler: RssSampler) -> list[dict[str, Any]]:
@@ -165,45 +234,112 @@ def debug_summary(run: dict[str, Any]) -> dict[str, Any]:
             "over_0_5_s": sum(1 for r in seconds if r >= 0.5), "stalls": run["stalls"]}
 
 
+def cpu_cores(window: dict[str, Any] | None) -> dict[str, float]:
+    """How many cores each kind kept busy on average over the window (CPU s / wall s)."""
+    if window is None or window["end"] <= window["start"]:
+        return {}
+    wall = window["end"] - window["start"]
+    cpu = {**window["cpu_s"], "rest": window["rest_s"], "busy": window["busy_s"]}
+    return {k: v / wall for k, v in cpu.items()}
+
+
+def ceiling(per_1000: dict[str, float], cores: int) -> float:
+    """The rate the path could reach with every core to itself: the cores over the CPU a
+    message costs the bridges, Tansu, Mosquitto and moto together (the harness and the
+    machine's other work left out)."""
+    path = sum(per_1000.get(k, 0.0) for k in ("bridges", "tansu", "mosquitto", "moto"))
+    return cores / path * 1000 if path else float("nan")
+
+
 def bench(work: Path, quick: bool, runs: int, debug: bool | None = None) -> dict[str, Any]:
-    """The suite's entry: `runs` of 1 vs 2 bridges, then (unless quick) one more pair with
-    librdkafka's debug, for the stalls' round trips."""
+    """The suite's entry: `runs` of 1, 2 and 3 bridges (the order rotating by run), then
+    (unless quick) one more two-bridge drain with librdkafka's debug, for the stalls' round
+    trips."""
     debug = not quick if debug is None else debug
     messages = 20_000 if quick else 200_000
-    out: dict[str, Any] = {"messages": messages, "runs": []}
+    out: dict[str, Any] = {"messages": messages, "cases": list(CASES), "runs": [],
+                           "cores": os.cpu_count() or 1}
     with stack(work) as local:
         for run in range(runs):
-            n = backlog(local, work, f"so{run}", messages, (1, 2))
-            one = case(local, work, f"so{run}", 1, n)
-            two = case(local, work, f"so{run}", 2, n)
-            out["runs"].append({"one": one, "two": two})
+            n = backlog(local, work, f"so{run}", messages, CASES)
+            order = CASES[run % len(CASES):] + CASES[:run % len(CASES)]
+            done = {str(b): case(local, work, f"so{run}", b, n) for b in order}
+            out["runs"].append({str(b): done[str(b)] for b in CASES})
         if debug:
             n = backlog(local, work, "sodebug", messages, (2,))
             out["debug_run"] = debug_summary(case(local, work, "sodebug", 2, n, debug=True))
-    for key in ("one", "two"):
-        for phase in ("steady", "end_to_end"):
-            out[f"{key}.{phase}"] = summary([r[key][phase] for r in out["runs"]])
-    for phase in ("steady", "end_to_end"):
-        out[f"ratio.{phase}"] = summary([r["two"][phase] / r["one"][phase]
-                                         for r in out["runs"]])
-    out["stalls"] = [s for r in out["runs"] for k in ("one", "two") for s in r[k]["stalls"]]
+    out.update(aggregate(out["runs"], out["cores"]))
     return out
+
+
+def aggregate(runs: list[dict[str, Any]], cores: int = 2) -> dict[str, Any]:
+    """Median/min/max over runs of each case's rates, CPU per 1,000 messages and CPU shares;
+    the ratios N/1 within each run; every stall."""
+    out: dict[str, Any] = {}
+    for b in CASES:
+        key = str(b)
+        for phase in ("steady", "end_to_end"):
+            out[f"{key}.{phase}"] = summary([r[key][phase] for r in runs])
+            if b > 1:
+                out[f"ratio.{key}.{phase}"] = summary([r[key][phase] / r["1"][phase]
+                                                       for r in runs])
+        out[f"{key}.ceiling"] = summary([ceiling(r[key]["cpu_per_1000"], cores) for r in runs
+                                         if r[key].get("cpu_per_1000")])
+        for field in ("cpu_per_1000", "cpu_share", "cpu_cores"):
+            kinds = {k for r in runs for k in r[key].get(field, {})}
+            out[f"{key}.{field}"] = {k: summary([r[key][field][k] for r in runs
+                                                 if k in r[key].get(field, {})])
+                                     for k in sorted(kinds)}
+    out["stalls"] = [s for r in runs for k in map(str, CASES) for s in r[k]["stalls"]]
+    return out
+
+
+def limit(result: dict[str, Any], bridges: int) -> str:
+    """Where the busy CPU went in one case (medians), and whether the cores were saturated."""
+    share = result.get(f"{bridges}.cpu_share", {})
+    if "busy" not in share:
+        return "no CPU window"
+    busy = share["busy"]["median"]
+    cores = result.get(f"{bridges}.cpu_cores", {})
+    parts = ", ".join(f"{LABELS[k]} {share[k]['median']:.0f}%"
+                      + (f" ({cores[k]['median']:.2f} cores)" if k == "bridges" and k in cores
+                         else "")
+                      for k in KINDS if k in share)
+    state = "saturated" if busy >= 90 else "not saturated"
+    return f"cores {busy:.0f}% busy ({state}): {parts}"
+
+
+def _case_label(bridges: int) -> str:
+    return f"{bridges} bridge{'s' if bridges > 1 else ''}"
 
 
 def rows(result: dict[str, Any]) -> list[list[str]]:
     n = f"{result['messages']:,}"
-    stalled = sum(1 for r in result["runs"] if r["two"]["stalls"])
-    return [
-        ["scale-out", f"1 bridge, {n} backlog, steady (msg/s)", cell(result["one.steady"]), ""],
-        ["scale-out", f"2 bridges, {n} backlog, steady (msg/s)", cell(result["two.steady"]),
-         "one share group"],
-        ["scale-out", "ratio 2 / 1, steady", cell(result["ratio.steady"], "{:.2f}"),
-         "same run"],
-        ["scale-out", "ratio 2 / 1, end to end", cell(result["ratio.end_to_end"], "{:.2f}"),
-         "incl. start-up"],
-        ["scale-out", f"runs with a >= {GAP:g} s stall (2 bridges)",
-         f"{stalled} of {len(result['runs'])}", "see stalls in JSON"],
-    ]
+    out = []
+    for b in CASES:
+        note = "one share group" if b > 1 else ""
+        out.append(["scale-out", f"{_case_label(b)}, {n} backlog, steady (msg/s)",
+                    cell(result[f"{b}.steady"]), note])
+    for b in CASES[1:]:
+        out.append(["scale-out", f"ratio {b} / 1, steady / end to end",
+                    f"{cell(result[f'ratio.{b}.steady'], '{:.2f}')} / "
+                    f"{cell(result[f'ratio.{b}.end_to_end'], '{:.2f}')}",
+                    "same run; end to end incl. start-up"])
+    for b in CASES:
+        per = result.get(f"{b}.cpu_per_1000", {})
+        figures = " / ".join(cell(per[k], "{:.3f}") if k in per else "n/a"
+                             for k in ("bridges", "tansu", "mosquitto", "busy"))
+        out.append(["scale-out", f"{_case_label(b)}: CPU s per 1,000 msgs, bridges / Tansu / "
+                    "Mosquitto / whole machine", figures, limit(result, b)])
+    if "1.ceiling" in result:
+        out.append(["scale-out", f"ceiling: {result.get('cores', '?')} cores / the path's CPU per "
+                    "msg (msg/s), " + " / ".join(_case_label(b) for b in CASES),
+                    " / ".join(cell(result[f"{b}.ceiling"]) for b in CASES),
+                    "bridges + Tansu + Mosquitto + moto, nothing else running"])
+    stalled = sum(1 for r in result["runs"] for k in map(str, CASES[1:]) if r[k]["stalls"])
+    out.append(["scale-out", f"drains with a >= {GAP:g} s stall (2 and 3 bridges)",
+                f"{stalled} of {len(result['runs']) * (len(CASES) - 1)}", "see stalls in JSON"])
+    return out
 
 
 def main() -> None:

@@ -101,7 +101,23 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     if "peak" in b.get("memory", {}):
         add("RSS <= 64 MiB on the 1M backlog (peak)", b["memory"]["peak"], 64, "{:.0f}",
             above=False)
+    s = b.get("scaleout", {})
+    for n in scaleout.CASES[1:]:
+        figure = s.get(f"ratio.{n}.steady")
+        if figure and figure.get("runs"):  # the issue asks for the figure, it sets no goal
+            out.append([f"scale-out {n} / 1 processes, steady (no target: reported)",
+                        cell(figure, "{:.2f}"), "reported"])
     return out
+
+
+def scaleout_limits(results: dict[str, Any]) -> list[str]:
+    """What limits scale-out here, one line per case: the busy share of the cores in the
+    steady window and each process kind's share of that busy CPU (medians)."""
+    s = results.get("benchmarks", {}).get("scaleout", {})
+    if not s or "error" in s or "1.cpu_share" not in s:
+        return []
+    return [f"- {n} bridge{'s' if n > 1 else ''}: {scaleout.limit(s, n)}"
+            for n in scaleout.CASES]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -116,7 +132,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {result.get('commit', '?')[:7]} | {result.get('date', '?')} | "
                      f"{result.get('seconds', 0) / 60:.1f} |")
     goals = table(("target (issue 10)", "measured", ""), targets(results))
-    return "\n".join([*lines, "", render_table(results), "", goals, ""])
+    limits = scaleout_limits(results)
+    if limits:
+        limits = ["", "Scale-out, where the CPU went in the steady window (medians):", "",
+                  *limits]
+    return "\n".join([*lines, "", render_table(results), "", goals, *limits, ""])
 
 
 def main() -> None:
