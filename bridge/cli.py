@@ -80,9 +80,10 @@ def parser() -> argparse.ArgumentParser:
     retire = command("retire", "scale in: tell a running bridge (SIGUSR1) to end its "
                      "sessions once it has bridged what its brokers queued, and wait until it "
                      "exits")
-    retire.add_argument("--pid", type=_positive(int), required=True, help="the process id of "
+    retire.add_argument("--pid", type=_positive(int), help="the process id of "
                         "`mqtt-kafka-bridge run` (systemd: systemctl show -p MainPID --value "
-                        "mqtt-kafka-bridge; its container: 1)")
+                        "mqtt-kafka-bridge; its container: 1) (default: the one bridge daemon "
+                        "running on this host)")
     retire.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
                         help="stop waiting after this long and exit 1; the bridge goes on "
                         "retiring (default: no limit)")
@@ -377,6 +378,8 @@ def _retire(args: argparse.Namespace) -> int:
         print(f"{'retiring' if decision.retire else 'not retiring'}: {decision.why}")
         if not decision.retire:
             return 0
+    if args.pid is None:
+        args.pid = _the_bridge_process()
     _bridge_process(args.pid)
     try:
         os.kill(args.pid, signal.SIGUSR1)
@@ -396,6 +399,30 @@ def _retire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _the_bridge_process() -> int:
+    """The PID of the one bridge daemon on this host, or a Mistake that says to choose."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(entry.name) != os.getpid() and _is_daemon([a.decode(errors="replace")
+                                                          for a in argv]):
+            found.append(int(entry.name))
+    if len(found) != 1:
+        some = f"{len(found)} bridge daemons run here ({', '.join(map(str, sorted(found)))})" \
+            if found else "no bridge daemon runs here"
+        raise Mistake(f"{some}: give the one to retire with --pid")
+    return found[0]
+
+
+def _is_daemon(argv: list[str]) -> bool:
+    """`mqtt-kafka-bridge run --config ...`, or `python -m bridge run --config ...`."""
+    program = any(a.endswith(PROG) or a == "bridge" for a in argv[:3])
+    return program and "run" in argv and "--config" in argv
+
+
 def _bridge_process(pid: int) -> None:
     """Refuse a PID that is not a bridge daemon: SIGUSR1 ends most other programs."""
     cmdline = Path(f"/proc/{pid}/cmdline")
@@ -407,7 +434,7 @@ def _bridge_process(pid: int) -> None:
         raise Mistake(f"--pid {pid}: no such process") from None
     except OSError:
         return  # another user's process: os.kill says whether it may be signalled
-    if "run" not in argv or "--config" not in argv:
+    if not _is_daemon(argv):
         shown = " ".join(argv).strip()[:80]
         raise Mistake(f"--pid {pid} is not a bridge daemon ({shown}): give the PID of "
                       f"`{PROG} run`")

@@ -288,3 +288,16 @@ def test_adopt_says_in_one_line_why_it_cannot_tell_or_reach(good: Path,
     line = one_line(cli("adopt", "--config", str(good), "--client-id", "no spaces"))
     assert line == ("mqtt-kafka-bridge adopt: --client-id 'no spaces': must be 1-64 "
                     "characters of [0-9A-Za-z._-]")
+
+
+def test_retire_outside_kubernetes_with_if_scaled_down_does_nothing() -> None:
+    """The preStop hook on a restart: no scale-down, so no signal; SIGTERM follows."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        done = cli("retire", "--pid", str(sleeper.pid), "--if-scaled-down")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("not retiring: ")
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

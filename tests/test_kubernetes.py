@@ -398,22 +398,21 @@ def test_the_pods_run_unprivileged_on_a_read_only_root() -> None:
 
 def test_each_replica_has_its_own_session_in_one_share_group() -> None:
     broker = bridge_config()["brokers"][0]
-    assert broker["client_id"] == "mkb-{hostname}"
+    assert broker["client_id"] == "{hostname}"
     assert bridge_config()["bridge"]["instance"] == "{hostname}"
     assert broker["share_group"] == "mkb"
 
 
-@pytest.mark.xfail(strict=False, reason="needs {hostname} support in client_id and instance")
 def test_the_configmaps_config_parses(tmp_path: Path) -> None:
     password = tmp_path / "mqtt-password"
     password.write_text("s3cret\n")
     text = resource("ConfigMap")["data"]["bridge.toml"]
     wanted = bridge_config()["brokers"][0]["password_file"]
     parsed = config.parse(tomllib.loads(text.replace(wanted, str(password))),
-                          environ={"POD_NAMESPACE": "bridges"})
+                          environ={"POD_NAMESPACE": "bridges"}, hostname="mkb-2")
     [broker] = parsed.brokers
-    assert broker.client_id.startswith("mkb-") and "{" not in broker.client_id
-    assert "{" not in parsed.bridge.instance
+    assert broker.client_id == "mkb-2" and broker.for_lane("fast").client_id == "mkb-2-fast"
+    assert parsed.bridge.instance == "mkb-2"
     assert broker.share_group == "mkb"
     assert parsed.http == config.http_listen("0.0.0.0:9108")
 
