@@ -64,6 +64,8 @@ def test_the_unit_is_a_notify_service_with_a_watchdog_and_its_secrets() -> None:
     assert unit["EnvironmentFile"] == ["-/etc/mqtt-kafka-bridge/environment"]
     assert unit["ExecStartPre"] == [f"{BINARY} check-config /etc/mqtt-kafka-bridge/bridge.toml"]
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # A retired bridge (SIGUSR1: sessions ended, exit 0) must not come back as a new member.
+    assert unit["Restart"] == ["always"] and unit["RestartPreventExitStatus"] == ["0"]
     assert "#LoadCredential=mqtt-password:/etc/mqtt-kafka-bridge/mqtt-password" in \
         UNIT.read_text().splitlines()
     for hardening in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp", "DynamicUser", "UMask"):
