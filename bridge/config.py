@@ -450,7 +450,7 @@ def _s3_endpoint_problem(url: str) -> str | None:
 def _broker(data: Any, path: str, problems: list[str], env: Environment) -> BrokerConfig | None:
     t = _Table(data, path, problems)
     url = t.get("url", str, check=_parses(mqtt_endpoint))
-    client_id = t.get("client_id", str, check=lambda v: _client_id_problem(render(v, env)))
+    client_id = t.get("client_id", str, check=lambda v: _client_id_problem(v, render(v, env)))
     if client_id is not None:
         client_id = render(client_id, env)
     options = {
@@ -514,10 +514,10 @@ def _presence_prefix_problem(prefix: str) -> str | None:
         "trailing '/'"
 
 
-def _client_id_problem(rendered: str) -> str | None:
+def _client_id_problem(written: str, rendered: str) -> str | None:
     if CLIENT_ID.fullmatch(rendered):
         return None
-    return (f"renders as {rendered!r}: " if rendered else "") + \
+    return (f"renders as {rendered!r}: " if rendered and rendered != written else "") + \
         "must be 1-64 characters of [0-9A-Za-z._-] (a stable persistent-session id)"
 
 
