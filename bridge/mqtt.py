@@ -166,8 +166,9 @@ class BrokerSession:
         self._topics: dict[bytes, str] = {}  # raw topic -> topic, as mqtt5 decoded it
         self._unsubscribed = asyncio.Event()
         self.session_present: bool | None = None  # what the last CONNACK said
-        self._presence_id: int | None = None  # the last presence PUBLISH, until its PUBACK
-        self._presence_acked = asyncio.Event()
+        # The bridge's own QoS 1 PUBLISHes (presence, answers to devices), by packet id,
+        # until their PUBACK: its reason code, or None when the connection went first.
+        self._published: dict[int, asyncio.Future[int | None]] = {}
 
     async def run(self) -> None:
         """Keep a connection up until `stop_reading`; each failure is logged and retried."""
@@ -260,6 +261,10 @@ class BrokerSession:
         self.log.info("mqtt_closed", acks_owed=len(connection.owed))
 
     def _drop_connection(self) -> None:
+        for answer in self._published.values():  # a PUBACK never comes on a new connection
+            if not answer.done():
+                answer.set_result(None)
+        self._published.clear()
         if self.connected.is_set():
             self._lost_at = asyncio.get_running_loop().time()
         self.connected.clear()
@@ -384,25 +389,61 @@ class BrokerSession:
                            "pid": os.getpid(), "at_millis": time.time_ns() // 1_000_000},
                           separators=(",", ":")).encode()
 
-    def _publish_presence(self, connection: Connection, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                content_type: str | None = None, correlation_data: bytes | None = None,
+                user_properties: list[tuple[str, str]] | None = None
+                ) -> asyncio.Future[int | None] | None:
+        """A message of the bridge's own at QoS 1 (an answer to a device, a command to an
+        edge node), on the open connection: a future of the PUBACK's reason code (None when
+        the connection was lost first: the caller decides whether to send it again), or
+        None at once while not connected. Nothing is queued: the broker's session is for
+        what the bridge receives."""
+        connection = self.connection
+        if connection is None or connection.closed or not self.connected.is_set():
+            return None
+        return self._send(connection, mqtt5.PublishPacket(
+            topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=retain,
+            packet_id=self._next_packet_id(), content_type=content_type,
+            correlation_data=correlation_data, user_properties=user_properties or []))
+
+    def _send(self, connection: Connection,
+              packet: mqtt5.PublishPacket) -> asyncio.Future[int | None]:
+        assert packet.packet_id is not None
+        answer: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._published[packet.packet_id] = answer
+        connection.write(packet.write())
+        return answer
+
+    def _publish_presence(self, connection: Connection,
+                          payload: bytes) -> asyncio.Future[int | None] | None:
         """Retain `payload` (empty: clear it) on the presence topic, QoS 1 so an ACL that
         refuses it is answered (and logged) rather than silent."""
         topic = self.config.presence_topic
         if topic is None:
-            return
-        self._presence_id = self._next_packet_id()
-        self._presence_acked.clear()
-        connection.write(mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
-                                             retain=True, packet_id=self._presence_id).write())
+            return None
+        answer = self._send(connection, mqtt5.PublishPacket(
+            topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True,
+            packet_id=self._next_packet_id()))
+        answer.add_done_callback(self._presence_answered)
+        return answer
+
+    def _presence_answered(self, answer: asyncio.Future[int | None]) -> None:
+        reason = answer.result()
+        if reason is not None and reason >= 0x80:
+            self.metrics.inc("mqtt_presence_refused")
+            self.log.error("mqtt_presence_refused", topic=self.config.presence_topic,
+                           reason=mqtt5.PubAckReasonCode(reason).name,
+                           why="adopt cannot tell whether this session is connected: allow "
+                               "the bridge to write and read the presence topics "
+                               "(mosquitto/acl), or set presence_prefix = \"\"")
 
     async def _clear_presence(self, connection: Connection) -> None:
         """A session that ends leaves no presence behind (and, disconnecting normally, no
         will): wait a moment for the broker to take that."""
-        if self.config.presence_topic is None:
-            return
-        self._publish_presence(connection, b"")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._presence_acked.wait(), _PRESENCE_ACK_WAIT)
+        answer = self._publish_presence(connection, b"")
+        if answer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(answer), _PRESENCE_ACK_WAIT)
 
     def _wire(self, topic_filter: str) -> str:
         group = self.config.share_group
@@ -595,17 +636,10 @@ class BrokerSession:
     def _on_control(self, connection: Connection, packet: mqtt5.Packet) -> None:
         if isinstance(packet, mqtt5.PubRelPacket):
             connection.write(_PACK_ACK(_PUBCOMP, 2, packet.packet_id))
-        elif isinstance(packet, mqtt5.PubAckPacket):  # the answer to a presence PUBLISH
-            if packet.packet_id == self._presence_id:
-                self._presence_id = None
-                self._presence_acked.set()
-            if packet.reason_code.value >= 0x80:
-                self.metrics.inc("mqtt_presence_refused")
-                self.log.error("mqtt_presence_refused", topic=self.config.presence_topic,
-                               reason=packet.reason_code.name,
-                               why="adopt cannot tell whether this session is connected: "
-                                   "allow the bridge to write and read the presence topics "
-                                   "(mosquitto/acl), or set presence_prefix = \"\"")
+        elif isinstance(packet, mqtt5.PubAckPacket):  # the answer to a PUBLISH of ours
+            answer = self._published.pop(packet.packet_id, None)
+            if answer is not None and not answer.done():
+                answer.set_result(packet.reason_code.value)
         elif isinstance(packet, mqtt5.SubAckPacket | mqtt5.UnsubAckPacket):
             filters = self._requests.pop(packet.packet_id, [])
             failed = [(f, c.name) for f, c in zip(filters, packet.reason_codes, strict=False)

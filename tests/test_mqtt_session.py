@@ -898,3 +898,35 @@ def test_retire_unsubscribes_drains_clears_presence_then_ends_the_session() -> N
             assert [m.payload for m in recorder.messages] == [b"queued", b"late"]
 
     run(body)
+
+
+def test_the_bridges_own_publish_answers_with_the_puback_or_none() -> None:
+    """An answer to a device or a command to an edge node: QoS 1 on the open connection, a
+    future of the PUBACK's reason code; None once the connection is lost, None at once while
+    not connected (nothing is queued for later)."""
+    async def body() -> None:
+        async with ScriptedBroker() as broker, client(broker) as c:
+            conn = await broker.connection(0)
+            await until(c.session.connected.is_set, "connected")
+            answer = c.session.publish("devices/d1/files/f1/result", b'{"result":"ok"}',
+                                       correlation_data=b"\x01\x02",
+                                       user_properties=[("k", "v")])
+            assert answer is not None
+            await until(lambda: conn.of(mqtt5.PublishPacket), "the PUBLISH")
+            sent = conn.of(mqtt5.PublishPacket)[0]
+            assert (sent.topic, sent.qos.value, sent.correlation_data, sent.user_properties) \
+                == ("devices/d1/files/f1/result", 1, b"\x01\x02", [("k", "v")])
+            conn.send(mqtt5.PubAckPacket(sent.packet_id, reason_code=mqtt5.PubAckReasonCode
+                                         .NOT_AUTHORIZED).write())
+            assert await asyncio.wait_for(answer, 5) == 0x87
+            lost = c.session.publish("devices/d1/x", b"")
+            assert lost is not None
+            await until(lambda: len(conn.of(mqtt5.PublishPacket)) == 2, "the second PUBLISH")
+            broker.on_connect = lambda _conn, _connect: None  # no CONNACK from now on
+            conn.writer.close()  # the broker goes: no PUBACK will come on this connection
+            assert await asyncio.wait_for(lost, 5) is None
+            await until(lambda: not c.session.connected.is_set(), "disconnected")
+            await broker.connection(1)  # it tries again, and waits for a CONNACK
+            assert c.session.publish("devices/d1/x", b"") is None
+
+    run(body)
