@@ -84,6 +84,12 @@ class Connection:
         self._flush_scheduled = False
         self.last_received = asyncio.get_running_loop().time()
         self.reading_paused = False
+        # Loop time since which the read loop has been waiting for the broker with every
+        # byte it read handed on (no partial packet held); None while it is not (reading,
+        # paused by backpressure or a full window, or stopped). Only this is quiet to a
+        # retire: silence while the bridge is not reading says nothing about the broker.
+        self.idle_since: float | None = None
+        self.publishes = 0  # PUBLISHes handed on from this connection
 
     def settled(self) -> None:
         """One more message is durable: flush the acks now due, once per loop turn."""
@@ -224,14 +230,20 @@ class BrokerSession:
         self.unsubscribe_all()  # again, if the caller did already: harmless
         loop = asyncio.get_running_loop()
         cleared: Connection | None = None  # the connection the presence was cleared on
+        seen = 0  # its PUBLISHes handed on by then
         while True:
+            if self._stopping:  # a shutdown (SIGTERM) stopped reading: the session stays
+                raise MqttError("stopped before the session was ended: what the broker "
+                                "still queues stays in the session")
             connection = self.connection
-            if connection is not None and not connection.closed and \
-                    self._unsubscribed.is_set() and not connection.owed:
-                if cleared is connection:  # nothing arrived unacked since: end it now
-                    break
-                if loop.time() - connection.last_received >= quiet:
-                    cleared = connection
+            idle = None if connection is None else connection.idle_since
+            if connection is not None and not connection.closed and idle is not None and \
+                    self.connected.is_set() and self._unsubscribed.is_set() and \
+                    not connection.owed:
+                if cleared is connection and connection.publishes == seen:
+                    break  # nothing arrived since the quiet that cleared it: end it now
+                if loop.time() - idle >= quiet:
+                    cleared, seen = connection, connection.publishes
                     await self._clear_presence(connection)
                     continue
             await asyncio.sleep(quiet / 4)
@@ -524,7 +536,12 @@ class BrokerSession:
             connection.flush_acks()
             if self._stopping:
                 return
-            chunk = await reader.read(_READ_SIZE)
+            if not buffer:  # everything read was handed on: waiting on the broker alone
+                connection.idle_since = loop.time()
+            try:
+                chunk = await reader.read(_READ_SIZE)
+            finally:
+                connection.idle_since = None
             if not chunk:
                 raise MqttError("connection closed by the broker")
             arrival, born = time.time_ns() // 1_000_000, loop.time()
@@ -560,6 +577,7 @@ class BrokerSession:
             assert packet_id is not None
             inflight = Inflight(connection, packet_id, message.qos, born)
             connection.owed.append(inflight)
+        connection.publishes += 1
         waiting = self.handler(message, inflight)
         if len(connection.owed) < connection.window:
             return waiting
