@@ -412,10 +412,22 @@ class Daemon:
             task = asyncio.create_task(self._reload())
             task.add_done_callback(self._reloaded)
 
+    def _winding_down(self) -> bool:
+        """A retire or a stop began while a reload was loading or priming: applying it now
+        would subscribe retiring sessions again, or open sessions nothing retires or
+        closes (a stopped daemon's), left on the broker to queue for no one."""
+        if self.retiring is None and not self._stop.is_set():
+            return False
+        self.metrics.inc("reloads", outcome="abandoned")
+        log.warning("reload_abandoned", map_version=self.config.version,
+                    why="retiring or stopping: the running config stays, nothing subscribes "
+                        "again")
+        return True
+
     def _reloaded(self, task: asyncio.Task[None]) -> None:
         """A reload that crashed is said, not left as an unretrieved task exception."""
         self._reloading = False
-        if self.ready.is_set():  # the reload is over, whatever its outcome
+        if self.ready.is_set() and self.retiring is None and not self._stop.is_set():
             self.notifier.ready()
         if not task.cancelled() and task.exception() is not None:
             self.metrics.inc("reloads", outcome="failed")
@@ -439,8 +451,19 @@ class Daemon:
                             why="sessions keep running with these settings until a restart")
                 config = dataclasses.replace(config, bridge=self.config.bridge,
                                              brokers=self.config.brokers)
+            if self._winding_down():
+                return
             sinks = self._new_sinks(config)
-            await self._prime_new(sinks)
+            try:
+                await self._prime_new(sinks)
+            finally:
+                abandoned = self._winding_down()
+                if abandoned:  # the fresh producers were started: stop them again
+                    for sink in sinks.values():
+                        if sink not in self.sinks.values():
+                            sink.close()
+            if abandoned:
+                return
         except ConfigError as exc:
             self.metrics.inc("reloads", outcome="refused")
             log.error("reload_refused", problems=exc.problems, map_version=self.config.version,
