@@ -148,14 +148,18 @@ class Daemon:
         sessions = list(self.sessions.values())
         for session in sessions:
             session.unsubscribe_all()
+        # Lanes a reload removed retire already: the bridge has retired once they are done.
+        leaving = [task for _, _, task in self._leaving.values()]
         log.info("bridge_retiring", sessions=[s.config.client_id for s in sessions],
+                 leaving=[s.config.client_id for s, _, _ in self._leaving.values()],
                  why="scale-in: draining what the brokers queued, then ending the sessions")
         self.notifier.stopping()
         self.notifier.status("retiring: draining the sessions' queues, then ending them")
-        self.retiring = asyncio.create_task(self._retire_all(sessions))
+        self.retiring = asyncio.create_task(self._retire_all(sessions, leaving))
 
-    async def _retire_all(self, sessions: list[BrokerSession]) -> None:
-        await asyncio.gather(*(session.retire() for session in sessions))
+    async def _retire_all(self, sessions: list[BrokerSession],
+                          leaving: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*(session.retire() for session in sessions), *leaving)
         self.retired = True
         log.info("bridge_retired", sessions=[s.config.client_id for s in sessions],
                  present=[s.config.client_id for s in sessions if s.session_present])

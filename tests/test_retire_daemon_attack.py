@@ -4,6 +4,7 @@ record is produced: the broker sends no PUBLISH)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import mqtt5
@@ -31,9 +32,9 @@ MORE = [BULK, {"name": "a", "filter": "devices/{device_id}/alerts", "kafka_topic
         {"name": "f", "filter": "devices/{device_id}/fast", "kafka_topic": "t", "lane": "fast"}]
 
 
-@pytest.mark.parametrize("signal", ["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
 def test_a_retire_or_stop_during_a_reload_is_not_undone_by_it(
-        monkeypatch: pytest.MonkeyPatch, signal: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, sig: str) -> None:
     """SIGHUP, then SIGUSR1 while the reload primes its producers (up to 10 s): the reload
     must not then apply its config to a retiring daemon. On main it subscribed the retiring
     session again (so it never drains, or ends subscribed) and opened a session for the new
@@ -59,16 +60,84 @@ def test_a_retire_or_stop_during_a_reload_is_not_undone_by_it(
                 await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE", 5)
                 daemon._on_reload_signal()
                 await asyncio.sleep(0.05)
-                if signal == "SIGUSR1":
+                if sig == "SIGUSR1":
                     daemon.retire()
                 else:
-                    daemon._on_signal(__import__("signal").SIGTERM)
+                    daemon._on_signal(signal.SIGTERM)
                 await until(lambda: not daemon._reloading, "the reload to finish", 10)
                 await asyncio.sleep(0.3)
                 kinds = [type(p).__name__ for p in conn.packets]
                 assert kinds.count("SubscribePacket") == 1, kinds
                 ids = [c.of(mqtt5.ConnectPacket)[0].client_id for c in broker.connections]
                 assert ids == ["mkb-attack"], ids
+            finally:
+                daemon.stop()
+                await asyncio.wait_for(running, 30)
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+class SlowUnsubscribe(ScriptedBroker):
+    """Answers no UNSUBSCRIBE of `client_id` until the test says so: a session whose
+    retire takes a while (a queue to drain, a slow broker)."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__()
+        self.held_id = client_id
+        self.held: list[tuple[Any, int, int]] = []
+
+    def _answer(self, conn: Any, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, mqtt5.UnsubscribePacket) and \
+                conn.of(mqtt5.ConnectPacket)[0].client_id == self.held_id:
+            self.held.append((conn, packet.packet_id, len(packet.patterns)))
+            return
+        super()._answer(conn, packet)
+
+    def release(self) -> None:
+        for conn, packet_id, count in self.held:
+            conn.send(mqtt5.UnsubAckPacket(packet_id, [
+                mqtt5.UnsubAckReasonCode.SUCCESS] * count).write())
+        self.held.clear()
+
+
+def test_a_retire_waits_for_the_sessions_a_reload_removed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload removed the fast lane; its session is still retiring (handing over what
+    its broker queued) when SIGUSR1 comes. On main the daemon counted only its current
+    sessions: once bulk ended it stopped, cancelled the fast lane's retire and closed that
+    session keeping it, with what it still queued, for a bridge that is not coming back
+    (exit 0: not restarted), and said bridge_retired."""
+    monkeypatch.setattr(bridge.daemon, "_PRIME_MAX", 0.1)
+    monkeypatch.setattr(bridge.daemon, "_PRIME_RELOAD_MAX", 0.1)
+
+    async def no_check(self: Daemon) -> None:
+        return None
+
+    monkeypatch.setattr(Daemon, "_check_topics", no_check)
+
+    async def body() -> None:
+        async with SlowUnsubscribe("mkb-attack-fast") as broker:
+            first = daemon_config(broker.port, MORE, b"v1")
+            second = daemon_config(broker.port, [BULK], b"v2")
+            daemon = Daemon(first, loader=lambda: second)
+            running = asyncio.create_task(daemon.run())
+            try:
+                await broker.connection(1, timeout=5)
+                await until(lambda: all(c.of(mqtt5.SubscribePacket)
+                                        for c in broker.connections), "SUBSCRIBEs", 5)
+                fast = next(c for c in broker.connections
+                            if c.of(mqtt5.ConnectPacket)[0].client_id == "mkb-attack-fast")
+                daemon._on_reload_signal()
+                await until(lambda: daemon._leaving, "the fast lane to be leaving", 10)
+                await until(lambda: not daemon._reloading, "the reload to finish", 10)
+                daemon.retire()
+                await asyncio.sleep(4)  # bulk is quiet and ends
+                assert not fast.disconnects(), "the fast session was closed, kept"
+                assert not running.done()
+                broker.release()
+                await asyncio.wait_for(asyncio.shield(running), 15)
+                assert daemon.retired
+                assert [d.session_expiry_interval for d in fast.disconnects()] == [0]
             finally:
                 daemon.stop()
                 await asyncio.wait_for(running, 30)
