@@ -63,6 +63,8 @@ class Daemon:
         """`retire`: end every session at once, having bridged its queue (`adopt`)."""
         self.config, self._loader, self._on_ready = config, loader, on_ready
         self._retire_at_start = retire
+        # Set by `run`: whether a SIGUSR1 came before the loop took the signal over.
+        self.retire_requested: Callable[[], bool] = lambda: False
         self.retiring: asyncio.Task[None] | None = None
         self.retired = False  # every session ended: the broker forgot them
         self.metrics = Metrics()
@@ -114,6 +116,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         loop.add_signal_handler(signal.SIGUSR1, self.retire)
+        if self.retiring is None and self.retire_requested():  # during start-up
+            self.retire()
         stats = asyncio.create_task(self._log_stats())
         sweeper = asyncio.create_task(self._sweep_transfers())
         watch = asyncio.create_task(self._watch())
@@ -144,6 +148,10 @@ class Daemon:
         meanwhile stops it as a restart does: what is still queued stays in the session."""
         if self.retiring is not None:
             log.info("bridge_already_retiring")
+            return
+        if self._stop.is_set():  # unsubscribing now would lose what is published until
+            log.warning("retire_ignored", why="stopping (a restart): the sessions stay "
+                        "subscribed, to be resumed")  # the restarted bridge subscribes again
             return
         sessions = list(self.sessions.values())
         for session in sessions:

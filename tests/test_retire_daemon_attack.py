@@ -143,3 +143,74 @@ def test_a_retire_waits_for_the_sessions_a_reload_removed(
                 await asyncio.wait_for(running, 30)
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_retire_after_a_stop_leaves_the_sessions_subscribed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (a restart), then SIGUSR1 while the shutdown waits for Kafka: on main the
+    retire unsubscribed every session, which the shutdown then kept: until the restarted
+    bridge subscribed again, nothing published was queued for it (lost)."""
+    monkeypatch.setattr(bridge.daemon, "_PRIME_MAX", 0.1)
+
+    async def no_check(self: Daemon) -> None:
+        return None
+
+    monkeypatch.setattr(Daemon, "_check_topics", no_check)
+
+    async def body() -> None:
+        async with ScriptedBroker() as broker:
+            daemon = Daemon(daemon_config(broker.port, [BULK], b"v1"))
+            running = asyncio.create_task(daemon.run())
+            try:
+                conn = await broker.connection(0, timeout=5)
+                await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE", 5)
+                daemon._on_signal(signal.SIGTERM)
+                daemon.retire()
+                await asyncio.wait_for(asyncio.shield(running), 30)
+                await until(lambda: conn.eof, "the connection closed", 5)
+                assert not conn.of(mqtt5.UnsubscribePacket)
+                assert [d.session_expiry_interval for d in conn.disconnects()] == [None]
+            finally:
+                daemon.stop()
+                await asyncio.wait_for(running, 30)
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+EARLY = """
+import os, signal, sys
+import bridge.cli as cli
+load = cli._load
+def _load(path, *rest):
+    os.kill(os.getpid(), signal.SIGUSR1)  # `retire` while the bridge starts up
+    return load(path, *rest)
+cli._load = _load
+sys.exit(cli.main(["run", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_sigusr1_during_start_up_retires_rather_than_kills(tmp_path: Any) -> None:
+    """On main the signal's default action ended the process at once (exit -10): no
+    session ended, while `retire` saw it gone and said 'retired its sessions and exited'."""
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "bridge.toml"
+    config.write_text('[bridge]\ninstance = "early"\nlog_format = "json"\n'
+                      '[[brokers]]\nurl = "mqtt://127.0.0.1:1"\nclient_id = "mkb-early"\n'
+                      '[kafka]\n"bootstrap.servers" = "127.0.0.1:1"\n'
+                      '[dead_letter]\nkafka_topic = "dlq"\n'
+                      '[[routes]]\nfilter = "devices/{device_id}/telemetry"\nkafka_topic = "t"\n')
+    proc = subprocess.Popen([sys.executable, "-c", EARLY, str(config)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        deadline, seen = time.monotonic() + 20, ""
+        while "bridge_retiring" not in seen and proc.poll() is None and \
+                time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        assert "bridge_retiring" in seen, (proc.poll(), seen[-2000:])
+    finally:
+        proc.terminate()
+        proc.wait(30)
