@@ -46,6 +46,7 @@ _TOPIC_MAX = 1024  # longer topics always go through mqtt5
 _new_message = tuple.__new__  # Message's own __new__ is a Python function: a frame each
 _CONNECT_TIMEOUT = 10.0
 _PRESENCE_ACK_WAIT = 5.0  # seconds a retiring session waits for its presence to be cleared
+_RETIRE_SAY_EVERY = 30.0  # seconds between the log lines of a retire that waits
 
 # Called for every PUBLISH; the ack handle is None for QoS 0. It may await (backpressure).
 Handler = Callable[[Message, "Inflight | None"], Awaitable[None] | None]
@@ -231,7 +232,11 @@ class BrokerSession:
         loop = asyncio.get_running_loop()
         cleared: Connection | None = None  # the connection the presence was cleared on
         seen = 0  # its PUBLISHes handed on by then
+        said = loop.time()
         while True:
+            if loop.time() - said >= _RETIRE_SAY_EVERY:  # a retire can wait for good: say why
+                said = loop.time()
+                self._say_why_retire_waits(loop.time())
             if self._stopping:  # a shutdown (SIGTERM) stopped reading: the session stays
                 raise MqttError("stopped before the session was ended: what the broker "
                                 "still queues stays in the session")
@@ -252,6 +257,20 @@ class BrokerSession:
         self.stop_reading()
         await self.close(session_expiry=0)
         self.log.info("mqtt_session_ended", why="retired: the broker forgets this session")
+
+    def _say_why_retire_waits(self, now: float) -> None:
+        connection = self.connection
+        if connection is None or connection.closed or not self.connected.is_set():
+            owed, idle, why = None, None, "not connected"
+        else:
+            owed = len(connection.owed)
+            idle = None if connection.idle_since is None else now - connection.idle_since
+            why = ("no UNSUBACK yet" if not self._unsubscribed.is_set() else
+                   "messages not yet durable in Kafka" if owed else
+                   "not reading (backpressure)" if idle is None else
+                   "the broker is still sending what it queued")
+        self.log.warning("mqtt_retire_waiting", why=why, unsubscribing=self._removed,
+                         acks_owed=owed, quiet_seconds=None if idle is None else round(idle, 1))
 
     async def close(self, session_expiry: int | None = None) -> None:
         """Send the acks now due, then DISCONNECT; the session and unacked messages stay

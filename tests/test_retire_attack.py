@@ -120,3 +120,34 @@ def test_retire_does_not_end_the_session_when_a_full_window_has_just_opened(
 
     monkeypatch.setattr(asyncio, "sleep", sleep)
     run(body)
+
+
+def test_a_retire_that_waits_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that never answers the UNSUBSCRIBE keeps a retire waiting for good (safe:
+    the session stays); on main nothing in the log said so, or why."""
+    from structlog.testing import capture_logs
+
+    import bridge.mqtt
+    from tests.test_mqtt_session import BrokerConn
+
+    monkeypatch.setattr(bridge.mqtt, "_RETIRE_SAY_EVERY", 0.3)
+
+    class Silent(ScriptedBroker):
+        def _answer(self, conn: BrokerConn, packet: mqtt5.Packet) -> None:
+            if not isinstance(packet, mqtt5.UnsubscribePacket):
+                super()._answer(conn, packet)
+
+    async def body() -> None:
+        async with Silent() as broker, client(broker) as c:
+            conn = await broker.connection(0)
+            await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE")
+            with capture_logs() as logs:
+                retiring = asyncio.create_task(c.session.retire(quiet=0.1))
+                await asyncio.sleep(1)
+            waits = [e for e in logs if e["event"] == "mqtt_retire_waiting"]
+            assert waits and waits[-1]["why"] == "no UNSUBACK yet", logs
+            assert not expiry_zero(conn)
+            retiring.cancel()
+            await asyncio.gather(retiring, return_exceptions=True)
+
+    run(body)
