@@ -425,9 +425,13 @@ def _the_bridge_process() -> int:
 
 
 def _is_daemon(argv: list[str]) -> bool:
-    """`mqtt-kafka-bridge run --config ...`, or `python -m bridge run --config ...`."""
-    program = any(a.endswith(PROG) or a == "bridge" for a in argv[:3])
-    return program and "run" in argv and "--config" in argv
+    """`mqtt-kafka-bridge run --config ...`, or `python -m bridge run --config ...`: the
+    command is the word after the program (not any word: `adopt --client-id run` is none),
+    and argparse takes `--config=FILE` too."""
+    for index, word in enumerate(argv[:3]):
+        if word.endswith(PROG) or word == "bridge":
+            return argv[index + 1:index + 2] == ["run"]
+    return False
 
 
 def _bridge_process(pid: int) -> None:

@@ -214,3 +214,18 @@ def test_a_sigusr1_during_start_up_retires_rather_than_kills(tmp_path: Any) -> N
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_retire_knows_a_daemon_by_its_command_word() -> None:
+    """On main `run --config=FILE` (argparse takes it; a unit file may say it) was 'not a
+    bridge daemon', so `retire` refused it; and `adopt ... --client-id run` was one."""
+    from bridge.cli import _is_daemon
+
+    assert _is_daemon(["/opt/mkb/bin/mqtt-kafka-bridge", "run", "--config=/etc/b.toml"])
+    assert _is_daemon(["/usr/bin/python3", "/opt/mkb/bin/mqtt-kafka-bridge", "run",
+                       "--config", "/etc/b.toml"])
+    assert _is_daemon(["python", "-m", "bridge", "run", "--config", "b.toml"])
+    assert not _is_daemon(["/opt/mkb/bin/mqtt-kafka-bridge", "adopt", "--config", "b.toml",
+                           "--client-id", "run"])
+    assert not _is_daemon(["sleep", "30"])
+    assert not _is_daemon(["/opt/mkb/bin/mqtt-kafka-bridge", "retire", "--pid", "1"])
