@@ -242,6 +242,11 @@ def _load(path: str, load: Callable[[str], config_module.Config] = config_module
 
 
 def _run(args: argparse.Namespace) -> int:
+    # SIGUSR1's default action ends the process: a `retire` during start-up, before the
+    # daemon's loop takes the signal over, would exit without ending any session (and
+    # `retire` would say it had). Noted instead, and acted on once the daemon runs.
+    early: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda signum, _frame: early.append(signum))
     config = _load(args.config)
     if config is None:
         return 2
@@ -249,8 +254,10 @@ def _run(args: argparse.Namespace) -> int:
     from bridge.daemon import Daemon
 
     logs.configure(config.bridge.log_format)
+    daemon = Daemon(config, loader=lambda: config_module.load(args.config))
+    daemon.retire_requested = lambda: bool(early)
     try:
-        asyncio.run(Daemon(config, loader=lambda: config_module.load(args.config)).run())
+        asyncio.run(daemon.run())
     except ConfigError as exc:  # what only librdkafka could tell, at start-up
         print(f"{args.config}: cannot start: " + "; ".join(exc.problems), file=sys.stderr)
         return 2
@@ -418,9 +425,13 @@ def _the_bridge_process() -> int:
 
 
 def _is_daemon(argv: list[str]) -> bool:
-    """`mqtt-kafka-bridge run --config ...`, or `python -m bridge run --config ...`."""
-    program = any(a.endswith(PROG) or a == "bridge" for a in argv[:3])
-    return program and "run" in argv and "--config" in argv
+    """`mqtt-kafka-bridge run --config ...`, or `python -m bridge run --config ...`: the
+    command is the word after the program (not any word: `adopt --client-id run` is none),
+    and argparse takes `--config=FILE` too."""
+    for index, word in enumerate(argv[:3]):
+        if word.endswith(PROG) or word == "bridge":
+            return argv[index + 1:index + 2] == ["run"]
+    return False
 
 
 def _bridge_process(pid: int) -> None:

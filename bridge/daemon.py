@@ -63,6 +63,8 @@ class Daemon:
         """`retire`: end every session at once, having bridged its queue (`adopt`)."""
         self.config, self._loader, self._on_ready = config, loader, on_ready
         self._retire_at_start = retire
+        # Set by `run`: whether a SIGUSR1 came before the loop took the signal over.
+        self.retire_requested: Callable[[], bool] = lambda: False
         self.retiring: asyncio.Task[None] | None = None
         self.retired = False  # every session ended: the broker forgot them
         self.metrics = Metrics()
@@ -114,6 +116,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         loop.add_signal_handler(signal.SIGUSR1, self.retire)
+        if self.retiring is None and self.retire_requested():  # during start-up
+            self.retire()
         stats = asyncio.create_task(self._log_stats())
         sweeper = asyncio.create_task(self._sweep_transfers())
         watch = asyncio.create_task(self._watch())
@@ -145,17 +149,25 @@ class Daemon:
         if self.retiring is not None:
             log.info("bridge_already_retiring")
             return
+        if self._stop.is_set():  # unsubscribing now would lose what is published until
+            log.warning("retire_ignored", why="stopping (a restart): the sessions stay "
+                        "subscribed, to be resumed")  # the restarted bridge subscribes again
+            return
         sessions = list(self.sessions.values())
         for session in sessions:
             session.unsubscribe_all()
+        # Lanes a reload removed retire already: the bridge has retired once they are done.
+        leaving = [task for _, _, task in self._leaving.values()]
         log.info("bridge_retiring", sessions=[s.config.client_id for s in sessions],
+                 leaving=[s.config.client_id for s, _, _ in self._leaving.values()],
                  why="scale-in: draining what the brokers queued, then ending the sessions")
         self.notifier.stopping()
         self.notifier.status("retiring: draining the sessions' queues, then ending them")
-        self.retiring = asyncio.create_task(self._retire_all(sessions))
+        self.retiring = asyncio.create_task(self._retire_all(sessions, leaving))
 
-    async def _retire_all(self, sessions: list[BrokerSession]) -> None:
-        await asyncio.gather(*(session.retire() for session in sessions))
+    async def _retire_all(self, sessions: list[BrokerSession],
+                          leaving: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*(session.retire() for session in sessions), *leaving)
         self.retired = True
         log.info("bridge_retired", sessions=[s.config.client_id for s in sessions],
                  present=[s.config.client_id for s in sessions if s.session_present])
@@ -412,10 +424,22 @@ class Daemon:
             task = asyncio.create_task(self._reload())
             task.add_done_callback(self._reloaded)
 
+    def _winding_down(self) -> bool:
+        """A retire or a stop began while a reload was loading or priming: applying it now
+        would subscribe retiring sessions again, or open sessions nothing retires or
+        closes (a stopped daemon's), left on the broker to queue for no one."""
+        if self.retiring is None and not self._stop.is_set():
+            return False
+        self.metrics.inc("reloads", outcome="abandoned")
+        log.warning("reload_abandoned", map_version=self.config.version,
+                    why="retiring or stopping: the running config stays, nothing subscribes "
+                        "again")
+        return True
+
     def _reloaded(self, task: asyncio.Task[None]) -> None:
         """A reload that crashed is said, not left as an unretrieved task exception."""
         self._reloading = False
-        if self.ready.is_set():  # the reload is over, whatever its outcome
+        if self.ready.is_set() and self.retiring is None and not self._stop.is_set():
             self.notifier.ready()
         if not task.cancelled() and task.exception() is not None:
             self.metrics.inc("reloads", outcome="failed")
@@ -439,8 +463,19 @@ class Daemon:
                             why="sessions keep running with these settings until a restart")
                 config = dataclasses.replace(config, bridge=self.config.bridge,
                                              brokers=self.config.brokers)
+            if self._winding_down():
+                return
             sinks = self._new_sinks(config)
-            await self._prime_new(sinks)
+            try:
+                await self._prime_new(sinks)
+            finally:
+                abandoned = self._winding_down()
+                if abandoned:  # the fresh producers were started: stop them again
+                    for sink in sinks.values():
+                        if sink not in self.sinks.values():
+                            sink.close()
+            if abandoned:
+                return
         except ConfigError as exc:
             self.metrics.inc("reloads", outcome="refused")
             log.error("reload_refused", problems=exc.problems, map_version=self.config.version,

@@ -46,6 +46,7 @@ _TOPIC_MAX = 1024  # longer topics always go through mqtt5
 _new_message = tuple.__new__  # Message's own __new__ is a Python function: a frame each
 _CONNECT_TIMEOUT = 10.0
 _PRESENCE_ACK_WAIT = 5.0  # seconds a retiring session waits for its presence to be cleared
+_RETIRE_SAY_EVERY = 30.0  # seconds between the log lines of a retire that waits
 
 # Called for every PUBLISH; the ack handle is None for QoS 0. It may await (backpressure).
 Handler = Callable[[Message, "Inflight | None"], Awaitable[None] | None]
@@ -84,6 +85,12 @@ class Connection:
         self._flush_scheduled = False
         self.last_received = asyncio.get_running_loop().time()
         self.reading_paused = False
+        # Loop time since which the read loop has been waiting for the broker with every
+        # byte it read handed on (no partial packet held); None while it is not (reading,
+        # paused by backpressure or a full window, or stopped). Only this is quiet to a
+        # retire: silence while the bridge is not reading says nothing about the broker.
+        self.idle_since: float | None = None
+        self.publishes = 0  # PUBLISHes handed on from this connection
 
     def settled(self) -> None:
         """One more message is durable: flush the acks now due, once per loop turn."""
@@ -225,14 +232,24 @@ class BrokerSession:
         self.unsubscribe_all()  # again, if the caller did already: harmless
         loop = asyncio.get_running_loop()
         cleared: Connection | None = None  # the connection the presence was cleared on
+        seen = 0  # its PUBLISHes handed on by then
+        said = loop.time()
         while True:
+            if loop.time() - said >= _RETIRE_SAY_EVERY:  # a retire can wait for good: say why
+                said = loop.time()
+                self._say_why_retire_waits(loop.time())
+            if self._stopping:  # a shutdown (SIGTERM) stopped reading: the session stays
+                raise MqttError("stopped before the session was ended: what the broker "
+                                "still queues stays in the session")
             connection = self.connection
-            if connection is not None and not connection.closed and \
-                    self._unsubscribed.is_set() and not connection.owed:
-                if cleared is connection:  # nothing arrived unacked since: end it now
-                    break
-                if loop.time() - connection.last_received >= quiet:
-                    cleared = connection
+            idle = None if connection is None else connection.idle_since
+            if connection is not None and not connection.closed and idle is not None and \
+                    self.connected.is_set() and self._unsubscribed.is_set() and \
+                    not connection.owed:
+                if cleared is connection and connection.publishes == seen:
+                    break  # nothing arrived since the quiet that cleared it: end it now
+                if loop.time() - idle >= quiet:
+                    cleared, seen = connection, connection.publishes
                     await self._clear_presence(connection)
                     continue
             await asyncio.sleep(quiet / 4)
@@ -241,6 +258,20 @@ class BrokerSession:
         self.stop_reading()
         await self.close(session_expiry=0)
         self.log.info("mqtt_session_ended", why="retired: the broker forgets this session")
+
+    def _say_why_retire_waits(self, now: float) -> None:
+        connection = self.connection
+        if connection is None or connection.closed or not self.connected.is_set():
+            owed, idle, why = None, None, "not connected"
+        else:
+            owed = len(connection.owed)
+            idle = None if connection.idle_since is None else now - connection.idle_since
+            why = ("no UNSUBACK yet" if not self._unsubscribed.is_set() else
+                   "messages not yet durable in Kafka" if owed else
+                   "not reading (backpressure)" if idle is None else
+                   "the broker is still sending what it queued")
+        self.log.warning("mqtt_retire_waiting", why=why, unsubscribing=self._removed,
+                         acks_owed=owed, quiet_seconds=None if idle is None else round(idle, 1))
 
     async def close(self, session_expiry: int | None = None) -> None:
         """Send the acks now due, then DISCONNECT; the session and unacked messages stay
@@ -565,7 +596,12 @@ class BrokerSession:
             connection.flush_acks()
             if self._stopping:
                 return
-            chunk = await reader.read(_READ_SIZE)
+            if not buffer:  # everything read was handed on: waiting on the broker alone
+                connection.idle_since = loop.time()
+            try:
+                chunk = await reader.read(_READ_SIZE)
+            finally:
+                connection.idle_since = None
             if not chunk:
                 raise MqttError("connection closed by the broker")
             arrival, born = time.time_ns() // 1_000_000, loop.time()
@@ -601,6 +637,7 @@ class BrokerSession:
             assert packet_id is not None
             inflight = Inflight(connection, packet_id, message.qos, born)
             connection.owed.append(inflight)
+        connection.publishes += 1
         waiting = self.handler(message, inflight)
         if len(connection.owed) < connection.window:
             return waiting

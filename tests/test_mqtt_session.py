@@ -870,7 +870,8 @@ def test_presence_is_retained_online_with_a_will_that_says_offline() -> None:
 def test_retire_unsubscribes_drains_clears_presence_then_ends_the_session() -> None:
     """What the broker queued is bridged and acked first; then the presence is cleared and
     the DISCONNECT says session expiry 0. A message that arrives while the presence is
-    being cleared is acked before the session ends, never forgotten with it."""
+    being cleared is acked before the session ends, never forgotten with it, and says the
+    broker may not be done: the retire waits for quiet again."""
     async def body() -> None:
         recorder = Recorder(ack_at_once=True)
         async with ScriptedBroker() as broker, \
@@ -889,6 +890,11 @@ def test_retire_unsubscribes_drains_clears_presence_then_ends_the_session() -> N
             conn.send(publish(2, payload=b"late"))  # arrives before the clear is acked
             await asyncio.sleep(0.1)
             conn.send(mqtt5.PubAckPacket(cleared.packet_id).write())
+            # "late" says the broker was not done: quiet again, and clear again, first
+            await until(lambda: len(conn.of(mqtt5.PublishPacket)) == 3, "cleared again")
+            again = conn.of(mqtt5.PublishPacket)[2]
+            assert (again.topic, again.payload) == ("mkb/sessions/mkb-test-1", b"")
+            conn.send(mqtt5.PubAckPacket(again.packet_id).write())
             await asyncio.wait_for(retiring, 10)
             acked = [p.packet_id for p in conn.of(mqtt5.PubAckPacket)]
             assert acked == [1, 2]
