@@ -1,5 +1,5 @@
-"""Attacks on Daemon.retire against a scripted broker and a Kafka that is not there (no
-record is produced: the broker sends no PUBLISH)."""
+"""Daemon.retire against signals and reloads, on a scripted broker and a Kafka that is not
+there (no record is produced: the broker sends no PUBLISH)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from tests.test_mqtt_session import ScriptedBroker, until
 
 def daemon_config(port: int, routes: list[dict[str, Any]], version: bytes) -> config_module.Config:
     return config_module.parse({
-        "bridge": {"instance": "attack", "log_format": "json", "stats_interval": 3600},
-        "brokers": [{"url": f"mqtt://127.0.0.1:{port}", "client_id": "mkb-attack",
+        "bridge": {"instance": "retire", "log_format": "json", "stats_interval": 3600},
+        "brokers": [{"url": f"mqtt://127.0.0.1:{port}", "client_id": "mkb-retire",
                      "reconnect_min": 0.1, "reconnect_max": 0.2, "presence_prefix": ""}],
         "kafka": {"bootstrap.servers": "127.0.0.1:1"},
         "dead_letter": {"kafka_topic": "dlq"},
@@ -69,7 +69,7 @@ def test_a_retire_or_stop_during_a_reload_is_not_undone_by_it(
                 kinds = [type(p).__name__ for p in conn.packets]
                 assert kinds.count("SubscribePacket") == 1, kinds
                 ids = [c.of(mqtt5.ConnectPacket)[0].client_id for c in broker.connections]
-                assert ids == ["mkb-attack"], ids
+                assert ids == ["mkb-retire"], ids
             finally:
                 daemon.stop()
                 await asyncio.wait_for(running, 30)
@@ -116,7 +116,7 @@ def test_a_retire_waits_for_the_sessions_a_reload_removed(
     monkeypatch.setattr(Daemon, "_check_topics", no_check)
 
     async def body() -> None:
-        async with SlowUnsubscribe("mkb-attack-fast") as broker:
+        async with SlowUnsubscribe("mkb-retire-fast") as broker:
             first = daemon_config(broker.port, MORE, b"v1")
             second = daemon_config(broker.port, [BULK], b"v2")
             daemon = Daemon(first, loader=lambda: second)
@@ -126,7 +126,7 @@ def test_a_retire_waits_for_the_sessions_a_reload_removed(
                 await until(lambda: all(c.of(mqtt5.SubscribePacket)
                                         for c in broker.connections), "SUBSCRIBEs", 5)
                 fast = next(c for c in broker.connections
-                            if c.of(mqtt5.ConnectPacket)[0].client_id == "mkb-attack-fast")
+                            if c.of(mqtt5.ConnectPacket)[0].client_id == "mkb-retire-fast")
                 daemon._on_reload_signal()
                 await until(lambda: daemon._leaving, "the fast lane to be leaving", 10)
                 await until(lambda: not daemon._reloading, "the reload to finish", 10)

@@ -1,4 +1,5 @@
-"""Attacks on BrokerSession.retire (scripted broker, as in tests/test_mqtt_session.py)."""
+"""What a retire must survive: backpressure, a full window, a stop while it drains (a scripted
+broker, as in tests/test_mqtt_session.py)."""
 
 from __future__ import annotations
 
