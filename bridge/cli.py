@@ -402,7 +402,10 @@ def _retire(args: argparse.Namespace) -> int:
                   "(a large queue, or a broker it cannot reach: its log says)", file=sys.stderr)
             return 1
         time.sleep(0.2)
-    print(f"PID {args.pid} retired its sessions and exited")
+    # Not our child: its exit status is not ours to read. A retire ends with exit 0 and
+    # `bridge_retired` in its log; anything else (a SIGTERM meanwhile, a crash) left the
+    # sessions to the broker, where `adopt` can still drain them.
+    print(f"PID {args.pid} exited: its log says bridge_retired if every session was ended")
     return 0
 
 

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import structlog
 from confluent_kafka import KafkaException
@@ -172,6 +173,16 @@ class Daemon:
         log.info("bridge_retired", sessions=[s.config.client_id for s in sessions],
                  present=[s.config.client_id for s in sessions if s.session_present])
         self._stop.set()
+
+    def publish(self, broker: str, topic: str, payload: bytes,
+                **properties: Any) -> asyncio.Future[int | None] | None:
+        """A message of the bridge's own to `broker` (named as in Message.broker), on one
+        of its connected sessions (`BrokerSession.publish`): a future of the PUBACK's
+        reason code, or None when no session of that broker is connected."""
+        for session in self.sessions.values():
+            if session.name == broker and session.connected.is_set():
+                return session.publish(topic, payload, **properties)
+        return None
 
     def readiness(self) -> tuple[str, ...]:
         """What the bridge still waits for before it can bridge: every session of every

@@ -28,7 +28,7 @@ import structlog
 
 from bridge.config import BrokerConfig, tls_context
 from bridge.errors import MalformedPacket, MqttError
-from bridge.message import Message
+from bridge.message import Message, Properties
 from bridge.metrics import Metrics, Receipt
 
 log = structlog.get_logger("bridge.mqtt")
@@ -560,7 +560,7 @@ class BrokerSession:
                             topic, payload, qos, packet_id = fields
                             message = _new_message(Message, (
                                 broker, topic, payload, qos, bool(first & 1),
-                                bool(first & 8), arrival, ()))
+                                bool(first & 8), arrival, (), None))
                             del fields, payload
                             waiting = self._hand_on(connection, message, packet_id, born)
                             del message
@@ -625,9 +625,10 @@ class BrokerSession:
         qos = packet.qos.value
         if qos and packet.packet_id is None:
             raise ProtocolError("QoS 1/2 PUBLISH without a packet id")
-        properties = packet.user_properties
+        user = packet.user_properties
         message = Message(self.name, packet.topic, packet.payload, qos, packet.retain,
-                          packet.duplicate, arrival, tuple(properties) if properties else ())
+                          packet.duplicate, arrival, tuple(user) if user else (),
+                          Properties.of(packet))
         return self._hand_on(connection, message, packet.packet_id, born)
 
     def _hand_on(self, connection: Connection, message: Message, packet_id: int | None,

@@ -27,7 +27,7 @@ import pytest
 
 import bridge.mqtt
 from bridge.config import MQTT_MAX_PACKET_SIZE, BrokerConfig
-from bridge.message import Message
+from bridge.message import Message, Properties
 from bridge.metrics import Metrics
 from bridge.mqtt import BrokerSession, Inflight, packet_length
 
@@ -934,5 +934,30 @@ def test_the_bridges_own_publish_answers_with_the_puback_or_none() -> None:
             await until(lambda: not c.session.connected.is_set(), "disconnected")
             await broker.connection(1)  # it tries again, and waits for a CONNACK
             assert c.session.publish("devices/d1/x", b"") is None
+
+    run(body)
+
+
+def test_publish_properties_travel_with_the_message() -> None:
+    """Content type, payload format, expiry, response topic and correlation data reach the
+    pipeline (headers, answers to devices); a PUBLISH without them carries None, the same on
+    the fast path as through mqtt5."""
+    async def body() -> None:
+        recorder = Recorder(ack_at_once=True)
+        async with ScriptedBroker() as broker, client(broker, recorder):
+            conn = await broker.connection(0)
+            await until(lambda: conn.of(mqtt5.SubscribePacket), "SUBSCRIBE")
+            conn.send(publish(1, payload=b"a", content_type="application/json",
+                              payload_format_indicator=1, message_expiry_interval=60,
+                              response_topic="devices/d1/answers",
+                              correlation_data=b"\x00\x01",
+                              user_properties=[("traceparent", "00-ab-cd-01")])
+                      + publish(2, payload=b"b") + publish(3, payload=b"c"))
+            await recorder.wait(3)
+            first, second, third = recorder.messages
+            assert first.properties == Properties("application/json", 1, 60,
+                                                  "devices/d1/answers", b"\x00\x01")
+            assert first.user_properties == (("traceparent", "00-ab-cd-01"),)
+            assert second.properties is None and third.properties is None
 
     run(body)
