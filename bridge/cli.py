@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -138,6 +139,9 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--device-id", default="dev-00000", help="the uploading device (--file)")
     sim.add_argument("--segment-bytes", type=_positive(int), default=256 * 1024,
                      help="bytes per segment (--file)")
+    sim.add_argument("--wait-result", type=_positive(float), metavar="SECONDS",
+                     help="wait this long for the bridge's result of the upload and print it "
+                     "([file_transfer] respond; --file; default: do not wait)")
 
     _verify_options(command("verify", "check Kafka against a simulate --log: lost (exit 1 "
                             "unless 0), duplicates, unexpected, latency percentiles"))
@@ -574,9 +578,13 @@ def _fleet(args: argparse.Namespace) -> int:
     except MqttError as exc:
         raise Mistake(f"the broker at {args.url} refused: {exc}") from None
     if args.file:
-        upload = simulate.upload(spec, args.device_id, Path(args.file), args.segment_bytes)
+        upload = simulate.upload(spec, args.device_id, Path(args.file), args.segment_bytes,
+                                 wait_result=args.wait_result)
         print(f"uploaded {upload.size} bytes as {upload.file_id} in {upload.segments} "
               f"segments, {upload.seconds:.1f} s, sha256 {upload.sha256}")
+        if args.wait_result is not None:
+            print("result: " + (json.dumps(upload.result) if upload.result is not None else
+                                f"none within {args.wait_result:g} s"))
         return 0
     planned = args.devices * spec.messages if spec.messages else None
     progress = fleet.Progress(planned)

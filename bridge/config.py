@@ -201,6 +201,7 @@ class FileTransferConfig:
     expiry_seconds: float = 86400.0
     fin_grace_seconds: float = 10.0
     max_segments_per_file: int = 10000
+    respond: bool = False  # publish each fin's result to the device (bridge/results.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,6 +627,7 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
         "max_segments_per_file": t.get("max_segments_per_file", int,
                                        defaults.max_segments_per_file, _between(1, 1_000_000)),
     }
+    respond = t.get("respond", bool, False)
     t.finish()
     if prefix is None or topic is None:
         return None
@@ -634,7 +636,7 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
     except FilterError as exc:
         t.fail("prefix", str(exc))
         return None
-    return FileTransferConfig(route_filter, topic, auth, **limits)
+    return FileTransferConfig(route_filter, topic, auth, **limits, respond=respond)
 
 
 def _kafka(data: Any, problems: list[str], env: Environment,

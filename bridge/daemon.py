@@ -353,7 +353,7 @@ class Daemon:
         if config.file_transfer is not None and "fat" in self.objects:
             self.files = FileTransfers(config, config.file_transfer, self.pipelines["fat"],
                                        self.objects["fat"], self.metrics,
-                                       self.lanes["fat"].pool)
+                                       self.lanes["fat"].pool, publish=self.publish)
         self.config = config
         for index, broker in enumerate(config.brokers):
             for lane in lanes:

@@ -31,6 +31,7 @@ from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics, mark_dead_lettered
 from bridge.pipeline import Job, Origin, Pipeline
+from bridge.results import RESULT_LEVEL, Publish, Results
 from bridge.routing import DEVICE_ID, checked_device_id
 from bridge.s3 import ObjectStore, retrying
 from bridge.transfer import Refusal, StoredFile, TransferLimits, TransferStore
@@ -47,7 +48,8 @@ class FileTransfers:
     lane's pool, and lends its slot out whenever it waits for something else."""
 
     def __init__(self, config: Config, settings: FileTransferConfig, pipeline: Pipeline,
-                 objects: ObjectStore, metrics: Metrics, pool: JobPool) -> None:
+                 objects: ObjectStore, metrics: Metrics, pool: JobPool,
+                 publish: Publish | None = None) -> None:
         self.settings, self.pipeline, self.metrics, self.pool = settings, pipeline, metrics, pool
         self.store = TransferStore(objects, TransferLimits(
             max_file_bytes=settings.max_file_bytes, max_segment_bytes=settings.max_segment_bytes,
@@ -62,6 +64,9 @@ class FileTransfers:
         self.registry = config.registry
         self.lineage = envelope.Lineage(config.bridge.instance, ROUTE_NAME, config.version)
         self._depth = len(settings.filter.pattern.split("/")) - 1  # levels before the `#`
+        # `respond`: each fin's outcome, once durable, published to the device
+        self.results = Results(self._depth, publish, metrics) \
+            if settings.respond and publish is not None else None
         # Steps in flight in this process, per transfer. The broker acks a device's init at
         # once, so its segments can reach us while the init is still being stored: segments
         # wait for the init, and a fin for both.
@@ -90,6 +95,11 @@ class FileTransfers:
         refusal included, is recorded."""
         bound = self.settings.filter.match(message.topic) or {}
         rest = message.topic.split("/")[self._depth:]
+        if rest == [RESULT_LEVEL]:  # an answer to a device (ours, as a rule): not an upload
+            self.metrics.inc("file_results_ignored")
+            if on_durable is not None:
+                on_durable()
+            return
         if rest != ["init"]:
             try:
                 await self._handle(message, on_durable, bound)
@@ -233,6 +243,12 @@ class FileTransfers:
             self.metrics.inc("file_transfers_completed")
             log.info("file_completed", device_id=device_id, file_id=file_id, size=stored.size,
                      reference=stored.reference)
+        if self.results is not None:
+            if refused is None:
+                self.results.ok(message, file_id, stored)
+            else:
+                self.results.failed(message, file_id, refused, "Kafka refused the reference "
+                                    "envelope; its dead letter went in its place")
         if on_durable is not None:
             on_durable()
 
@@ -256,13 +272,30 @@ class FileTransfers:
         await self._durably(self.pipeline.refuse(message, device_id, self.lineage, rejected,
                                                   None))
         mark_dead_lettered(on_durable, rejected.code)
+        answer = self._answer_refused(message, device_id, file_id, rejected)
         if device_id and file_id and rejected.code not in _KEEPS_STAGING and \
                 not self.store.known_refusal(device_id, file_id):
             await self._clean_up(device_id, file_id, rejected, message.arrival_millis)
             self._ended((device_id, file_id))
         self.metrics.inc("file_transfers_failed")
+        if answer is not None:
+            answer()
         if on_durable is not None:
             on_durable()
+
+    def _answer_refused(self, message: Message, device_id: str, file_id: str,
+                        rejected: Rejected) -> Callable[[], None] | None:
+        """How to tell the device its fin was refused, if it is a fin with a device to tell.
+        A transfer refused before its fin answers with that first refusal (the fin's own
+        dead letter is `unknown_transfer`, naming it); read now, before the clean-up."""
+        results = self.results
+        if results is None or not self.device_of(message.topic) or \
+                message.topic.split("/")[self._depth:][:1] != ["fin"]:
+            return None
+        first = self.store.refusal(device_id, file_id) \
+            if rejected.code == "unknown_transfer" else None
+        code, reason = (first.code, first.reason) if first else (rejected.code, rejected.reason)
+        return lambda: results.failed(message, file_id, code, reason)
 
     async def _clean_up(self, device_id: str, file_id: str, refusal: Rejected | None = None,
                         before: int | None = None) -> None:

@@ -82,6 +82,12 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "file_segments": ("File-transfer segments stored", ()),
     "file_transfers_completed": ("Files assembled and announced", ()),
     "file_transfers_failed": ("File transfers refused or abandoned", ()),
+    "file_results": ("Fin results published to devices ([file_transfer] respond), by outcome: "
+                     "sent, refused (PUBACK >= 0x80), lost, not_connected", ("outcome",)),
+    "file_result_topics_refused": ("Fin Response Topics outside the device's own result "
+                                   "topics, answered on the default topic instead", ()),
+    "file_results_ignored": ("Messages on a result topic the file-transfer stage acked "
+                             "unrecorded (the bridge's own answers)", ()),
     "reloads": ("Config reloads, by outcome", ("outcome",)),
 }
 GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {

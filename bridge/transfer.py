@@ -323,7 +323,12 @@ class TransferStore:
 
     def known_refusal(self, device_id: str, file_id: str) -> bool:
         """True when the last read of this transfer found its refusal."""
-        return isinstance(self._states.get((device_id, file_id)), Refusal)
+        return self.refusal(device_id, file_id) is not None
+
+    def refusal(self, device_id: str, file_id: str) -> Refusal | None:
+        """The transfer's refusal when the last read of it found one."""
+        state = self._states.get((device_id, file_id))
+        return state if isinstance(state, Refusal) else None
 
     def _smallest_segment(self, size: int) -> int:
         return -(-size // self.limits.max_segments_per_file)

@@ -2,7 +2,8 @@
 
 `upload_file` is what a device (or `simulate --file`, `dev` and the tests) runs: init, the
 segments, then fin once the broker has every segment. It streams the source, so a file of
-any size costs a few segments of memory.
+any size costs a few segments of memory. With `wait_result` it also waits for the bridge's
+answer to the fin (`[file_transfer] respond`, see bridge/results.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.devkit.simulate import signed
 
@@ -31,6 +35,7 @@ class Upload:
     sha256: str
     segments: int  # published, duplicates included
     seconds: float
+    result: dict[str, Any] | None = None  # the bridge's answer to the fin, when waited for
 
 
 def upload_file(client: paho.Client, device_id: str, file_id: str, source: bytes | Path, *,
@@ -38,11 +43,17 @@ def upload_file(client: paho.Client, device_id: str, file_id: str, source: bytes
                 name: str | None = None, content_type: str | None = None,
                 user_data: Any = None, hmac_key: bytes | None = None,
                 shuffle: bool = False, duplicates: float = 0.0, fin: bool = True,
-                rng: random.Random | None = None) -> Upload:
+                rng: random.Random | None = None, wait_result: float | None = None,
+                response_topic: str | None = None,
+                correlation_data: bytes | None = None) -> Upload:
     """Upload one file with QoS 1 and return what was sent.
 
     `shuffle` and `duplicates` (a fraction of segments sent twice) are for tests: the bridge
     must accept segments in any order and more than once. `fin=False` stops before the fin.
+    `wait_result` (seconds) subscribes to the result topic before the fin and waits that
+    long for the bridge's answer (`Upload.result`, None if none came): the transfer's own
+    result topic, or `response_topic`, which the fin then names as its MQTT 5 Response
+    Topic, with `correlation_data` (the answer must echo it).
     """
     rng = rng or random.Random()
     size, digest = _size_and_sha256(source)
@@ -63,16 +74,99 @@ def upload_file(client: paho.Client, device_id: str, file_id: str, source: bytes
         batch = offsets[start:start + _WINDOW]
         _publish(client, ((f"{base}/{offset}", _read(source, offset, segment_bytes))
                           for offset in batch), hmac_key)
-    if fin:
+    result = None
+    if fin and wait_result is not None:
+        with _Answer(client, response_topic or f"{base}/result", file_id,
+                     correlation_data) as answer:
+            _publish(client, [(f"{base}/fin/{size}", b"")], hmac_key,
+                     _request(response_topic, correlation_data))
+            result = answer.wait(wait_result)
+    elif fin:
         _publish(client, [(f"{base}/fin/{size}", b"")], hmac_key)
-    return Upload(file_id, size, digest, len(offsets), time.monotonic() - started)
+    return Upload(file_id, size, digest, len(offsets), time.monotonic() - started, result)
 
 
-def _publish(client: paho.Client, messages: Any, hmac_key: bytes | None) -> None:
-    """Publish QoS 1 and wait until the broker acked each one."""
+class _Answer:
+    """A subscription to one result topic, from before the fin until the answer came."""
+
+    def __init__(self, client: paho.Client, topic: str, file_id: str,
+                 correlation_data: bytes | None) -> None:
+        self.client, self.topic, self.file_id = client, topic, file_id
+        self.correlation_data = correlation_data
+        self.got: dict[str, Any] | None = None
+        self.came = threading.Event()
+
+    def __enter__(self) -> _Answer:
+        self.client.message_callback_add(self.topic, self._on_message)
+        acked: dict[int, Any] = {}  # mid -> the SUBACK's reason codes
+        before = self.client.on_subscribe
+
+        def on_subscribe(*args: Any) -> None:
+            acked[args[2]] = args[3]
+            if before is not None:
+                before(*args)
+
+        self.client.on_subscribe = on_subscribe
+        try:
+            _, mid = self.client.subscribe(self.topic, qos=1)
+            deadline = time.monotonic() + 30
+            while mid not in acked and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if mid not in acked:
+                raise TimeoutError(f"the broker did not acknowledge subscribing {self.topic}")
+            if any(getattr(code, "is_failure", False) for code in acked[mid]):
+                raise PermissionError(f"the broker refused subscribing {self.topic}: "
+                                      f"{acked[mid]}")
+        except BaseException:
+            self.client.message_callback_remove(self.topic)
+            raise
+        finally:
+            self.client.on_subscribe = before
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.client.message_callback_remove(self.topic)
+        self.client.unsubscribe(self.topic)
+
+    def _on_message(self, _client: paho.Client, _userdata: Any,
+                    message: paho.MQTTMessage) -> None:
+        correlation = getattr(message.properties, "CorrelationData", None)
+        try:
+            doc = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and doc.get("file_id") == self.file_id and \
+                (self.correlation_data is None or correlation == self.correlation_data):
+            self.got = doc
+            self.came.set()
+
+    def wait(self, timeout: float) -> dict[str, Any] | None:
+        self.came.wait(timeout)
+        return self.got
+
+
+def _request(response_topic: str | None, correlation_data: bytes | None) -> Properties | None:
+    if response_topic is None and correlation_data is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if response_topic is not None:
+        properties.ResponseTopic = response_topic
+    if correlation_data is not None:
+        properties.CorrelationData = correlation_data
+    return properties
+
+
+def _publish(client: paho.Client, messages: Any, hmac_key: bytes | None,
+             request: Properties | None = None) -> None:
+    """Publish QoS 1 and wait until the broker acked each one. `request` adds a Response
+    Topic and Correlation Data (a fin's)."""
     infos = []
     for topic, body in messages:
-        properties = signed(hmac_key, topic, body)[2] if hmac_key is not None else None
+        properties = signed(hmac_key, topic, body)[2] if hmac_key is not None else request
+        if hmac_key is not None and request is not None:
+            for name in ("ResponseTopic", "CorrelationData"):
+                if hasattr(request, name):
+                    setattr(properties, name, getattr(request, name))
         infos.append(client.publish(topic, body, qos=1, properties=properties))
     for info in infos:
         info.wait_for_publish(120)

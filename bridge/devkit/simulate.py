@@ -134,9 +134,11 @@ def herd(url: str, devices: int = 200, messages: int = 5, qos: int = 1, size: in
     return FleetResult(report.published, report.seconds)
 
 
-def upload(spec: FleetSpec, device_id: str, path: Path, segment_bytes: int) -> Upload:
+def upload(spec: FleetSpec, device_id: str, path: Path, segment_bytes: int,
+           wait_result: float | None = None) -> Upload:
     """`simulate --file`: one upload as `device_id`, and its line in `spec.log` (acked once
-    the fin's PUBACK arrived; unknown if the upload failed part way)."""
+    the fin's PUBACK arrived; unknown if the upload failed part way), waiting `wait_result`
+    seconds for the bridge's result of it if given."""
     from bridge.devkit.device import upload_file
 
     file_id, sent_ns = f"f{time.time_ns()}", time.time_ns()
@@ -148,7 +150,7 @@ def upload(spec: FleetSpec, device_id: str, path: Path, segment_bytes: int) -> U
         client = device_client(spec.url, device_id)
         try:
             done = upload_file(client, device_id, file_id, path, prefix=spec.prefix,
-                               segment_bytes=segment_bytes)
+                               segment_bytes=segment_bytes, wait_result=wait_result)
         finally:
             client.disconnect()
             client.loop_stop()
