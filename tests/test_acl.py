@@ -425,3 +425,25 @@ def test_the_bridge_user_keeps_its_presence_and_devices_cannot_touch_it(
                  password=broker.passwords[BRIDGE_USER]) as reader:
         reader.subscribe(topic)
         assert online in reader.received_until(online)  # retained, and not overwritten
+
+
+def test_the_bridge_answers_file_transfers_and_each_device_reads_only_its_own(
+        broker: Broker) -> None:
+    """[file_transfer] respond: the bridge writes devices/<id>/files/<file id>/result, and
+    only there under devices/; device A reads its own results and never device B's."""
+    own, other, strays = token(), token(), [token() for _ in range(3)]
+    with connect(broker.loopback_port, username=BRIDGE_USER, tls=False,
+                 password=broker.passwords[BRIDGE_USER]) as bridge, device(broker, "A") as a:
+        a.subscribe("devices/+/files/+/result")  # wide, in case the broker grants it
+        a.subscribe("devices/B/files/f1/result")
+        a.subscribe("devices/A/files/f1/#")
+        assert bridge.publish("devices/B/files/f1/result", other) in (SUCCESS, NO_SUBSCRIBERS)
+        for stray, topic in zip(strays, ("devices/A/files/f1/init", "devices/A/files/f1/fin/3",
+                                         f"devices/{BRIDGE_USER}/files/f1/result"),
+                                strict=True):
+            assert bridge.publish(topic, stray) == NOT_AUTHORIZED
+        assert bridge.publish("devices/A/files/f1/result", own) == SUCCESS
+        got = a.received_until(own)  # deliveries keep their order: B's came first, or never
+        assert other not in got and not set(strays) & set(got)
+        with device(broker, "B") as b:
+            assert b.publish("devices/A/files/f1/result", token()) == NOT_AUTHORIZED
