@@ -718,3 +718,16 @@ def test_check_config_shows_the_rendered_session_ids(tmp_path: Path) -> None:
     assert "  127.0.0.1:1883: session mkb-3-fast (fast), mkb-3 (bulk), share group g" in \
         done.stdout.splitlines()
     assert "  instance: edge-1" in done.stdout.splitlines()
+
+
+def test_file_transfer_respond_is_off_by_default_and_a_boolean() -> None:
+    import tomllib
+
+    base = GOOD.replace("[dead_letter]", '[s3]\nbucket = "iot-payloads"\n[file_transfer]\n'
+                        'kafka_topic = "iot.files"\nRESPOND\n[dead_letter]')
+    loaded = config.parse(tomllib.loads(base.replace("RESPOND", "")))
+    assert loaded.file_transfer is not None and loaded.file_transfer.respond is False
+    loaded = config.parse(tomllib.loads(base.replace("RESPOND", "respond = true")))
+    assert loaded.file_transfer is not None and loaded.file_transfer.respond is True
+    assert any(p.startswith("file_transfer.respond: ")
+               for p in problems_of(base.replace("RESPOND", 'respond = "yes"')))
