@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 
 from bridge.devkit import simulate
-from tests.conftest import Case
+from tests.conftest import ROOT, Case
 from tests.test_bridge import publish_as_device, read_until
 from tests.test_large_payloads import Files
 
@@ -167,3 +170,20 @@ def test_with_respond_off_nothing_is_published(case: Case) -> None:
         assert "file_results" not in bridge.stats()[-1]
     finally:
         listener.close()
+
+
+def test_simulate_file_waits_for_the_result_and_prints_it(case: Case, tmp_path: Path) -> None:
+    files = responding(case)
+    case.bridge(files.config())
+    source = tmp_path / "x.bin"
+    source.write_bytes(b"z" * 5000)
+    done = subprocess.run([sys.executable, "-m", "bridge", "simulate", "--url",
+                           case.stack.mqtt_url, "--file", str(source), "--prefix", case.prefix,
+                           "--device-id", "cam-7", "--wait-result", "30"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.splitlines()[-1]
+    assert line.startswith("result: ")
+    result = json.loads(line.removeprefix("result: "))
+    assert result["result"] == "ok" and result["size"] == 5000
+    assert result["reference"].startswith(f"s3://{files.bucket}/files/cam-7/f")
