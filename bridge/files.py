@@ -10,7 +10,9 @@ An init or a segment is acked once it is stored in S3. A fin is acked once the f
 assembled and verified, its reference envelope is in Kafka and the staging data is gone.
 Any refusal is a dead-letter record first, then the transfer's staging data is removed, then
 the ack: nothing is redelivered forever and nothing vanishes. All state is in S3 (see
-`bridge/transfer.py`), so any bridge of a shared subscription can take any message.
+`bridge/transfer.py`), so any bridge of a shared subscription can take any message. With
+`respond`, each fin's outcome, once durable, is also published to the device
+(`bridge/results.py`); PREFIX/{file_id}/result is that answer, never transfer input.
 """
 
 from __future__ import annotations
