@@ -946,7 +946,13 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
                   or (lane == "fat" and "file_transfer" in data)]
     seen: dict[tuple[str, int, str], int] = {}
     for i, broker in enumerate(brokers):
-        for session in [broker.for_lane(lane) for lane in lanes_used] if broker else []:
+        for lane, session in [(lane, broker.for_lane(lane)) for lane in lanes_used] \
+                if broker else []:
+            if not CLIENT_ID.fullmatch(session.client_id):  # a lane's suffix made it too long
+                problems.append(f"brokers[{i}].client_id: the {lane} lane's "
+                                f"session id {session.client_id!r} is longer than 64 "
+                                "characters: shorten the client_id")
+                break
             first = seen.setdefault((session.host, session.port, session.client_id), i)
             if first != i:
                 problems.append(f"brokers[{i}].client_id: {session.client_id!r} is used twice "

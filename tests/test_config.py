@@ -731,3 +731,12 @@ def test_file_transfer_respond_is_off_by_default_and_a_boolean() -> None:
     assert loaded.file_transfer is not None and loaded.file_transfer.respond is True
     assert any(p.startswith("file_transfer.respond: ")
                for p in problems_of(base.replace("RESPOND", 'respond = "yes"')))
+
+
+def test_a_lane_suffix_that_makes_the_session_id_too_long_is_refused() -> None:
+    long_id = "m" * 62  # 64 with "-x" would fit; "-fast" does not
+    text = GOOD.replace('client_id = "mkb-1"', f'client_id = "{long_id}"') + \
+        '[[routes]]\nfilter = "devices/{device_id}/alerts"\nkafka_topic = "a"\nlane = "fast"\n'
+    assert problems_of(text) == [f"brokers[0].client_id: the fast lane's session id "
+                                 f"'{long_id}-fast' is longer than 64 characters: shorten "
+                                 "the client_id"]
