@@ -101,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
                        "lane's session (ID, ID-fast, ID-fat) is adopted on each broker")
     adopt.add_argument("--force", action="store_true", help="take the sessions over even "
                        "when their presence says connected, or cannot tell")
+    adopt.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+                       help="stop after this long, leaving what is still queued in the "
+                       "sessions, and exit 1 (default: no limit)")
 
     dev = command("dev", "run the bridge on a local Mosquitto, Kafka (Tansu) and S3 (moto), "
                   "with a simulated fleet")
@@ -491,10 +494,11 @@ def _adopt(args: argparse.Namespace) -> int:
 
     logs.configure(config.bridge.log_format)
     daemon = Daemon(config, retire=True)
-    asyncio.run(daemon.run())
+    asyncio.run(_within(daemon, args.timeout))
     if not daemon.retired:
-        print(f"{PROG} adopt: stopped before the sessions ended: what they still queue stays "
-              "with the broker; run adopt again", file=sys.stderr)
+        late = f" within --timeout {args.timeout:g} s" if args.timeout else ""
+        print(f"{PROG} adopt: stopped before the sessions ended{late}: what they still queue "
+              "stays with the broker; run adopt again", file=sys.stderr)
         return 1
     done = daemon.metrics.snapshot()
     sessions = [f"{s.config.client_id}@{s.name}" + ("" if s.session_present else " (none)")
@@ -503,6 +507,13 @@ def _adopt(args: argparse.Namespace) -> int:
           f"received, {done.get('bridged_messages', 0)} bridged, "
           f"{done.get('dead_lettered_messages', 0)} dead-lettered; the sessions are ended")
     return 0
+
+
+async def _within(daemon: Any, timeout: float | None) -> None:
+    """Run the daemon; past `timeout` stop it as SIGTERM would (the sessions stay)."""
+    if timeout is not None:
+        asyncio.get_running_loop().call_later(timeout, daemon.stop)
+    await daemon.run()
 
 
 def _refuse_if_connected(args: argparse.Namespace, index: int,

@@ -214,3 +214,27 @@ def test_a_sigterm_restart_resumes_its_session_and_retires_nothing(case: Case,
     assert report.lost == 0 and report.acked == 400, report.lost_first
     assert state(case, f"{case.client_id}-1") == "online"
     assert time.monotonic() - start < 120
+
+
+def test_an_adopt_cut_short_leaves_the_session_for_the_next_one(case: Case,
+                                                                tmp_path: Path) -> None:
+    """Kafka does not answer: adopt cannot make the queue durable, so --timeout stops it the
+    way SIGTERM stops a bridge, the session and its queue stay, and a later adopt drains it."""
+    config = member_config(case)
+    [member] = members(case, config, 1)
+    member.kill9()
+    log = tmp_path / "sim.log"
+    finished(simulate(case, log, "--devices", "5", "--messages", "20"))
+    case.stack.kafka.pause()
+    try:
+        cut = command("adopt", "--config", str(config), "--client-id", f"{case.client_id}-0",
+                      "--timeout", "8")
+    finally:
+        case.stack.kafka.resume()
+    assert cut.returncode == 1, cut.stderr[-2000:]
+    assert "stopped before the sessions ended within --timeout 8 s" in cut.stderr
+    assert state(case, f"{case.client_id}-0") == "offline"  # still there, still adoptable
+    adopted = command("adopt", "--config", str(config), "--client-id", f"{case.client_id}-0")
+    assert adopted.returncode == 0, adopted.stderr[-2000:]
+    report = verify(case, log)
+    assert report.acked == 100 and report.lost == 0, report.lost_first
