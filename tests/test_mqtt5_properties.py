@@ -365,3 +365,13 @@ def test_spans_off_import_no_opentelemetry() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_with_the_api_alone_the_devices_context_passes_through() -> None:
+    """No SDK: the span is a no-op that carries the device's context, so the record's
+    traceparent is the device's own, and a message without one gets none."""
+    tracer = Tracer("edge-1", trace.NoOpTracerProvider())
+    headers, ending = tracer.send("iot.t", None, 1, "t", TRACEPARENT, "v=1", None)
+    assert headers == [("traceparent", TRACEPARENT.encode()), ("tracestate", b"v=1")]
+    ending()  # QoS 0: no ack to call, and nothing raises
+    assert tracer.send("iot.t", None, 1, "t", None, None, None)[0] == []
