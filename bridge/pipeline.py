@@ -472,6 +472,8 @@ class Pipeline:
                     reason=envelope.printable(rejected.reason)[:500],
                     topic=message.topic[:LOG_TOPIC_MAX], broker=message.broker)
         body_max = 0 if shrunk else self._dead_letter_body_max
+        if shrunk and message.properties is not None:  # up to 128 KiB more: left out too
+            message = message._replace(properties=None)
         value = envelope.encode_dead_letter(message, device_id, lineage, rejected.code,
                                             rejected.reason, body_max, reference, sha256, size)
         try:

@@ -285,6 +285,19 @@ def test_properties_count_against_the_record_size() -> None:
         "iot.telemetry"
 
 
+def test_a_dead_letter_sent_again_smaller_leaves_the_properties_out() -> None:
+    lane = pipeline()
+    sent = message((("a", "1"),), Properties(response_topic="r" * 60_000,
+                                             correlation_data=b"c" * 60_000))
+    full = lane.dead_letter(sent, "d1", lane.no_route_lineage, Rejected("record_too_large", "x"),
+                            None)
+    assert envelope.decode(full.value)["mqtt"]["response_topic"] == "r" * 60_000
+    shrunk = lane.dead_letter(sent, "d1", lane.no_route_lineage,
+                              Rejected("record_too_large", "x"), None, shrunk=True)
+    assert "response_topic" not in envelope.decode(shrunk.value)["mqtt"]
+    assert len(shrunk.value) < 1000
+
+
 # ------------------------------------------------------------------ spans
 
 @pytest.fixture(scope="module")
