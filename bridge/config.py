@@ -8,6 +8,7 @@ default.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -28,6 +29,7 @@ from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
 from bridge.credentials import Environment, unreadable
 from bridge.errors import ConfigError
 from bridge.formats import FORMATS
+from bridge.properties import DEFAULT_PREFIX, MAX_BYTES, MAX_COUNT, RESERVED, Limits
 from bridge.routing import (
     DEVICE_ID,
     KEY_STRATEGIES,
@@ -217,6 +219,7 @@ class Route:
     truncate_bytes: int | None = None  # keep only this head of each body, flagged `truncated`
     format_max_bytes: int = 2**20  # json/msgpack routes check payloads up to this size
     create_topics: bool = False  # a template may give a topic the cluster does not have yet
+    properties: Limits = field(default_factory=Limits)  # user properties copied to headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +235,7 @@ class Config:
     registry: Registry = field(default_factory=Registry)
     version: str = field(default="")
     http: HttpConfig | None = None
+    tracing_spans: bool = False  # [tracing] spans: the bridge's own span per message
 
     def fixed_topics(self) -> list[str]:
         """The Kafka topics known before any message: the dead-letter topic and every route
@@ -575,6 +579,9 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     truncate = t.get("truncate_bytes", int, None, _between(0, 64 * 2**20))
     format_max = t.get("format_max_bytes", int, 2**20, _between(1, 256 * 2**20))
     create_topics = t.get("create_topics", bool, False)
+    prefix = t.get("user_properties", (str, bool), DEFAULT_PREFIX, _user_properties_problem)
+    max_count = t.get("user_properties_max_count", int, MAX_COUNT, _between(0, 1_000_000))
+    max_bytes = t.get("user_properties_max_bytes", int, MAX_BYTES, _between(0, 64 * 2**20))
     t.finish()
     if "format_max_bytes" in t.data and payload_format == "raw":
         t.fail("format_max_bytes", "only applies to a checked format (json, msgpack)")
@@ -595,7 +602,24 @@ def _route(data: Any, path: str, index: int, problems: list[str]) -> Route | Non
     return Route(name=name, filter=route_filter, kafka_topic=topic,
                  key=KeySpec(key, window, buckets), format=payload_format, lane=lane,
                  auth=auth, inline_max_bytes=inline_max, truncate_bytes=truncate,
-                 format_max_bytes=format_max, create_topics=create_topics)
+                 format_max_bytes=format_max, create_topics=create_topics,
+                 properties=Limits(prefix or None, max_count, max_bytes))
+
+
+def _user_properties_problem(value: str | bool) -> str | None:
+    """A header prefix, or false. A prefix must not let a device's property name forge a
+    header the bridge sets itself (`mqtt.` would let `topic` become `mqtt.topic`)."""
+    if value is True:
+        return "must be a header name prefix (default \"mqtt.user.\") or false"
+    if value is False:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return "must be 1 to 64 letters, digits, '.', '_' or '-', or false"
+    forged = [name for name in RESERVED if name.startswith(value)]
+    if forged:
+        return f"a property could forge the bridge's header {forged[0]!r}: choose a " \
+            "prefix no bridge header starts with, such as \"mqtt.user.\""
+    return None
 
 
 def _route_name_problem(name: str) -> str | None:
@@ -970,6 +994,15 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
                      if r for key in ("inline_max_bytes",) if r.inline_max_bytes is not None]
     problems += _inline_size_problems(routes, s3, kafka, lanes)
 
+    tracing_spans = False
+    if "tracing" in data:
+        tr = _Table(top.get("tracing", dict, {}), "tracing", problems)
+        tracing_spans = tr.get("spans", bool, False)
+        tr.finish()
+        if tracing_spans and importlib.util.find_spec("opentelemetry") is None:
+            tr.fail("spans", "needs the OpenTelemetry API: pip install "
+                    "'mqtt-kafka-bridge[tracing]' (and an SDK and exporter of your choice)")
+
     registry, registry_bytes = Registry(), b""
     r = _Table(top.get("registry", dict, {}), "registry", problems)
     before = len(problems)
@@ -1005,6 +1038,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
         registry=registry,
         version=hashlib.sha256(source + registry_bytes).hexdigest()[:12],
         http=http,
+        tracing_spans=tracing_spans,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 
 from bridge.message import Message
+from bridge.properties import mqtt_fields
 
 VERSION = 1
 RAW = "application/octet-stream"  # the content type of a route that checks no format
@@ -209,7 +210,7 @@ def decode(value: bytes) -> dict[str, Any]:
 
 def _fields(message: Message, device_id: str, lineage: Lineage, body: bytes,
             content_type: str) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {
         "v": VERSION,
         "device_id": device_id,
         "content_type": content_type,
@@ -228,3 +229,6 @@ def _fields(message: Message, device_id: str, lineage: Lineage, body: bytes,
             "map_version": lineage.map_version,
         },
     }
+    if message.properties is not None:  # MQTT 5 properties: only those the PUBLISH had
+        fields["mqtt"].update(mqtt_fields(message.properties))
+    return fields

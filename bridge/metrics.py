@@ -73,6 +73,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "internal_errors": ("Exceptions a stage raised, each settled as an internal_error", ()),
     "unsettled_messages": ("Messages neither bridged nor dead-lettered: a bug, and an alert",
                            ()),
+    "invalid_traceparents": ("Messages whose traceparent user property is not a valid W3C "
+                             "one: kept under the user-property prefix, not as traceparent",
+                             ()),
     "plan_cache_resets": ("Times the routing plan cache was full and started over", ()),
     "s3_requests": ("S3 requests, by operation", ("operation",)),
     "s3_errors": ("S3 requests that failed, by operation", ("operation",)),

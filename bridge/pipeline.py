@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
 import structlog
 
-from bridge import auth, envelope, formats
+from bridge import auth, envelope, formats, properties
 from bridge.config import Config, Route
 from bridge.errors import Rejected
 from bridge.kafka import Delivery, KafkaSink
@@ -31,6 +31,9 @@ from bridge.message import Message
 from bridge.metrics import Metrics, mark_dead_lettered
 from bridge.routing import KeySpec, Router
 from bridge.s3 import ObjectStore, retrying
+
+if TYPE_CHECKING:
+    from bridge.tracing import Tracer
 
 T = TypeVar("T")
 _new_origin = tuple.__new__  # Origin's own __new__ is a Python function: a frame each
@@ -138,13 +141,18 @@ class Pipeline:
         self._plans: dict[tuple[str, str], Plan] = {}
         self._plans_bytes = 0
         self._arrival_key: tuple[int, bytes] = (-1, b"")  # the last arrival_millis key
+        self._tracer: Tracer | None = None
+        if config.tracing_spans:  # imports OpenTelemetry only when asked to
+            from bridge.tracing import Tracer
+            self._tracer = Tracer(config.bridge.instance)
 
     # -- the fast path ---------------------------------------------------------------------
 
     def prepare(self, message: Message, on_durable: Callable[[], None] | None) -> Delivery | Job:
         """The outcome of one message: its Delivery, or the Job that leads to it."""
         plan = self._plans.get((message.broker, message.topic))
-        if plan is not None and len(message.payload) <= plan.direct_max:
+        if plan is not None and len(message.payload) <= plan.direct_max and \
+                message.properties is None and not message.user_properties:
             return self._delivery(message, plan, on_durable, plan.template.encode(message),
                                   self.sink)
         if plan is None:
@@ -167,6 +175,13 @@ class Pipeline:
         """Authenticate and check the payload; large checks run off the loop."""
         if plan.refusal is not None:
             return self.refuse(message, plan.device_id, plan.lineage, plan.refusal, on_durable)
+        extra = 0  # what the MQTT 5 properties add to the record, in bytes
+        if message.user_properties or message.properties is not None:
+            try:
+                extra = properties.weight(message, plan.route.properties, plan.device_id,
+                                          plan.route.auth == "hmac")
+            except Rejected as rejected:
+                return self.refuse(message, plan.device_id, plan.lineage, rejected, on_durable)
         if plan.hmac_key is not None:
             try:
                 auth.verify(plan.hmac_key, plan.device_id, message.topic, message.payload,
@@ -183,15 +198,15 @@ class Pipeline:
                     plan.device_id), on_durable)
             if size > formats.INLINE_CHECK_MAX:
                 return Job(message, on_durable,
-                           lambda: self._checked_off_loop(message, plan, on_durable))
+                           lambda: self._checked_off_loop(message, plan, on_durable, extra))
             try:
                 check(message.payload)
             except ValueError as exc:
                 return self._bad_payload(message, plan, on_durable, exc)
-        return self._bridge(message, plan, on_durable)
+        return self._bridge(message, plan, on_durable, extra)
 
-    def _bridge(self, message: Message, plan: Plan,
-                on_durable: Callable[[], None] | None) -> Delivery | Job:
+    def _bridge(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
+                extra: int = 0) -> Delivery | Job:
         size = len(message.payload)
         if plan.truncate is not None and size > plan.truncate:
             if size > _HASH_ON_LOOP_MAX:  # the whole payload's sha256 is hashed off the loop
@@ -200,20 +215,26 @@ class Pipeline:
             return self._truncated(message, plan, on_durable, None)
         if plan.inline_max is not None and size > plan.inline_max:
             return Job(message, on_durable, lambda: self._offload(message, plan, on_durable))
-        if size > self._record_max:  # the producer would refuse it: no envelope is built
+        if size + extra > self._record_max:  # the producer would refuse it: no envelope
+            with_properties = f" and {extra} bytes of MQTT properties" if extra else ""
             return self.refuse(message, plan.device_id, plan.lineage, Rejected(
-                "record_too_large", f"{size} bytes inline, more than this lane's "
-                f"message.max.bytes {self._record_max}; with [s3] it would go by reference",
-                plan.device_id), on_durable)
-        return self._delivery(message, plan, on_durable, plan.template.encode(message),
-                              self.sink)
+                "record_too_large", f"{size} bytes inline{with_properties}, more than this "
+                f"lane's message.max.bytes {self._record_max}; with [s3] it would go by "
+                "reference", plan.device_id), on_durable)
+        if message.properties is None:
+            value = plan.template.encode(message)
+        else:  # the mqtt map differs per message
+            value = envelope.encode(message, plan.device_id, plan.lineage,
+                                    plan.template.content_type)
+        return self._headed(self._delivery(message, plan, on_durable, value, self.sink),
+                            message, plan)
 
     def _truncated(self, message: Message, plan: Plan, on_durable: Callable[[], None] | None,
                    sha256: str | None) -> Delivery:
         assert plan.truncate is not None
-        return self._delivery(message, plan, on_durable, envelope.encode_truncated(
+        return self._headed(self._delivery(message, plan, on_durable, envelope.encode_truncated(
             message, plan.device_id, plan.lineage, plan.template.content_type, plan.truncate,
-            sha256), self.sink)
+            sha256), self.sink), message, plan)
 
     async def _truncated_off_loop(self, message: Message, plan: Plan,
                                   on_durable: Callable[[], None] | None) -> Delivery:
@@ -236,10 +257,37 @@ class Pipeline:
                             message, plan.device_id, plan.lineage, None, None, None, None,
                             False)), sink)
 
+    def _headed(self, delivery: Delivery, message: Message, plan: Plan) -> Delivery:
+        """A data record off the fast path, with the headers of its MQTT 5 properties."""
+        if message.user_properties or self._tracer is not None:
+            self._add_headers(delivery, message, plan)
+        return delivery
+
+    def _add_headers(self, delivery: Delivery, message: Message, plan: Plan) -> None:
+        """A data record's headers after lineage: the trace context, then the user
+        properties under the route's prefix; with spans on, the bridge's span starts here
+        and its context replaces the device's (the ack callback ends it)."""
+        traceparent, tracestate, trace, user = None, None, [], []
+        if message.user_properties:
+            copied = properties.copy(message.user_properties, plan.route.properties,
+                                     plan.device_id, plan.route.auth == "hmac")
+            trace, user = copied.trace, copied.user
+            if copied.invalid_traceparent:
+                self.metrics.inc("invalid_traceparents")
+            elif trace:
+                traceparent = trace[0][1].decode()
+                tracestate = trace[1][1].decode() if len(trace) > 1 else None
+        if self._tracer is not None:
+            trace, delivery.on_durable = self._tracer.send(
+                delivery.topic, delivery.key, len(message.payload), message.topic,
+                traceparent, tracestate, delivery.on_durable)
+        delivery.headers = [*plan.headers, *trace, *user]
+
     # -- work off the fast path (Jobs) ------------------------------------------------------
 
     async def _checked_off_loop(self, message: Message, plan: Plan,
-                                on_durable: Callable[[], None] | None) -> Delivery | Job:
+                                on_durable: Callable[[], None] | None,
+                                extra: int) -> Delivery | Job:
         """A payload too large to check on the event loop: the format's streaming check, on
         the lane's worker thread, in memory that follows nesting depth, not size."""
         streaming = plan.format.check_streaming
@@ -248,7 +296,7 @@ class Pipeline:
             await self.runner.in_thread(lambda: streaming(message.payload))
         except ValueError as exc:
             return self._bad_payload(message, plan, on_durable, exc)
-        return self._bridge(message, plan, on_durable)
+        return self._bridge(message, plan, on_durable, extra)
 
     async def _after_topic_lookup(self, message: Message, plan: Plan,
                                   on_durable: Callable[[], None] | None) -> Delivery | Job:
@@ -285,8 +333,9 @@ class Pipeline:
         # From here on only the reference travels: the body is not kept in memory.
         origin = Origin(message._replace(payload=b""), plan.device_id, plan.lineage, reference,
                         digest, size)
-        return Delivery(plan.kafka_topic, key_bytes, value, plan.headers, on_durable,
-                        self.rejected_by_kafka, origin, self.fat_sink)
+        return self._headed(Delivery(plan.kafka_topic, key_bytes, value, plan.headers,
+                                     on_durable, self.rejected_by_kafka, origin,
+                                     self.fat_sink), message, plan)
 
     async def _dead_letter_large(self, message: Message, device_id: str,
                                  lineage: envelope.Lineage, rejected: Rejected,
@@ -345,7 +394,7 @@ class Pipeline:
             device.hmac_key if device is not None and route.auth == "hmac" else None,
             self._inline_max(route), route.truncate_bytes, topic_known)
         if refusal is None and plan.hmac_key is None and payload_format.check is None and \
-                plan.truncate is None:
+                plan.truncate is None and self._tracer is None:
             plan = plan._replace(direct_max=self._record_max if plan.inline_max is None
                                  else min(plan.inline_max, self._record_max))
         if refusal is None and topic_known:
@@ -423,11 +472,15 @@ class Pipeline:
                     reason=envelope.printable(rejected.reason)[:500],
                     topic=message.topic[:LOG_TOPIC_MAX], broker=message.broker)
         body_max = 0 if shrunk else self._dead_letter_body_max
+        if shrunk and message.properties is not None:  # up to 128 KiB more: left out too
+            message = message._replace(properties=None)
         value = envelope.encode_dead_letter(message, device_id, lineage, rejected.code,
                                             rejected.reason, body_max, reference, sha256, size)
         try:
             headers = [*envelope.headers(message, device_id, lineage),
-                       ("error.code", rejected.code.encode())]
+                       ("error.code", rejected.code.encode()),
+                       *properties.trace_headers(*properties.trace_context(
+                           message.user_properties)[:2])]
         except Exception:  # text a header cannot carry: the value still says it all
             headers = [("error.code", rejected.code.encode())]
         origin = Origin(message, device_id, lineage, reference, sha256, size, rejected, shrunk)

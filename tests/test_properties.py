@@ -24,7 +24,7 @@ from bridge import auth, config, envelope
 from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
 from bridge.errors import Rejected
 from bridge.kafka import Delivery
-from bridge.message import Message
+from bridge.message import Message, Properties
 from bridge.metrics import Metrics
 from bridge.pipeline import Job, Pipeline
 from bridge.routing import DEVICE_ID, RouteFilter, Router, kafka_topic_problem
@@ -321,6 +321,17 @@ MILLIS = st.integers(0, 2**63 - 1)
 FLAGS = st.tuples(st.integers(0, 2), st.booleans(), st.booleans())
 
 
+# What an MQTT 5 PUBLISH can carry besides its payload, within the protocol's ranges.
+USER_PROPERTIES = st.lists(st.tuples(st.text(SAFE, max_size=12), st.text(SAFE, max_size=20)),
+                           max_size=4).map(tuple)
+MQTT_PROPERTIES = st.none() | st.builds(
+    Properties, content_type=st.none() | st.text(SAFE, max_size=30),
+    payload_format_indicator=st.integers(0, 1),
+    message_expiry_interval=st.none() | st.integers(0, 2**32 - 1),
+    response_topic=st.none() | st.text(SAFE, max_size=30),
+    correlation_data=st.none() | st.binary(max_size=30))
+
+
 def messages(text: st.SearchStrategy[str] | None = None,
              payloads: st.SearchStrategy[bytes] | None = None) -> st.SearchStrategy[Message]:
     """Messages MQTT can carry (or with `text` for topic and broker), bodies up to 100 KB."""
@@ -328,7 +339,9 @@ def messages(text: st.SearchStrategy[str] | None = None,
     payloads = sized_bytes(100_000) if payloads is None else payloads
     return st.builds(Message, broker=text, topic=text, payload=payloads,
                      qos=st.integers(0, 2), retain=st.booleans(), dup=st.booleans(),
-                     arrival_millis=MILLIS)
+                     arrival_millis=MILLIS, user_properties=USER_PROPERTIES,
+                     properties=MQTT_PROPERTIES)
+
 
 
 @settings(max_examples=100, deadline=None)

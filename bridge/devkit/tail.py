@@ -11,7 +11,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from bridge import envelope
 from bridge.kafka import QUIET
@@ -26,10 +33,21 @@ class UnknownTopic(KafkaException):
         self.known, self.topic = known, topic
 
 
+Header = tuple[str, bytes | None]
+
+
 def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
             deadline: float | None = None) -> Iterator[tuple[bytes | None, dict[str, Any]]]:
     """Yield (key, envelope) from the start of `topic` until `idle` seconds bring nothing
     (or forever with `follow`), or until the absolute `deadline` (time.monotonic)."""
+    for key, _headers, env in records_with_headers(bootstrap, topic, idle, follow, deadline):
+        yield key, env
+
+
+def records_with_headers(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
+                         deadline: float | None = None
+                         ) -> Iterator[tuple[bytes | None, list[Header], dict[str, Any]]]:
+    """`records`, with each record's headers in order (repeats kept)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mqtt-kafka-bridge-tail",
                          "enable.auto.commit": False, "enable.partition.eof": False},
                         logger=QUIET)  # a broker it cannot reach is an exception, said once
@@ -52,9 +70,15 @@ def records(bootstrap: str, topic: str, idle: float = 5.0, follow: bool = False,
                 if record.error():
                     raise KafkaException(record.error())
                 last = time.monotonic()
-                yield record.key(), envelope.decode(record.value() or b"")
+                yield record.key(), _headers(record), envelope.decode(record.value() or b"")
     finally:
         consumer.close()
+
+
+def _headers(record: Message) -> list[Header]:
+    found = record.headers() or []
+    pairs = found.items() if isinstance(found, dict) else found
+    return [(name, value.encode() if isinstance(value, str) else value) for name, value in pairs]
 
 
 def printable(value: Any) -> Any:
