@@ -35,6 +35,7 @@ from bridge.mqtt import BrokerSession, Inflight
 from bridge.pipeline import Job, Pipeline
 from bridge.s3 import ObjectStore, S3Error
 from bridge.settle import Lane
+from bridge.sparkplug_host import Sparkplug
 from bridge.systemd import Notifier
 
 log = structlog.get_logger("bridge.daemon")
@@ -94,6 +95,7 @@ class Daemon:
         self.lanes: dict[str, Lane] = {}
         self.objects: dict[str, ObjectStore] = {}
         self.files: FileTransfers | None = None
+        self.sparkplug: Sparkplug | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -354,12 +356,20 @@ class Daemon:
             self.files = FileTransfers(config, config.file_transfer, self.pipelines["fat"],
                                        self.objects["fat"], self.metrics,
                                        self.lanes["fat"].pool)
+        previous = self.sparkplug
+        self.sparkplug = None
+        if config.sparkplug is not None:
+            self.sparkplug = Sparkplug(config, config.sparkplug,
+                                       self.pipelines[config.sparkplug.lane], self.metrics,
+                                       self.publish, previous.state if previous else None)
         self.config = config
         for index, broker in enumerate(config.brokers):
             for lane in lanes:
                 filters = self.pipelines[lane].router.subscriptions()
                 if lane == "fat" and self.files is not None:
                     filters.append(self.files.subscription())
+                if self.sparkplug is not None and lane == self.sparkplug.lane:
+                    filters += self.sparkplug.subscriptions()
                 key = (index, lane)
                 if key in self._leaving:  # wanted again before it finished leaving
                     session, task, leaving = self._leaving.pop(key)
@@ -543,6 +553,9 @@ class Daemon:
             return runtime.job(pipeline, message, receipt,
                                lambda: files.handle(message, receipt),
                                files.device_of(message.topic))
+        sparkplug = self.sparkplug
+        if sparkplug is not None and lane == sparkplug.lane and sparkplug.takes(message.topic):
+            return runtime.accept(pipeline, message, receipt, sparkplug.prepare)
         return runtime.accept(pipeline, message, receipt)
 
     async def _sweep_transfers(self) -> None:

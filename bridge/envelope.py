@@ -228,3 +228,12 @@ def _fields(message: Message, device_id: str, lineage: Lineage, body: bytes,
             "map_version": lineage.map_version,
         },
     }
+
+
+def encode_with(message: Message, device_id: str, lineage: Lineage, content_type: str,
+                **extra: Any) -> bytes:
+    """The envelope of an inline body plus keys of a section's own (`sparkplug: {...}`)."""
+    fields = _fields(message, device_id, lineage, message.payload, content_type)
+    fields.update(extra)
+    packed: bytes = msgpack.packb(fields)
+    return packed
