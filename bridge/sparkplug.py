@@ -111,6 +111,8 @@ def decode(payload: bytes, max_metrics: int) -> Decoded:
                       m.timestamp if m.HasField("timestamp") else None,
                       m.datatype if m.HasField("datatype") else None,
                       m.is_null, m.is_historical, m.is_transient, m) for m in pb.metrics]
+    if any(not isinstance(m.name, str | None) for m in metrics):
+        raise Rejected("bad_sparkplug_payload", "a metric name is not UTF-8 text")
     bd_seq = next((m.pb.long_value for m in metrics if m.name == BD_SEQ
                    and m.pb.WhichOneof("value") == "long_value"), None)
     return Decoded(pb.timestamp if pb.HasField("timestamp") else None,
@@ -132,6 +134,8 @@ def _value(pb: Any, datatype: int | None, is_null: bool) -> Any:
     if is_null or kind is None:
         return None
     raw = getattr(pb, kind)
+    if kind == "string_value" and not isinstance(raw, str):
+        raise ValueError("a string value that is not UTF-8 text")
     if kind in ("int_value", "long_value") and datatype in _SIGNED:
         bits = _SIGNED[datatype]
         raw &= (1 << bits) - 1
