@@ -35,7 +35,7 @@ from bridge.mqtt import BrokerSession, Inflight
 from bridge.pipeline import Job, Pipeline
 from bridge.s3 import ObjectStore, S3Error
 from bridge.settle import Lane
-from bridge.sparkplug_host import Sparkplug
+from bridge.sparkplug_host import Sparkplug, host_sessions
 from bridge.systemd import Notifier
 
 log = structlog.get_logger("bridge.daemon")
@@ -96,6 +96,8 @@ class Daemon:
         self.objects: dict[str, ObjectStore] = {}
         self.files: FileTransfers | None = None
         self.sparkplug: Sparkplug | None = None
+        # Sparkplug host application STATE sessions ([sparkplug] host_id), one per broker.
+        self._hosts: dict[BrokerSession, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,6 +107,11 @@ class Daemon:
         self.metrics.build_info.info({"version": _version()})
         self.metrics.map_info.info({"map_version": self.config.version})
         self._apply(self.config, self._new_sinks(self.config))
+        sparkplug = self.config.sparkplug
+        if sparkplug is not None and sparkplug.host_id:
+            for host in host_sessions(self.config, sparkplug, self.metrics):
+                self._hosts[host] = asyncio.create_task(host.run(),
+                                                        name=f"sparkplug host {host.name}")
         if self._retire_at_start:
             self.retire()
         priming = asyncio.create_task(self._prime())
@@ -614,6 +621,10 @@ class Daemon:
             sink.drain(self.config.bridge.shutdown_timeout) for sink in sinks)))
         for session in sessions:
             await session.close()
+        for host, task in self._hosts.items():  # its will says offline
+            host.stop_reading()
+            await host.close()
+            task.cancel()
         for sink in sinks:
             sink.close()
         for runtime in self.lanes.values():

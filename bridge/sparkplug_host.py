@@ -12,6 +12,7 @@ A payload that does not decode is a dead letter with its raw body.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from bridge.errors import Rejected
 from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
+from bridge.mqtt import BrokerSession
 from bridge.pipeline import LOG_TOPIC_MAX, Job, Origin, Pipeline
 from bridge.sparkplug import NAMESPACE, HostState, Limits, Topic, decode, rebirth_request
 
@@ -143,3 +145,25 @@ def state_payload(online: bool, timestamp: int) -> bytes:
     """A Sparkplug 3.0 host application's STATE message (JSON, retained)."""
     return json.dumps({"online": online, "timestamp": timestamp},
                       separators=(",", ":")).encode()
+
+
+def host_sessions(config: Config, settings: SparkplugConfig,
+                  metrics: Metrics) -> list[BrokerSession]:
+    """With `host_id`: per broker a session of its own that announces the bridge as a
+    Sparkplug 3.0 host application: STATE online (retained, QoS 1) on each connect, and
+    offline as its will, with the same timestamp. It subscribes nothing; its client id is
+    the broker's plus `-sparkplug-host`, and it keeps no session."""
+    topic = f"{NAMESPACE}/STATE/{settings.host_id}"
+
+    def announce() -> tuple[str, bytes, bytes]:
+        now = time.time_ns() // 1_000_000
+        return topic, state_payload(True, now), state_payload(False, now)
+
+    return [BrokerSession(dataclasses.replace(
+        broker, client_id=f"{broker.client_id}-sparkplug-host", presence_prefix="",
+        session_expiry=0), [], _nothing, metrics, "sparkplug-host", None,
+        config.bridge.instance, announce) for broker in config.brokers]
+
+
+def _nothing(_message: Message, _inflight: object) -> None:
+    """The host session subscribes nothing: no message comes."""

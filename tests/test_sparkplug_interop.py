@@ -188,3 +188,38 @@ def test_a_lost_connection_is_an_offline_record_and_a_graceful_one_is_stale(
     graceful = [env["sparkplug"] for env in got
                 if env["sparkplug"]["message_type"] == "NDEATH"][1]
     assert graceful["issues"] == ["stale_death"] and "online" not in graceful
+
+
+def test_the_bridge_announces_itself_as_a_host_application(case: Case) -> None:
+    """STATE online, retained, on connect; offline (same timestamp) when it stops and when it
+    dies: its will. Read with pysparkplug's State payload."""
+    host = f"h{case.prefix}"
+    path = case.config(extra=f"""
+[sparkplug]
+kafka_topic = "{case.topic}"
+group_id = "{case.prefix}"
+host_id = "{host}"
+""")
+    url = urlsplit(case.stack.mqtt_url)
+    states: list[spb.State] = []
+    reader = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-r")
+    reader.on_message = lambda _c, _u, m: m.payload and states.append(
+        spb.State.decode(m.payload))  # the clean-up at the end is empty
+    reader.connect(url.hostname or "", url.port or 1883)
+    reader.loop_start()
+    try:
+        reader.subscribe(f"spBv1.0/STATE/{host}", qos=1)
+        bridge = case.bridge(path)
+        _wait(lambda: any(s.online for s in states), "STATE online")
+        born = next(s for s in states if s.online)
+        assert bridge.terminate() == 0
+        _wait(lambda: not states[-1].online, "STATE offline after SIGTERM")
+        assert states[-1].timestamp == born.timestamp
+        bridge = case.bridge(path)
+        _wait(lambda: states[-1].online, "STATE online again")
+        bridge.kill9()
+        _wait(lambda: not states[-1].online, "STATE offline by the will")
+    finally:
+        reader.publish(f"spBv1.0/STATE/{host}", b"", qos=1, retain=True).wait_for_publish(5)
+        reader.loop_stop()
+        reader.disconnect()
