@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tomllib
 from typing import Any
 
 import pysparkplug as spb
@@ -10,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.errors import Rejected
+from bridge import config
+from bridge.errors import ConfigError, Rejected
 from bridge.sparkplug import (
     REBIRTH,
     Decoded,
@@ -252,3 +254,54 @@ def test_the_rebirth_request_is_what_pysparkplug_reads_as_one() -> None:
     ncmd = spb.NCmd.decode(rebirth_request(123))
     (only,) = ncmd.metrics
     assert (only.name, only.value, only.datatype) == (REBIRTH, True, spb.DataType.BOOLEAN)
+
+
+# -- [sparkplug] config ---------------------------------------------------------------------
+
+BASE = """
+[bridge]
+instance = "edge-1"
+[[brokers]]
+url = "mqtt://127.0.0.1:1883"
+client_id = "mkb-1"
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9092"
+[dead_letter]
+kafka_topic = "iot.deadletter"
+"""
+
+
+def parsed(section: str) -> config.Config:
+    return config.parse(tomllib.loads(BASE + section))
+
+
+def test_a_sparkplug_section_alone_is_a_config_and_subscribes_on_its_lane() -> None:
+    loaded = parsed('[sparkplug]\nkafka_topic = "iot.sparkplug.{message_type}"\n')
+    assert loaded.sparkplug is not None and loaded.routes == ()
+    assert loaded.session_lanes() == ["bulk"]
+    assert "iot.sparkplug.ndata" in loaded.fixed_topics()
+    assert "iot.sparkplug.dcmd" in loaded.fixed_topics()
+    assert loaded.sparkplug == config.SparkplugConfig("iot.sparkplug.{message_type}")
+
+
+def test_sparkplug_settings_are_checked_with_their_key_paths() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parsed("""[sparkplug]
+kafka_topic = "iot.{group}"
+group_id = "a/b"
+lane = "slow"
+key = "metric"
+max_nodes = 0
+host_id = "x#"
+colour = "red"
+""")
+    problems = "\n".join(caught.value.problems)
+    for path in ("sparkplug.kafka_topic", "sparkplug.group_id", "sparkplug.lane",
+                 "sparkplug.key", "sparkplug.max_nodes", "sparkplug.host_id",
+                 "sparkplug.colour: unknown key"):
+        assert path in problems
+
+
+def test_without_routes_or_sparkplug_a_config_is_refused() -> None:
+    with pytest.raises(ConfigError, match="routes: missing"):
+        parsed("")

@@ -223,3 +223,52 @@ host_id = "{host}"
         reader.publish(f"spBv1.0/STATE/{host}", b"", qos=1, retain=True).wait_for_publish(5)
         reader.loop_stop()
         reader.disconnect()
+
+
+def test_a_payload_that_does_not_decode_is_a_dead_letter_with_its_body(case: Case) -> None:
+    case.bridge(config(case))
+    url = urlsplit(case.stack.mqtt_url)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-x")
+    client.connect(url.hostname or "", url.port or 1883)
+    client.loop_start()
+    try:
+        client.publish(f"spBv1.0/{case.prefix}/NDATA/n1", b"\xff\xfe\xfd", qos=1) \
+            .wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    deadline = time.monotonic() + 60
+    while not (dead := case.read(case.dead_letter)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (_key, env), = dead
+    assert env["error"]["code"] == "bad_sparkplug_payload" and env["body"] == b"\xff\xfe\xfd"
+    assert env["device_id"] == f"{case.prefix}/n1"
+
+
+def test_in_a_share_group_each_member_sees_part_of_a_node(case: Case, node: Node) -> None:
+    """Measured, not a recommendation: two members, one node, 40 alias-only NDATA."""
+    group = f'share_group = "sg{case.prefix}"'
+    first = case.config(extra_broker=group, extra=f"""
+[sparkplug]
+kafka_topic = "{case.topic}"
+group_id = "{case.prefix}"
+rebirth_interval = 1
+""")
+    second = first.with_name("second.toml")
+    second.write_text(first.read_text().replace(f'{case.client_id}"', f'{case.client_id}-b"'))
+    bridges = [case.bridge(first), case.bridge(second)]
+    node.connect()
+    for i in range(40):
+        node.data_by_alias(float(i))
+        time.sleep(0.05)
+    got = sparkplug_records(case, lambda g: len(temps(g)) >= 40)
+    data = [env for env in got if env["sparkplug"]["message_type"] == "NDATA"]
+    assert len(data) == 40  # every message is bridged, once
+    stale = [env for env in data if env["sparkplug"]["stale"]]
+    by_member = {b: sum(1 for env in data if env["bridge"]["instance"] == b)
+                 for b in {env["bridge"]["instance"] for env in data}}
+    requests = sum(1 for b in bridges for e in b.events()
+                   if e.get("event") == "sparkplug_rebirth_requested")
+    print(f"share group: {len(stale)}/40 NDATA stale, per member {sorted(by_member.values())}, "
+          f"{requests} rebirth requests in {40 * 0.05:.0f} s")
+    assert len(by_member) == 2 and stale and requests >= 2
