@@ -80,8 +80,8 @@ class Sparkplug:
                                f"max_payload_bytes = {self.settings.max_payload_bytes}", key)
             decoded = decode(message.payload, self.settings.max_metrics)
         except Rejected as rejected:
-            return self.pipeline.refuse(message, key, self.lineage,
-                                        Rejected(rejected.code, rejected.reason, key), on_durable)
+            rejected.device_id = key
+            return self.pipeline.refuse(message, key, self.lineage, rejected, on_durable)
         verdict = self.state.observe(topic, decoded, time.monotonic())
         if verdict.evicted:
             self.metrics.inc("sparkplug_nodes_evicted", len(verdict.evicted))
