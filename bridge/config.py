@@ -847,6 +847,19 @@ def _shadowed_routes(routes: list[Route | None],
     return problems
 
 
+def _shadowed_by_sparkplug(routes: list[Route | None],
+                           sparkplug: SparkplugConfig | None) -> list[str]:
+    """Routes of the Sparkplug lane that only ever match what [sparkplug] takes first."""
+    if sparkplug is None:
+        return []
+    taken = [RouteFilter.parse(f"spBv1.0/{sparkplug.group_id}/+/{{device_id}}{rest}")
+             for rest in ("", "/+")]
+    return [f"routes[{i}].filter: never matches: [sparkplug] takes every topic it would "
+            "(same lane)" for i, route in enumerate(routes)
+            if route is not None and route.lane == sparkplug.lane
+            and any(f.covers(route.filter) for f in taken)]
+
+
 ENVELOPE_ROOM = 65536  # what an envelope adds to an inline body: its fields and a long topic
 
 
@@ -1023,6 +1036,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
     sparkplug = None
     if "sparkplug" in data:
         sparkplug = _sparkplug(top.get("sparkplug", dict, {}), problems)
+        problems += _shadowed_by_sparkplug(routes, sparkplug)
     if s3 is None:
         problems += [f"routes[{i}].{key}: needs an [s3] bucket" for i, r in enumerate(routes)
                      if r for key in ("inline_max_bytes",) if r.inline_max_bytes is not None]

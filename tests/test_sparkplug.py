@@ -302,6 +302,14 @@ colour = "red"
         assert path in problems
 
 
+def test_a_route_that_sparkplug_leaves_nothing_is_refused() -> None:
+    section = '[sparkplug]\nkafka_topic = "sp"\n'
+    route = '[[routes]]\nfilter = "spBv1.0/g/NDATA/{device_id}"\nkafka_topic = "t"\n'
+    with pytest.raises(ConfigError, match=r"routes\[0\].filter: never matches: \[sparkplug\]"):
+        parsed(section + route)
+    assert parsed(section + route + 'lane = "fast"\n').routes  # another lane: its own session
+
+
 def test_without_routes_or_sparkplug_a_config_is_refused() -> None:
     with pytest.raises(ConfigError, match="routes: missing"):
         parsed("")
