@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps 'pysparkplug==0.6.1'  # see pyproject.toml
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml

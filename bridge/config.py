@@ -40,6 +40,7 @@ from bridge.routing import (
     template_fields,
     template_problem,
 )
+from bridge.sparkplug import MESSAGE_TYPES
 
 _REQUIRED: Any = object()
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
@@ -207,6 +208,28 @@ class FileTransferConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SparkplugConfig:
+    """`[sparkplug]`: Sparkplug B edge nodes (README, "Sparkplug B"); see bridge/sparkplug.py."""
+
+    kafka_topic: str  # may hold {message_type}: nbirth, ndata, ... (lower case)
+    group_id: str = "+"  # which groups: one group id, or + for all
+    lane: str = "bulk"
+    key: str = "edge_node"  # group/edge_node; "device": group/edge_node[/device]
+    max_payload_bytes: int = 1 << 20
+    max_metrics: int = 10_000
+    max_nodes: int = 10_000
+    max_aliases_per_node: int = 10_000
+    max_state_bytes: int = 64 * 2**20
+    rebirth: bool = True  # ask edge nodes for a rebirth (NCMD) when the tables cannot help
+    rebirth_interval: float = 5.0
+    host_id: str = ""  # announce a Sparkplug 3.0 host application (spBv1.0/STATE/ID); "" off
+
+    def kafka_topics(self) -> list[str]:
+        return sorted({self.kafka_topic.replace("{message_type}", t.lower())
+                       for t in MESSAGE_TYPES})
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     filter: RouteFilter
@@ -236,11 +259,14 @@ class Config:
     version: str = field(default="")
     http: HttpConfig | None = None
     tracing_spans: bool = False  # [tracing] spans: the bridge's own span per message
+    sparkplug: SparkplugConfig | None = None
 
     def fixed_topics(self) -> list[str]:
         """The Kafka topics known before any message: the dead-letter topic and every route
         topic that is not a template."""
         files = {self.file_transfer.kafka_topic} if self.file_transfer else set()
+        if self.sparkplug is not None:
+            files |= set(self.sparkplug.kafka_topics())
         return sorted({r.kafka_topic for r in self.routes if "{" not in r.kafka_topic}
                       | {self.dead_letter_topic} | files)
 
@@ -248,7 +274,8 @@ class Config:
         """Lanes that subscribe something, in LANES order: each has a session per broker.
         File transfers ride the fat lane."""
         return [lane for lane in LANES if any(r.lane == lane for r in self.routes)
-                or (lane == "fat" and self.file_transfer is not None)]
+                or (lane == "fat" and self.file_transfer is not None)
+                or (self.sparkplug is not None and self.sparkplug.lane == lane)]
 
     def producer_lanes(self) -> list[str]:
         """Lanes that produce: those with sessions, and fat wherever S3 references go."""
@@ -663,6 +690,40 @@ def _file_transfer(data: Any, problems: list[str]) -> FileTransferConfig | None:
     return FileTransferConfig(route_filter, topic, auth, **limits, respond=respond)
 
 
+def _sparkplug(data: Any, problems: list[str]) -> SparkplugConfig | None:
+    t = _Table(data, "sparkplug", problems)
+    d = SparkplugConfig("")
+    topic = t.get("kafka_topic", str, check=lambda v: template_problem(v) or (
+        None if set(template_fields(v)) <= {"message_type"} else
+        "may use {message_type} alone"))
+    settings = SparkplugConfig(
+        kafka_topic=topic or "",
+        group_id=t.get("group_id", str, d.group_id, lambda v: None if v == "+" or (
+            v and not set(v) & set("+#/") and _mqtt_text_problem(v) is None)
+            else "must be + or one group id (no +, #, /)"),
+        lane=t.get("lane", str, d.lane, lambda v: None if v in LANES else
+                   f"unknown lane, expected one of {', '.join(LANES)}"),
+        key=t.get("key", str, d.key, lambda v: None if v in ("edge_node", "device") else
+                  "must be edge_node or device"),
+        max_payload_bytes=t.get("max_payload_bytes", int, d.max_payload_bytes,
+                                _between(1, 64 * 2**20)),
+        max_metrics=t.get("max_metrics", int, d.max_metrics, _between(1, 1_000_000)),
+        max_nodes=t.get("max_nodes", int, d.max_nodes, _between(1, 10_000_000)),
+        max_aliases_per_node=t.get("max_aliases_per_node", int, d.max_aliases_per_node,
+                                   _between(1, 10_000_000)),
+        max_state_bytes=t.get("max_state_bytes", int, d.max_state_bytes,
+                              _between(2**16, 64 * 2**30)),
+        rebirth=t.get("rebirth", bool, d.rebirth),
+        rebirth_interval=float(t.get("rebirth_interval", (int, float), d.rebirth_interval,
+                                     _between(0.1, 3600))),
+        host_id=t.get("host_id", str, d.host_id, lambda v: None if not v or (
+            not set(v) & set("+#/") and _mqtt_text_problem(v) is None)
+            else "must be a topic level (no +, #, /)"),
+    )
+    t.finish()
+    return settings if topic is not None else None
+
+
 def _kafka(data: Any, problems: list[str], env: Environment,
            path: str = "kafka") -> dict[str, Any]:
     """librdkafka properties of [kafka] or of one [lanes.NAME] table (path says which). The
@@ -812,6 +873,19 @@ def _shadowed_routes(routes: list[Route | None],
     return problems
 
 
+def _shadowed_by_sparkplug(routes: list[Route | None],
+                           sparkplug: SparkplugConfig | None) -> list[str]:
+    """Routes of the Sparkplug lane that only ever match what [sparkplug] takes first."""
+    if sparkplug is None:
+        return []
+    taken = [RouteFilter.parse(f"spBv1.0/{sparkplug.group_id}/+/{{device_id}}{rest}")
+             for rest in ("", "/+")]
+    return [f"routes[{i}].filter: never matches: [sparkplug] takes every topic it would "
+            "(same lane)" for i, route in enumerate(routes)
+            if route is not None and route.lane == sparkplug.lane
+            and any(f.covers(route.filter) for f in taken)]
+
+
 ENVELOPE_ROOM = 65536  # what an envelope adds to an inline body: its fields and a long topic
 
 
@@ -957,7 +1031,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
     d.finish()
 
     route_list = top.get("routes", list, [])
-    if not route_list:
+    if not route_list and "sparkplug" not in data:
         top.fail("routes", "missing: add at least one [[routes]] entry")
     routes = [_route(entry, f"routes[{i}]", i, problems) for i, entry in enumerate(route_list)]
     names = [r.name for r in routes if r]
@@ -967,7 +1041,9 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
 
     # One session per (broker, client id): two sharing one would take it over in turns.
     lanes_used = [lane for lane in LANES if any(r and r.lane == lane for r in routes)
-                  or (lane == "fat" and "file_transfer" in data)]
+                  or (lane == "fat" and "file_transfer" in data)
+                  or (isinstance(data.get("sparkplug"), dict)
+                      and data["sparkplug"].get("lane", "bulk") == lane)]
     seen: dict[tuple[str, int, str], int] = {}
     for i, broker in enumerate(brokers):
         for lane, session in [(lane, broker.for_lane(lane)) for lane in lanes_used] \
@@ -989,6 +1065,10 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
         if s3 is None:
             problems.append("file_transfer: needs an [s3] bucket to assemble files in")
     problems += _shadowed_routes(routes, file_transfer)
+    sparkplug = None
+    if "sparkplug" in data:
+        sparkplug = _sparkplug(top.get("sparkplug", dict, {}), problems)
+        problems += _shadowed_by_sparkplug(routes, sparkplug)
     if s3 is None:
         problems += [f"routes[{i}].{key}: needs an [s3] bucket" for i, r in enumerate(routes)
                      if r for key in ("inline_max_bytes",) if r.inline_max_bytes is not None]
@@ -1039,6 +1119,7 @@ def parse(data: dict[str, Any], source: bytes = b"", base: Path | None = None,
         version=hashlib.sha256(source + registry_bytes).hexdigest()[:12],
         http=http,
         tracing_spans=tracing_spans,
+        sparkplug=sparkplug,
     )
 
 

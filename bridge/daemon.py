@@ -35,6 +35,7 @@ from bridge.mqtt import BrokerSession, Inflight
 from bridge.pipeline import Job, Pipeline
 from bridge.s3 import ObjectStore, S3Error
 from bridge.settle import Lane
+from bridge.sparkplug_host import Sparkplug, host_sessions
 from bridge.systemd import Notifier
 
 log = structlog.get_logger("bridge.daemon")
@@ -94,6 +95,9 @@ class Daemon:
         self.lanes: dict[str, Lane] = {}
         self.objects: dict[str, ObjectStore] = {}
         self.files: FileTransfers | None = None
+        self.sparkplug: Sparkplug | None = None
+        # Sparkplug host application STATE sessions ([sparkplug] host_id), one per broker.
+        self._hosts: dict[BrokerSession, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,6 +107,11 @@ class Daemon:
         self.metrics.build_info.info({"version": _version()})
         self.metrics.map_info.info({"map_version": self.config.version})
         self._apply(self.config, self._new_sinks(self.config))
+        sparkplug = self.config.sparkplug
+        if sparkplug is not None and sparkplug.host_id:
+            for host in host_sessions(self.config, sparkplug, self.metrics):
+                self._hosts[host] = asyncio.create_task(host.run(),
+                                                        name=f"sparkplug host {host.name}")
         if self._retire_at_start:
             self.retire()
         priming = asyncio.create_task(self._prime())
@@ -354,12 +363,20 @@ class Daemon:
             self.files = FileTransfers(config, config.file_transfer, self.pipelines["fat"],
                                        self.objects["fat"], self.metrics,
                                        self.lanes["fat"].pool, publish=self.publish)
+        previous = self.sparkplug
+        self.sparkplug = None
+        if config.sparkplug is not None:
+            self.sparkplug = Sparkplug(config, config.sparkplug,
+                                       self.pipelines[config.sparkplug.lane], self.metrics,
+                                       self.publish, previous.state if previous else None)
         self.config = config
         for index, broker in enumerate(config.brokers):
             for lane in lanes:
                 filters = self.pipelines[lane].router.subscriptions()
                 if lane == "fat" and self.files is not None:
                     filters.append(self.files.subscription())
+                if self.sparkplug is not None and lane == self.sparkplug.lane:
+                    filters += self.sparkplug.subscriptions()
                 key = (index, lane)
                 if key in self._leaving:  # wanted again before it finished leaving
                     session, task, leaving = self._leaving.pop(key)
@@ -543,6 +560,9 @@ class Daemon:
             return runtime.job(pipeline, message, receipt,
                                lambda: files.handle(message, receipt),
                                files.device_of(message.topic))
+        sparkplug = self.sparkplug
+        if sparkplug is not None and lane == sparkplug.lane and sparkplug.takes(message.topic):
+            return runtime.accept(pipeline, message, receipt, sparkplug.prepare)
         return runtime.accept(pipeline, message, receipt)
 
     async def _sweep_transfers(self) -> None:
@@ -601,6 +621,10 @@ class Daemon:
             sink.drain(self.config.bridge.shutdown_timeout) for sink in sinks)))
         for session in sessions:
             await session.close()
+        for host, task in self._hosts.items():  # its will says offline
+            host.stop_reading()
+            await host.close()
+            task.cancel()
         for sink in sinks:
             sink.close()
         for runtime in self.lanes.values():

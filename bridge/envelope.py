@@ -232,3 +232,12 @@ def _fields(message: Message, device_id: str, lineage: Lineage, body: bytes,
     if message.properties is not None:  # MQTT 5 properties: only those the PUBLISH had
         fields["mqtt"].update(mqtt_fields(message.properties))
     return fields
+
+
+def encode_with(message: Message, device_id: str, lineage: Lineage, content_type: str,
+                **extra: Any) -> bytes:
+    """The envelope of an inline body plus keys of a section's own (`sparkplug: {...}`)."""
+    fields = _fields(message, device_id, lineage, message.payload, content_type)
+    fields.update(extra)
+    packed: bytes = msgpack.packb(fields)
+    return packed

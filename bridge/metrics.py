@@ -92,12 +92,21 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "file_results_ignored": ("Messages on a result topic the file-transfer stage acked "
                              "unrecorded (the bridge's own answers)", ()),
     "reloads": ("Config reloads, by outcome", ("outcome",)),
+    "sparkplug_messages": ("Sparkplug B messages bridged, by message type", ("message_type",)),
+    "sparkplug_stale": ("Sparkplug B messages bridged with names missing or out of turn, by "
+                        "issue", ("issue",)),
+    "sparkplug_rebirth_requests": ("NCMD rebirth requests sent to edge nodes, by reason",
+                                   ("reason",)),
+    "sparkplug_rebirth_failures": ("Rebirth requests not sent or refused by the broker", ()),
+    "sparkplug_nodes_evicted": ("Edge nodes whose tables were dropped to stay within the "
+                                "limits", ()),
 }
 GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mqtt_connected": ("1 while the session is connected and subscribed", ("broker", "lane")),
     "kafka_reachable": ("1 while the lane's producer has an answer from Kafka", ("lane",)),
     "kafka_records_pending": ("Records produced and not yet reported durable", ("lane",)),
     "file_transfers_active": ("File transfers this bridge is taking part in", ()),
+    "sparkplug_nodes": ("Edge nodes whose birth tables the bridge holds", ()),
     "lane_jobs": ("Jobs (S3, large checks) running or waiting in the lane's pool", ("lane",)),
 }
 

@@ -50,6 +50,9 @@ _RETIRE_SAY_EVERY = 30.0  # seconds between the log lines of a retire that waits
 
 # Called for every PUBLISH; the ack handle is None for QoS 0. It may await (backpressure).
 Handler = Callable[[Message, "Inflight | None"], Awaitable[None] | None]
+# A session's own birth and will besides presence, asked for at each connect:
+# (topic, birth payload, will payload), both retained at QoS 1 (Sparkplug's host STATE).
+Announce = Callable[[], tuple[str, bytes, bytes]]
 
 
 class Inflight(Receipt):
@@ -148,8 +151,13 @@ class BrokerSession:
 
     def __init__(self, config: BrokerConfig, subscriptions: list[str], handler: Handler,
                  metrics: Metrics, lane: str = "bulk",
-                 gate: asyncio.Event | None = None, instance: str = "") -> None:
+                 gate: asyncio.Event | None = None, instance: str = "",
+                 announce: Announce | None = None) -> None:
+        """`announce`: a birth published on each connect, and its will, for a session
+        without presence (a connection has one will: with presence on, presence has it)."""
         self.config, self.handler, self.metrics, self.lane = config, handler, metrics, lane
+        self._announce = announce
+        self._announcement: tuple[str, bytes, bytes] | None = None
         self.instance = instance  # named in the presence message
         # Set once Kafka can take records at once (the daemon's primed producers): until
         # then the session connects, but neither subscribes nor reads past the CONNACK.
@@ -282,7 +290,7 @@ class BrokerSession:
             return
         connection.flush_acks()
         reason = mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION
-        if session_expiry is None and self.config.presence_topic:
+        if session_expiry is None and (self.config.presence_topic or self._announce):
             reason = mqtt5.DisconnectReasonCode.DISCONNECT_WITH_WILL_MESSAGE
         connection.write(mqtt5.DisconnectPacket(reason_code=reason,
                                                 session_expiry_interval=session_expiry).write())
@@ -313,6 +321,7 @@ class BrokerSession:
                                     limit=_READ_SIZE), _CONNECT_TIMEOUT)
         connection = Connection(writer, self.metrics, self.config.receive_max)
         self.connection = connection
+        self._announcement = self._announce() if self._announce is not None else None
         writer.write(self._connect_packet())
         buffer = bytearray()
         connack = await asyncio.wait_for(self._read_connack(reader, buffer), _CONNECT_TIMEOUT)
@@ -337,6 +346,11 @@ class BrokerSession:
             self._now_subscribed()
         self._unsubscribe_removed(connection)
         self._publish_presence(connection, self._presence("online"))
+        if self._announcement is not None:
+            topic, birth, _ = self._announcement
+            self._send(connection, mqtt5.PublishPacket(
+                topic, birth, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True,
+                packet_id=self._next_packet_id())).add_done_callback(self._announced)
         self.connected.set()
         reading = asyncio.create_task(self._read_loop(reader, connection, buffer))
         tasks = {reading}
@@ -383,6 +397,9 @@ class BrokerSession:
         topic = self.config.presence_topic
         will = None if topic is None else mqtt5.Will(
             topic, payload=self._presence("offline"), qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True)
+        if will is None and self._announcement is not None:
+            announced, _, last = self._announcement
+            will = mqtt5.Will(announced, payload=last, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True)
         return mqtt5.ConnectPacket(
             self.config.client_id,
             username=self.config.username,
@@ -467,6 +484,16 @@ class BrokerSession:
                            why="adopt cannot tell whether this session is connected: allow "
                                "the bridge to write and read the presence topics "
                                "(mosquitto/acl), or set presence_prefix = \"\"")
+
+    def _announced(self, answer: asyncio.Future[int | None]) -> None:
+        reason = answer.result()
+        if reason is not None and reason >= 0x80:
+            self.log.error("mqtt_announce_refused", reason=mqtt5.PubAckReasonCode(reason).name,
+                           topic=self._announcement[0] if self._announcement else None,
+                           why="the broker refused the session's birth message (ACL?)")
+        elif reason is not None:
+            self.log.info("mqtt_announced",
+                          topic=self._announcement[0] if self._announcement else None)
 
     async def _clear_presence(self, connection: Connection) -> None:
         """A session that ends leaves no presence behind (and, disconnecting normally, no

@@ -130,11 +130,14 @@ class Lane:
         self._traced: dict[type[BaseException], float] = {}
 
     def accept(self, pipeline: Pipeline, message: Message,
-               inflight: Callable[[], None] | None) -> Awaitable[None] | None:
+               inflight: Callable[[], None] | None,
+               prepare: Callable[[Message, Callable[[], None] | None], Delivery | Job]
+               | None = None) -> Awaitable[None] | None:
         """Take one message from the source; returns an awaitable only when the lane pushes
-        back (Kafka's queue or the job pool is full): the source waits before reading on."""
+        back (Kafka's queue or the job pool is full): the source waits before reading on.
+        `prepare`: a section's own stage in place of the pipeline's routes (Sparkplug)."""
         try:
-            outcome = pipeline.prepare(message, inflight)
+            outcome = (prepare or pipeline.prepare)(message, inflight)
         except Exception as exc:
             outcome = self._crashed(pipeline, message, inflight, exc)
         if type(outcome) is Delivery:  # the common case, one call shorter

@@ -447,3 +447,61 @@ def test_the_bridge_answers_file_transfers_and_each_device_reads_only_its_own(
         assert other not in got and not set(strays) & set(got)
         with device(broker, "B") as b:
             assert b.publish("devices/A/files/f1/result", token()) == NOT_AUTHORIZED
+
+
+# --- Sparkplug B (the "Sparkplug B" block of mosquitto/acl) --------------------------------
+
+def _bridge(broker: Broker) -> AbstractContextManager[Client]:
+    return connect(broker.loopback_port, username=BRIDGE_USER, tls=False,
+                   password=broker.passwords[BRIDGE_USER])
+
+
+def test_an_edge_node_publishes_its_namespace_and_the_bridge_reads_it(broker: Broker) -> None:
+    """Edge node A (its username) births, sends data and deaths, for itself and its
+    devices, in any group."""
+    body, group = token(), f"g{secrets.token_hex(3)}"
+    topics = [f"spBv1.0/{group}/{kind}/A" for kind in ("NBIRTH", "NDATA", "NDEATH")] + \
+        [f"spBv1.0/{group}/{kind}/A/d1" for kind in ("DBIRTH", "DDATA", "DDEATH")]
+    with _bridge(broker) as bridge:
+        bridge.subscribe("spBv1.0/#")
+        with device(broker, "A") as a:
+            for topic in topics:
+                assert a.publish(topic, body + topic.encode()) == SUCCESS
+        assert bridge.received_until(body + topics[-1].encode()) == \
+            [body + topic.encode() for topic in topics]
+
+
+@pytest.mark.parametrize("topic", [
+    "spBv1.0/g/NDATA/B",  # another node
+    "spBv1.0/g/DDATA/B/d1",
+    "spBv1.0/g/NDATA/AB",
+    "spBv1.0/g/NCMD/A",  # commands are the host's
+    "spBv1.0/g/DCMD/A/d1",
+    "spBv1.0/STATE/mkb",  # and so is STATE
+])
+def test_an_edge_node_cannot_publish_as_another_node_or_as_a_host(
+        broker: Broker, topic: str) -> None:
+    with device(broker, "A") as a:
+        assert a.publish(topic, token()) == NOT_AUTHORIZED
+
+
+def test_the_bridge_sends_ncmd_and_state_and_only_the_named_node_reads_the_command(
+        broker: Broker) -> None:
+    group, command, state = f"g{secrets.token_hex(3)}", token(), token()
+    host = f"mkb-{secrets.token_hex(3)}"
+    with device(broker, "A") as a, device(broker, "B") as b:
+        a.subscribe(f"spBv1.0/{group}/NCMD/+")
+        b.subscribe(f"spBv1.0/{group}/NCMD/+")  # the broker grants B only its own
+        with _bridge(broker) as bridge:
+            assert bridge.publish(f"spBv1.0/{group}/NCMD/A", command) == SUCCESS
+            assert bridge.publish(f"spBv1.0/STATE/{host}", state, retain=True) in (
+                SUCCESS, NO_SUBSCRIBERS)
+            marker = token()
+            assert bridge.publish(f"spBv1.0/{group}/NCMD/B", marker) == SUCCESS
+        assert a.received_until(command) == [command]
+        assert b.received_until(marker) == [marker]
+        a.subscribe(f"spBv1.0/STATE/{host}")
+        assert state in a.received_until(state)
+    with _bridge(broker) as bridge:
+        assert bridge.publish(f"spBv1.0/STATE/{host}", b"", retain=True) in (
+            SUCCESS, NO_SUBSCRIBERS)

@@ -1,0 +1,169 @@
+"""The `[sparkplug]` section: Sparkplug B messages into Kafka, as a host application would.
+
+Its topics are taken before the routes of its lane (`Daemon._handle`). Each message is
+decoded (`bridge/sparkplug.py`), its names filled in from the edge node's birth tables, and
+bridged with a `sparkplug` map beside the raw body, keyed `group/edge_node` so one node's
+messages stay in order in one partition. What the tables cannot explain (DATA before any
+BIRTH, an unknown alias, a `seq` gap) is still bridged, flagged `stale`, and the edge node
+is asked for a rebirth (NCMD `Node Control/Rebirth`), at most once per `rebirth_interval`.
+A payload that does not decode is a dead letter with its raw body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from bridge import envelope
+from bridge.config import Config, SparkplugConfig
+from bridge.errors import Rejected
+from bridge.kafka import Delivery
+from bridge.message import Message
+from bridge.metrics import Metrics
+from bridge.mqtt import BrokerSession
+from bridge.pipeline import LOG_TOPIC_MAX, Job, Origin, Pipeline
+from bridge.sparkplug import NAMESPACE, HostState, Limits, Topic, decode, rebirth_request
+
+log = structlog.get_logger("bridge.sparkplug")
+ROUTE_NAME = "sparkplug"  # what lineage calls these messages
+CONTENT_TYPE = "application/x-protobuf; messageType=org.eclipse.tahu.protobuf.Payload"
+Publish = Callable[..., "asyncio.Future[int | None] | None"]
+
+
+def limits(settings: SparkplugConfig) -> Limits:
+    return Limits(settings.max_nodes, settings.max_aliases_per_node, settings.max_state_bytes,
+                  settings.rebirth_interval)
+
+
+class Sparkplug:
+    """Turns the Sparkplug B messages of one config into Deliveries for one lane's sink."""
+
+    def __init__(self, config: Config, settings: SparkplugConfig, pipeline: Pipeline,
+                 metrics: Metrics, publish: Publish, state: HostState | None = None) -> None:
+        self.settings, self.pipeline, self.metrics, self._publish = \
+            settings, pipeline, metrics, publish
+        # Kept across a reload whose limits did not change: the tables stay valid.
+        self.state = state if state is not None and state.limits == limits(settings) \
+            else HostState(limits(settings))
+        self.lineage = envelope.Lineage(config.bridge.instance, ROUTE_NAME, config.version)
+        self._record_max = config.record_max(settings.lane)
+        group = settings.group_id
+        self._prefix = f"{NAMESPACE}/" if group == "+" else f"{NAMESPACE}/{group}/"
+
+    @property
+    def lane(self) -> str:
+        return self.settings.lane
+
+    def subscriptions(self) -> list[str]:
+        group = self.settings.group_id
+        return [f"{NAMESPACE}/{group}/+/+", f"{NAMESPACE}/{group}/+/+/+"]
+
+    def takes(self, topic: str) -> bool:
+        return topic.startswith(self._prefix) and topic.count("/") in (3, 4)
+
+    def prepare(self, message: Message, on_durable: Callable[[], None] | None
+                ) -> Delivery | Job:
+        """The message's Delivery: its envelope, or its dead letter."""
+        key = ""
+        try:
+            topic = Topic.parse(message.topic)
+            key = topic.key(self.settings.key == "device")
+            size = len(message.payload)
+            if size > self.settings.max_payload_bytes:
+                raise Rejected("sparkplug_payload_too_large", f"{size} bytes, more than "
+                               f"max_payload_bytes = {self.settings.max_payload_bytes}", key)
+            decoded = decode(message.payload, self.settings.max_metrics)
+        except Rejected as rejected:
+            rejected.device_id = key
+            return self.pipeline.refuse(message, key, self.lineage, rejected, on_durable)
+        verdict = self.state.observe(topic, decoded, time.monotonic())
+        if verdict.evicted:
+            self.metrics.inc("sparkplug_nodes_evicted", len(verdict.evicted))
+            log.warning("sparkplug_nodes_evicted", nodes=[f"{g}/{e}" for g, e in
+                                                         verdict.evicted[:10]],
+                        count=len(verdict.evicted), why="max_nodes or max_state_bytes: "
+                        "their next DATA asks them for a rebirth")
+        self.metrics.set("sparkplug_nodes", len(self.state.nodes))
+        for issue in verdict.issues:
+            self.metrics.inc("sparkplug_stale", issue=issue)
+        requested = verdict.rebirth is not None and self.settings.rebirth and \
+            self._request_rebirth(message.broker, topic, verdict.rebirth)
+        fields: dict[str, Any] = {
+            "group": topic.group, "edge_node": topic.edge_node, "device": topic.device,
+            "message_type": topic.message_type, "seq": decoded.seq,
+            "timestamp": decoded.timestamp, "bd_seq": decoded.bd_seq,
+            "metrics": [metric.record() for metric in decoded.metrics],
+            "stale": bool(verdict.issues), "issues": list(verdict.issues),
+            "rebirth_requested": requested}
+        if verdict.online is not None:
+            fields["online"] = verdict.online
+        value = envelope.encode_with(message, key, self.lineage, CONTENT_TYPE,
+                                     sparkplug=fields)
+        if len(value) > self._record_max:
+            return self.pipeline.refuse(message, key, self.lineage, Rejected(
+                "record_too_large", f"the Sparkplug envelope is {len(value)} bytes, more "
+                f"than this lane's message.max.bytes {self._record_max}", key), on_durable)
+        self.metrics.inc("sparkplug_messages", message_type=topic.message_type)
+        kafka_topic = self.settings.kafka_topic.replace("{message_type}",
+                                                        topic.message_type.lower())
+        return Delivery(kafka_topic, key.encode(), value,
+                        envelope.headers(message, key, self.lineage), on_durable,
+                        self.pipeline.rejected_by_kafka, Origin(message, key, self.lineage),
+                        self.pipeline.sink)
+
+    def _request_rebirth(self, broker: str, topic: Topic, reason: str) -> bool:
+        """Publish NCMD Node Control/Rebirth to the node (QoS 1); True if it was sent."""
+        ncmd = f"{NAMESPACE}/{topic.group}/NCMD/{topic.edge_node}"
+        answer = self._publish(broker, ncmd, rebirth_request(time.time_ns() // 1_000_000))
+        node = f"{topic.group}/{topic.edge_node}"
+        if answer is None:
+            self.metrics.inc("sparkplug_rebirth_failures")
+            log.warning("sparkplug_rebirth_not_sent", node=node, reason=reason,
+                        why="no connected session to that broker; the next message asks again")
+            return False
+        self.metrics.inc("sparkplug_rebirth_requests", reason=reason)
+        log.info("sparkplug_rebirth_requested", node=node[:LOG_TOPIC_MAX], reason=reason)
+        answer.add_done_callback(lambda done: self._answered(done, node))
+        return True
+
+    def _answered(self, answer: asyncio.Future[int | None], node: str) -> None:
+        reason = answer.result()
+        if reason is not None and reason >= 0x80:
+            self.metrics.inc("sparkplug_rebirth_failures")
+            log.error("sparkplug_rebirth_refused", node=node, reason_code=reason,
+                      why="the broker refused the NCMD: allow the bridge to publish "
+                          "spBv1.0/+/NCMD/+ (mosquitto/acl)")
+
+
+def state_payload(online: bool, timestamp: int) -> bytes:
+    """A Sparkplug 3.0 host application's STATE message (JSON, retained)."""
+    return json.dumps({"online": online, "timestamp": timestamp},
+                      separators=(",", ":")).encode()
+
+
+def host_sessions(config: Config, settings: SparkplugConfig,
+                  metrics: Metrics) -> list[BrokerSession]:
+    """With `host_id`: per broker a session of its own that announces the bridge as a
+    Sparkplug 3.0 host application: STATE online (retained, QoS 1) on each connect, and
+    offline as its will, with the same timestamp. It subscribes nothing; its client id is
+    the broker's plus `-sparkplug-host`, and it keeps no session."""
+    topic = f"{NAMESPACE}/STATE/{settings.host_id}"
+
+    def announce() -> tuple[str, bytes, bytes]:
+        now = time.time_ns() // 1_000_000
+        return topic, state_payload(True, now), state_payload(False, now)
+
+    return [BrokerSession(dataclasses.replace(
+        broker, client_id=f"{broker.client_id}-sparkplug-host", presence_prefix="",
+        session_expiry=0), [], _nothing, metrics, "sparkplug-host", None,
+        config.bridge.instance, announce) for broker in config.brokers]
+
+
+def _nothing(_message: Message, _inflight: object) -> None:
+    """The host session subscribes nothing: no message comes."""

@@ -1,0 +1,315 @@
+"""The Sparkplug B host state and decoding, alone: seq wrap, alias tables, bdSeq, bounds."""
+
+from __future__ import annotations
+
+import struct
+import tomllib
+from typing import Any
+
+import pysparkplug as spb
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge import config
+from bridge.errors import ConfigError, Rejected
+from bridge.sparkplug import (
+    REBIRTH,
+    Decoded,
+    HostState,
+    Limits,
+    Metric,
+    Topic,
+    decode,
+    rebirth_request,
+)
+from bridge.sparkplug_pb import Payload
+
+NODE = Topic("g", "NBIRTH", "e", None)
+
+
+def topic(kind: str, device: str | None = None, edge: str = "e") -> Topic:
+    return Topic("g", kind, edge, device)
+
+
+def metric(name: str | None = None, alias: int | None = None, datatype: int | None = 10,
+           **value: Any) -> Metric:
+    pb = Payload.Metric()
+    for field, raw in value.items():
+        setattr(pb, field, raw)
+    return Metric(name, alias, None, datatype, False, False, False, pb)
+
+
+def birth(bd_seq: int = 0, seq: int = 0, aliases: int = 2) -> Decoded:
+    metrics = [metric(f"m{i}", i, 10) for i in range(aliases)]
+    return Decoded(1, seq, [*metrics, metric("bdSeq", None, 4)], bd_seq)
+
+
+def data(seq: int, *aliases: int) -> Decoded:
+    return Decoded(2, seq, [metric(None, a, None) for a in aliases], None)
+
+
+def test_data_carrying_only_aliases_gets_its_names_and_datatypes() -> None:
+    state = HostState(Limits())
+    assert state.observe(NODE, birth(), 0).online is True
+    decoded = data(1, 1, 0)
+    verdict = state.observe(topic("NDATA"), decoded, 0)
+    assert verdict.issues == () and verdict.rebirth is None
+    assert [(m.name, m.datatype) for m in decoded.metrics] == [("m1", 10), ("m0", 10)]
+
+
+def test_data_before_any_birth_is_stale_and_asks_for_a_rebirth_once_per_interval() -> None:
+    state = HostState(Limits(rebirth_interval=5))
+    first = state.observe(topic("NDATA"), data(7, 1), 100.0)
+    assert first.rebirth == "no_birth" and set(first.issues) == {"no_birth", "unknown_alias"}
+    assert state.observe(topic("NDATA"), data(8, 1), 104.0).rebirth is None
+    assert state.observe(topic("NDATA"), data(9, 1), 105.0).rebirth == "no_birth"
+
+
+def test_an_unknown_alias_asks_for_a_rebirth_and_leaves_the_name_empty() -> None:
+    state = HostState(Limits())
+    state.observe(NODE, birth(), 0)
+    decoded = data(1, 99)
+    verdict = state.observe(topic("NDATA"), decoded, 0)
+    assert verdict.rebirth == "unknown_alias" and decoded.metrics[0].name is None
+
+
+@given(st.integers(0, 255), st.integers(1, 600))
+def test_seq_runs_0_to_255_and_wraps_without_a_gap(start: int, count: int) -> None:
+    state = HostState(Limits())
+    state.observe(NODE, birth(seq=start), 0)
+    for i in range(1, count + 1):
+        verdict = state.observe(topic("NDATA"), data((start + i) % 256, 0), 0)
+        assert verdict.issues == ()
+
+
+@given(st.integers(0, 255), st.integers(2, 255))
+def test_a_seq_gap_asks_for_a_rebirth_and_resyncs(start: int, skip: int) -> None:
+    state = HostState(Limits())
+    state.observe(NODE, birth(seq=start), 0)
+    gap = state.observe(topic("NDATA"), data((start + skip) % 256, 0), 0)
+    assert gap.rebirth == "seq_gap" and gap.issues == ("seq_gap",)
+    assert state.observe(topic("NDATA"), data((start + skip + 1) % 256, 0), 99).issues == ()
+
+
+def test_a_death_of_the_current_birth_clears_the_tables() -> None:
+    state = HostState(Limits())
+    state.observe(NODE, birth(bd_seq=3), 0)
+    death = state.observe(topic("NDEATH"), Decoded(None, None, [], 3), 0)
+    assert death.online is False and death.issues == ()
+    assert state.nodes == {} and state.bytes == 0
+    assert state.observe(topic("NDATA"), data(1, 0), 10).rebirth == "no_birth"
+
+
+def test_a_death_of_an_older_birth_is_stale_and_changes_nothing() -> None:
+    state = HostState(Limits())
+    state.observe(NODE, birth(bd_seq=4), 0)
+    death = state.observe(topic("NDEATH"), Decoded(None, None, [], 3), 0)
+    assert death.online is None and death.issues == ("stale_death",)
+    assert state.observe(topic("NDATA"), data(1, 0), 0).issues == ()
+
+
+def test_devices_have_their_own_births_and_deaths() -> None:
+    state = HostState(Limits())
+    state.observe(NODE, birth(aliases=1), 0)
+    dbirth = Decoded(1, 1, [metric("temp", 50, 9)], None)
+    assert state.observe(topic("DBIRTH", "d1"), dbirth, 0).online is True
+    decoded = data(2, 50)
+    assert state.observe(topic("DDATA", "d1"), decoded, 0).issues == ()
+    assert decoded.metrics[0].name == "temp"
+    assert state.observe(topic("DDEATH", "d1"), Decoded(3, 3, [], None), 0).online is False
+    after = state.observe(topic("DDATA", "d1"), data(4, 50), 10)
+    assert set(after.issues) == {"unknown_device", "unknown_alias"}
+    # a node-level alias is not a device's
+    assert state.observe(topic("NDATA"), data(5, 50), 20).issues == ("unknown_alias",)
+
+
+def test_nodes_past_max_nodes_are_evicted_least_recent_first() -> None:
+    state = HostState(Limits(max_nodes=2))
+    state.observe(topic("NBIRTH", edge="a"), birth(), 0)
+    state.observe(topic("NBIRTH", edge="b"), birth(), 0)
+    state.observe(topic("NDATA", edge="a"), data(1, 0), 0)  # a is now the most recent
+    verdict = state.observe(topic("NBIRTH", edge="c"), birth(), 0)
+    assert verdict.evicted == (("g", "b"),)
+    assert list(state.nodes) == [("g", "a"), ("g", "c")]
+
+
+def test_the_byte_budget_evicts_and_a_node_larger_than_it_keeps_no_tables() -> None:
+    state = HostState(Limits(max_state_bytes=2000))
+    state.observe(topic("NBIRTH", edge="a"), birth(aliases=3), 0)
+    verdict = state.observe(topic("NBIRTH", edge="b"), birth(aliases=4), 0)
+    assert verdict.evicted == (("g", "a"),) and state.bytes <= 2000
+    big = state.observe(topic("NBIRTH", edge="c"), birth(aliases=50), 0)
+    assert state.bytes <= 2000 and ("g", "c") in state.nodes and big.evicted == (("g", "b"),)
+    stale = state.observe(topic("NDATA", edge="c"), data(1, 3), 0)
+    assert stale.issues == ("tables_full",) and stale.rebirth is None  # no rebirth loop
+
+
+def test_aliases_per_node_are_capped_and_the_rest_are_not_asked_for_again() -> None:
+    state = HostState(Limits(max_aliases_per_node=3))
+    verdict = state.observe(NODE, birth(aliases=10), 0)
+    assert "tables_full" in verdict.issues
+    assert state.observe(topic("NDATA"), data(1, 2), 0).issues == ()
+    assert state.observe(topic("NDATA"), data(2, 9), 0).rebirth is None
+
+
+def test_commands_change_no_state() -> None:
+    state = HostState(Limits())
+    assert state.observe(topic("NCMD"), Decoded(1, None, [], None), 0).issues == ()
+    assert state.nodes == {}
+
+
+@given(st.lists(st.tuples(st.sampled_from(["NBIRTH", "NDATA", "NDEATH", "DBIRTH", "DDATA"]),
+                          st.sampled_from("abcdefgh"), st.integers(0, 255),
+                          st.integers(0, 40)), max_size=80))
+def test_the_state_stays_within_its_bounds_whatever_arrives(
+        events: list[tuple[str, str, int, int]]) -> None:
+    limits = Limits(max_nodes=3, max_aliases_per_node=20, max_state_bytes=3000)
+    state = HostState(limits)
+    for kind, edge, seq, aliases in events:
+        device = "d" if kind.startswith("D") else None
+        decoded = birth(seq % 4, seq, aliases) if kind.endswith("BIRTH") else \
+            Decoded(None, seq, [], seq % 4) if kind == "NDEATH" else data(seq, aliases)
+        state.observe(topic(kind, device, edge), decoded, 0)
+        assert len(state.nodes) <= limits.max_nodes
+        assert state.bytes == sum(n.cost for n in state.nodes.values()) <= 3000 + 2000
+        assert all(len(n.aliases) <= 20 for n in state.nodes.values())
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+
+def test_decodes_what_pysparkplug_encodes() -> None:
+    metrics = (spb.Metric(timestamp=5, name="temp", datatype=spb.DataType.DOUBLE, value=21.5,
+                          alias=1),
+               spb.Metric(timestamp=5, name="count", datatype=spb.DataType.INT16, value=-3,
+                          alias=2),
+               spb.Metric(timestamp=5, name="bdSeq", datatype=spb.DataType.INT64, value=7),
+               spb.Metric(timestamp=5, name="off", datatype=spb.DataType.BOOLEAN, value=None,
+                          is_null=True))
+    raw = spb.NBirth(timestamp=9, seq=0, metrics=metrics).encode(include_dtypes=True)
+    decoded = decode(raw, 100)
+    assert (decoded.timestamp, decoded.seq, decoded.bd_seq) == (9, 0, 7)
+    records = [m.record() for m in decoded.metrics]
+    assert records[0] == {"name": "temp", "alias": 1, "timestamp": 5, "datatype": "Double",
+                          "value": 21.5, "is_null": False, "is_historical": False,
+                          "is_transient": False}
+    assert records[1]["value"] == -3 and records[1]["datatype"] == "Int16"
+    assert records[3]["value"] is None and records[3]["is_null"] is True
+
+
+@pytest.mark.parametrize(("datatype", "raw", "value"), [
+    (24, struct.pack("<3i", -1, 0, 7), [-1, 0, 7]),
+    (31, struct.pack("<2d", 1.5, -2.0), [1.5, -2.0]),
+    (33, b"a\0bc\0", ["a", "bc"]),
+    (32, (3).to_bytes(4, "little") + bytes([0b10100000]), [True, False, True]),
+])
+def test_arrays_unpack_from_their_bytes(datatype: int, raw: bytes, value: list[Any]) -> None:
+    assert metric("a", datatype=datatype, bytes_value=raw).record()["value"] == value
+
+
+def test_an_array_of_the_wrong_size_keeps_the_message_and_says_why() -> None:
+    record = metric("a", datatype=24, bytes_value=b"\1\2\3").record()
+    assert record["value"] is None and "Int32Array" in record["value_error"]
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff", b"\x12\x05abc", bytes(range(40)),
+                                     b"\x12\x04\x0a\x02\xff\xfe"])  # a name not UTF-8
+def test_bytes_that_are_no_sparkplug_payload_are_refused(payload: bytes) -> None:
+    with pytest.raises(Rejected) as refused:
+        decode(payload, 100)
+    assert refused.value.code == "bad_sparkplug_payload"
+
+
+def test_a_string_value_that_is_not_utf8_keeps_the_message_and_says_why() -> None:
+    raw = b"\x12\x07\x0a\x01a\x7a\x02\xff\xfe"  # name "a", string_value b"\xff\xfe"
+    record = decode(raw, 10).metrics[0].record()
+    assert record["value"] is None and "UTF-8" in record["value_error"]
+
+
+def test_too_many_metrics_are_refused() -> None:
+    pb = Payload()
+    for _ in range(5):
+        pb.metrics.add().name = "x"
+    with pytest.raises(Rejected) as refused:
+        decode(pb.SerializeToString(), 4)
+    assert refused.value.code == "sparkplug_too_many_metrics"
+
+
+@pytest.mark.parametrize("bad", ["spBv1.0/g/NDATA", "spBv1.0/g/DDATA/e", "spBv1.0/g/NDATA/e/d",
+                                 "spBv1.0/g/XDATA/e", "spBv1.0//NDATA/e", "spAv1.0/g/NDATA/e"])
+def test_topics_outside_the_namespace_shape_are_refused(bad: str) -> None:
+    with pytest.raises(Rejected) as refused:
+        Topic.parse(bad)
+    assert refused.value.code == "bad_sparkplug_topic"
+
+
+def test_topics_and_keys() -> None:
+    assert Topic.parse("spBv1.0/g/DDATA/e/d").key(per_device=False) == "g/e"
+    assert Topic.parse("spBv1.0/g/DDATA/e/d").key(per_device=True) == "g/e/d"
+    assert Topic.parse("spBv1.0/g/NDATA/e").key(per_device=True) == "g/e"
+
+
+def test_the_rebirth_request_is_what_pysparkplug_reads_as_one() -> None:
+    ncmd = spb.NCmd.decode(rebirth_request(123))
+    (only,) = ncmd.metrics
+    assert (only.name, only.value, only.datatype) == (REBIRTH, True, spb.DataType.BOOLEAN)
+
+
+# -- [sparkplug] config ---------------------------------------------------------------------
+
+BASE = """
+[bridge]
+instance = "edge-1"
+[[brokers]]
+url = "mqtt://127.0.0.1:1883"
+client_id = "mkb-1"
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9092"
+[dead_letter]
+kafka_topic = "iot.deadletter"
+"""
+
+
+def parsed(section: str) -> config.Config:
+    return config.parse(tomllib.loads(BASE + section))
+
+
+def test_a_sparkplug_section_alone_is_a_config_and_subscribes_on_its_lane() -> None:
+    loaded = parsed('[sparkplug]\nkafka_topic = "iot.sparkplug.{message_type}"\n')
+    assert loaded.sparkplug is not None and loaded.routes == ()
+    assert loaded.session_lanes() == ["bulk"]
+    assert "iot.sparkplug.ndata" in loaded.fixed_topics()
+    assert "iot.sparkplug.dcmd" in loaded.fixed_topics()
+    assert loaded.sparkplug == config.SparkplugConfig("iot.sparkplug.{message_type}")
+
+
+def test_sparkplug_settings_are_checked_with_their_key_paths() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parsed("""[sparkplug]
+kafka_topic = "iot.{group}"
+group_id = "a/b"
+lane = "slow"
+key = "metric"
+max_nodes = 0
+host_id = "x#"
+colour = "red"
+""")
+    problems = "\n".join(caught.value.problems)
+    for path in ("sparkplug.kafka_topic", "sparkplug.group_id", "sparkplug.lane",
+                 "sparkplug.key", "sparkplug.max_nodes", "sparkplug.host_id",
+                 "sparkplug.colour: unknown key"):
+        assert path in problems
+
+
+def test_a_route_that_sparkplug_leaves_nothing_is_refused() -> None:
+    section = '[sparkplug]\nkafka_topic = "sp"\n'
+    route = '[[routes]]\nfilter = "spBv1.0/g/NDATA/{device_id}"\nkafka_topic = "t"\n'
+    with pytest.raises(ConfigError, match=r"routes\[0\].filter: never matches: \[sparkplug\]"):
+        parsed(section + route)
+    assert parsed(section + route + 'lane = "fast"\n').routes  # another lane: its own session
+
+
+def test_without_routes_or_sparkplug_a_config_is_refused() -> None:
+    with pytest.raises(ConfigError, match="routes: missing"):
+        parsed("")
