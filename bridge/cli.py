@@ -312,6 +312,10 @@ def _route(args: argparse.Namespace) -> int:
         print(f"file transfer: {files.filter.pattern} (fat lane, auth {files.auth}); a "
               f"completed file's reference goes to {files.kafka_topic}")
         return 0
+    if config.sparkplug is not None:
+        said = _sparkplug_dry_run(config, config.sparkplug, message)
+        if said is not None:
+            return said
     try:
         route, device_id, bindings, _ = Router(config.routes).match(args.topic)
     except Rejected as rejected:
@@ -348,6 +352,35 @@ def _route(args: argparse.Namespace) -> int:
         print(f"payload:      {len(payload)} bytes > inline_max_bytes {inline_max}: stored in "
               "S3, a reference envelope on the fat lane")
     print(f"kafka_topic:  {delivery.topic}\nresult:       bridged")
+    return 0
+
+
+def _sparkplug_dry_run(config: config_module.Config,
+                       settings: config_module.SparkplugConfig, message: Any) -> int | None:
+    """What `[sparkplug]` would make of the message, through the daemon's own stage (with
+    fresh host state, so DATA says it comes before any birth); None if it is not its."""
+    from bridge.kafka import Delivery
+    from bridge.metrics import Metrics
+    from bridge.pipeline import Pipeline
+    from bridge.sparkplug_host import Sparkplug
+
+    pipeline = Pipeline(config, settings.lane, Metrics(), runner=_DryRun())
+    stage = Sparkplug(config, settings, pipeline, Metrics(), lambda *_a, **_k: None)
+    if not stage.takes(message.topic):
+        return None
+    delivery = stage.prepare(message, None)
+    assert isinstance(delivery, Delivery)  # the stage decides on the loop: never a Job
+    decoded = envelope.decode(delivery.value)
+    if delivery.topic == config.dead_letter_topic:
+        error = decoded["error"]
+        print(f"dead letter:  {error['code']}: {error['reason']}\nkafka_topic:  {delivery.topic}")
+        return 1
+    found, node = decoded["sparkplug"], (delivery.key or b"").decode()
+    print(f"sparkplug:    {found['message_type']} of {node} ({settings.lane} lane), "
+          f"{len(found['metrics'])} metric(s)"
+          + (f"; issues {', '.join(found['issues'])} (fresh host state)"
+             if found["issues"] else "")
+          + f"\nkafka_topic:  {delivery.topic}\nresult:       bridged")
     return 0
 
 

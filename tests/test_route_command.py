@@ -85,3 +85,34 @@ def test_dry_run_says_why_a_message_would_be_dead_lettered(tmp_path: Path) -> No
     nowhere = route(tmp_path, "elsewhere/d1")
     assert nowhere.returncode == 1
     assert fields(nowhere.stdout)["dead letter"].startswith("no_route:")
+
+
+def test_a_sparkplug_topic_is_dry_run_through_the_sparkplug_stage(tmp_path: Path) -> None:
+    """`[sparkplug]` takes spBv1.0/ topics before the routes: the dry run says so, decodes
+    the payload as the daemon would, and names its dead-letter code when it does not."""
+    import pysparkplug as spb
+
+    (tmp_path / "devices.toml").write_text("")
+    (tmp_path / "bridge.toml").write_text(CONFIG + '[sparkplug]\nkafka_topic = '
+                                          '"iot.sparkplug.{message_type}"\n')
+    birth = tmp_path / "nbirth.bin"
+    birth.write_bytes(spb.NBirth(timestamp=9, seq=0, metrics=(
+        spb.Metric(timestamp=5, name="bdSeq", datatype=spb.DataType.INT64, value=0),
+        spb.Metric(timestamp=5, name="temp", datatype=spb.DataType.DOUBLE, value=21.5,
+                   alias=1))).encode(include_dtypes=True))
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not protobuf")
+
+    def dry_run(topic: str, payload: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bridge", "route", "--config",
+                               str(tmp_path / "bridge.toml"), "--payload-file", str(payload),
+                               topic], capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+    done = dry_run("spBv1.0/plant1/NBIRTH/press-4", birth)
+    assert done.returncode == 0, done.stderr
+    assert fields(done.stdout)["sparkplug"] == "NBIRTH of plant1/press-4 (bulk lane), 2 metric(s)"
+    assert fields(done.stdout)["kafka_topic"] == "iot.sparkplug.nbirth"
+    bad = dry_run("spBv1.0/plant1/NDATA/press-4", garbage)
+    assert bad.returncode == 1
+    assert fields(bad.stdout)["dead letter"].startswith("bad_sparkplug_payload: ")
+    assert fields(bad.stdout)["kafka_topic"] == "iot.deadletter"
