@@ -519,6 +519,9 @@ def _adopt(args: argparse.Namespace) -> int:
                       "[0-9A-Za-z._-]")
     config = dataclasses.replace(config, http=None, brokers=tuple(  # no port of a running bridge
         dataclasses.replace(b, client_id=args.client_id) for b in config.brokers))
+    if config.sparkplug is not None:  # draining a gone member is no Sparkplug host's birth
+        config = dataclasses.replace(config, sparkplug=dataclasses.replace(config.sparkplug,
+                                                                           host_id=""))
     if not args.force:
         for index, broker in enumerate(config.brokers):
             _refuse_if_connected(args, index, broker, config.session_lanes())

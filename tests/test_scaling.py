@@ -238,3 +238,17 @@ def test_an_adopt_cut_short_leaves_the_session_for_the_next_one(case: Case,
     assert adopted.returncode == 0, adopted.stderr[-2000:]
     report = verify(case, log)
     assert report.acked == 100 and report.lost == 0, report.lost_first
+
+
+def test_adopt_announces_no_sparkplug_host(case: Case) -> None:
+    """A Sparkplug host application's STATE says which host edge nodes may rely on: draining
+    a gone member's queue must not announce (then retract) one."""
+    host = f"adopt-{case.prefix}"
+    config = case.config(extra=f'[sparkplug]\nkafka_topic = "{case.topic}"\nhost_id = "{host}"\n')
+    adopted = command("adopt", "--config", str(config), "--client-id", f"{case.client_id}-x",
+                      "--force")
+    assert adopted.returncode == 0, adopted.stderr[-2000:]
+    assert f"adopted {case.client_id}-x@" in adopted.stdout and "(none)" in adopted.stdout
+    broker = BrokerConfig(url=case.stack.mqtt_url, client_id="probe", host=HOST,
+                          port=case.stack.mqtt.port, tls=False, presence_prefix="spBv1.0/STATE")
+    assert asyncio.run(mqtt.read_presence(broker, [host]))[host] is None
