@@ -30,6 +30,7 @@ REBIRTH = "Node Control/Rebirth"
 _BOOLEAN = 11
 _ENTRY_BYTES = 160  # what one alias or datatype entry costs besides its name, estimated
 _SIGNED = {1: 8, 2: 16, 3: 32, 4: 64}  # Int8..Int64: width of the two's complement
+_BOOLEANS_MAX = 1 << 20  # elements of one BooleanArray the bridge decodes (8 MiB of list)
 _ARRAYS = {22: "b", 23: "h", 24: "i", 25: "q", 26: "B", 27: "H", 28: "I", 29: "Q",
            30: "f", 31: "d", 34: "q"}  # packed little-endian (Sparkplug 3.0, 6.4.17)
 _BOOLEAN_ARRAY, _STRING_ARRAY = 32, 33
@@ -165,6 +166,9 @@ def _array(raw: bytes, datatype: int) -> Any:
         bits = raw[4:]
         if count > 8 * len(bits):
             raise ValueError(f"a BooleanArray of {count} needs {(count + 7) // 8} bytes")
+        if count > _BOOLEANS_MAX:  # 8 per byte: the one array that grows past its payload
+            raise ValueError(f"a BooleanArray of {count}: more than {_BOOLEANS_MAX} is "
+                             "more than any Kafka record takes")
         return [bool(bits[i // 8] >> (7 - i % 8) & 1) for i in range(count)]
     return raw
 

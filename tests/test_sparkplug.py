@@ -313,3 +313,16 @@ def test_a_route_that_sparkplug_leaves_nothing_is_refused() -> None:
 def test_without_routes_or_sparkplug_a_config_is_refused() -> None:
     with pytest.raises(ConfigError, match="routes: missing"):
         parsed("")
+
+
+def test_a_boolean_array_cannot_grow_the_bridge_eight_times_its_payload() -> None:
+    """8 booleans per byte: 1 MiB of payload would be 8M list entries (64 MiB) in memory.
+    Past a million the metric carries value_error instead; smaller arrays decode."""
+    pb = Payload(timestamp=1, seq=0)
+    for count in (64, (1 << 20) + 8):
+        m = pb.metrics.add()
+        m.name, m.datatype = f"flags{count}", 32  # BooleanArray
+        m.bytes_value = count.to_bytes(4, "little") + b"\xff" * ((count + 7) // 8)
+    small, large = (metric.record() for metric in decode(pb.SerializeToString(), 10).metrics)
+    assert small["value"] == [True] * 64
+    assert large["value"] is None and "more than 1048576" in large["value_error"]
