@@ -20,7 +20,7 @@ import msgpack
 from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from bridge import auth, config, envelope
+from bridge import auth, config, envelope, properties
 from bridge.auth import AUTH_MODES, STATUSES, Device, Registry
 from bridge.errors import Rejected
 from bridge.kafka import Delivery
@@ -600,10 +600,13 @@ def pipeline_messages(draw: st.DrawFn) -> Message:
 
 
 def expected_refusal(message: Message) -> str | None:
-    """The code the routing and auth stages give this message, before its format check."""
+    """The code the routing, property-limit and auth stages give this message, before its
+    format check (a huge `signature` on a route that does not check it is a user property
+    past the route's limits: `properties_too_large`)."""
     try:
         route, device_id, _, _ = ROUTER_OF_PIPELINE.match(message.topic)
         device = REGISTRY.admit(route.auth, device_id)
+        properties.weight(message, route.properties, device_id, route.auth == "hmac")
         if device is not None and route.auth == "hmac":
             assert device.hmac_key is not None
             auth.verify(device.hmac_key, device_id, message.topic, message.payload,
@@ -630,6 +633,8 @@ LONG_JSON = b"[" + b"1," * 20_000 + b"2]"  # past INLINE_CHECK_MAX: checked in a
 @example(signed("devices/d1/signed", LONG_JSON))  # checked in a job, then bridged
 @example(signed("devices/d1/signed", LONG_JSON[:-1]))  # refused in a job
 @example(signed("sites/berlin/d1", b"x" * 100_000))  # bridged with a template topic
+@example(Message("b", "devices/d1/json", b"null", 0, False, False, 0,  # a route that does
+                 (("signature", "ab" * 40_000),)))  # not check it: past its property limit
 @example(signed("devices/d1/msgpack", msgpack.packb(b"x" * 50_000)))  # payload_too_large
 @example(signed("devices/d1/json", b"\xff" * 100_000))  # a dead letter hashed in a job
 def test_the_pipeline_settles_every_message_on_its_route_or_as_a_dead_letter(
