@@ -10,10 +10,11 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from paho.mqtt.properties import Properties
 
 from bridge.devkit import simulate
 from tests.conftest import Bridge, Case, distinct
@@ -39,8 +40,10 @@ def assert_all_arrived(case: Case, devices: int, messages: int, first_seq: int =
     return len(got) - len(seen)
 
 
-def publish_as_device(case: Case, messages: list[tuple[str, bytes]]) -> None:
-    """Publish a few hand-made QoS 1 messages, waiting until the broker has each."""
+def publish_as_device(case: Case, messages: Sequence[tuple[str, bytes] |
+                                                     tuple[str, bytes, Properties]]) -> None:
+    """Publish a few hand-made QoS 1 messages (with MQTT 5 properties, if given), waiting
+    until the broker has each."""
     client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
     try:
         simulate.publish_all(client, messages, qos=1)

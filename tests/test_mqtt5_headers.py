@@ -12,22 +12,13 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.devkit import simulate
 from bridge.devkit.tail import Header, records_with_headers
 from tests.conftest import Case
+from tests.test_bridge import publish_as_device
 
 pytestmark = pytest.mark.integration
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 Record = tuple[bytes | None, list[Header], dict[str, Any]]
-
-
-def publish(case: Case, messages: list[tuple[str, bytes, Properties]]) -> None:
-    client = simulate.device_client(case.stack.mqtt_url, f"{case.client_id}-dev")
-    try:
-        simulate.publish_all(client, messages, qos=1)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def user(pairs: list[tuple[str, str]], **fields: Any) -> Properties:
@@ -67,7 +58,7 @@ user_properties = false
 """))
     sent = [("site", "berlin"), ("tag", "a"), ("tag", "b"), ("traceparent", TRACEPARENT),
             ("tracestate", "congo=t61rcWkgMzE")]
-    publish(case, [
+    publish_as_device(case, [
         (f"{case.prefix}/d1/telemetry", b'{"t": 21.5}', user(
             sent, ContentType="application/json", PayloadFormatIndicator=1,
             MessageExpiryInterval=3600, ResponseTopic=f"{case.prefix}/d1/reply",
@@ -103,7 +94,7 @@ user_properties = false
 def test_thousands_of_properties_are_a_dead_letter_and_the_lane_flows(case: Case) -> None:
     bridge = case.bridge()
     flood = [(f"k{i}", "v" * 10) for i in range(5000)] + [("traceparent", TRACEPARENT)]
-    publish(case, [
+    publish_as_device(case, [
         (f"{case.prefix}/noisy/telemetry", b"1", user(flood)),
         (f"{case.prefix}/canary/telemetry", b"2", user([("site", "b")])),
     ])

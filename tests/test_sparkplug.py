@@ -24,6 +24,7 @@ from bridge.sparkplug import (
     rebirth_request,
 )
 from bridge.sparkplug_pb import Payload
+from tests.test_config import GOOD
 
 NODE = Topic("g", "NBIRTH", "e", None)
 
@@ -258,17 +259,7 @@ def test_the_rebirth_request_is_what_pysparkplug_reads_as_one() -> None:
 
 # -- [sparkplug] config ---------------------------------------------------------------------
 
-BASE = """
-[bridge]
-instance = "edge-1"
-[[brokers]]
-url = "mqtt://127.0.0.1:1883"
-client_id = "mkb-1"
-[kafka]
-"bootstrap.servers" = "127.0.0.1:9092"
-[dead_letter]
-kafka_topic = "iot.deadletter"
-"""
+BASE = GOOD[:GOOD.index("[[routes]]")]  # test_config's good config, without its route
 
 
 def parsed(section: str) -> config.Config:
