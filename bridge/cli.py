@@ -454,17 +454,21 @@ def _the_bridge_process() -> int:
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = _argv(int(entry.name))
         except OSError:
             continue
-        if int(entry.name) != os.getpid() and _is_daemon([a.decode(errors="replace")
-                                                          for a in argv]):
+        if int(entry.name) != os.getpid() and _is_daemon(argv):
             found.append(int(entry.name))
     if len(found) != 1:
         some = f"{len(found)} bridge daemons run here ({', '.join(map(str, sorted(found)))})" \
             if found else "no bridge daemon runs here"
         raise Mistake(f"{some}: give the one to retire with --pid")
     return found[0]
+
+
+def _argv(pid: int) -> list[str]:
+    """The command line of process `pid`, from /proc (OSError when it cannot be read)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
 
 
 def _is_daemon(argv: list[str]) -> bool:
@@ -479,11 +483,10 @@ def _is_daemon(argv: list[str]) -> bool:
 
 def _bridge_process(pid: int) -> None:
     """Refuse a PID that is not a bridge daemon: SIGUSR1 ends most other programs."""
-    cmdline = Path(f"/proc/{pid}/cmdline")
     if not Path("/proc/self/cmdline").exists():
         return  # no /proc to look in: trust the operator
     try:
-        argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        argv = _argv(pid)
     except FileNotFoundError:
         raise Mistake(f"--pid {pid}: no such process") from None
     except OSError:
