@@ -33,7 +33,7 @@ from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics, mark_dead_lettered
 from bridge.pipeline import Job, Origin, Pipeline
-from bridge.results import RESULT_LEVEL, Publish, Results
+from bridge.results import ANSWER_MARK, RESULT_LEVEL, Publish, Results
 from bridge.routing import DEVICE_ID, checked_device_id
 from bridge.s3 import ObjectStore, retrying
 from bridge.transfer import Refusal, StoredFile, TransferLimits, TransferStore
@@ -97,7 +97,10 @@ class FileTransfers:
         refusal included, is recorded."""
         bound = self.settings.filter.match(message.topic) or {}
         rest = message.topic.split("/")[self._depth:]
-        if rest == [RESULT_LEVEL]:  # an answer to a device (ours, as a rule): not an upload
+        if rest == [RESULT_LEVEL] and ANSWER_MARK in message.user_properties:
+            # A bridge's answer to a device (this bridge hears its own and its replicas',
+            # as it subscribes to the prefix): acked without a record. Unmarked, it is a
+            # device writing where it should only read: a dead letter (see _handle).
             self.metrics.inc("file_results_ignored")
             if on_durable is not None:
                 on_durable()
@@ -136,6 +139,10 @@ class FileTransfers:
             elif rest == ["fin"]:
                 raise Rejected("bad_transfer_fin", "a fin names the file's size: "
                                ".../{file_id}/fin/{size}", device_id)
+            elif rest == [RESULT_LEVEL]:
+                raise Rejected("bad_transfer_topic", f".../{{file_id}}/{RESULT_LEVEL} is where "
+                               "the bridge answers a transfer: a device reads it, it does not "
+                               "write it", device_id)
             elif len(rest) == 1:
                 await self._segment(device_id, file_id, rest[0], message.payload)
             else:

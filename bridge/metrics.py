@@ -89,8 +89,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                      "sent, refused (PUBACK >= 0x80), lost, not_connected", ("outcome",)),
     "file_result_topics_refused": ("Fin Response Topics outside the device's own result "
                                    "topics, answered on the default topic instead", ()),
-    "file_results_ignored": ("Messages on a result topic the file-transfer stage acked "
-                             "unrecorded (the bridge's own answers)", ()),
+    "file_results_ignored": ("Bridges' answers heard on a result topic (they carry the "
+                             "answer's user property), acked unrecorded", ()),
     "reloads": ("Config reloads, by outcome", ("outcome",)),
     "sparkplug_messages": ("Sparkplug B messages bridged, by message type", ("message_type",)),
     "sparkplug_stale": ("Sparkplug B messages bridged with names missing or out of turn, by "

@@ -27,6 +27,9 @@ from bridge.transfer import FILE_ID, StoredFile
 
 log = structlog.get_logger("bridge.results")
 RESULT_LEVEL = "result"  # PREFIX/{file_id}/result: the bridge's answers, never transfer input
+# The user property every answer carries: how a bridge tells its own (or another replica's)
+# answers, which it hears as it subscribes to the prefix, from a device writing there.
+ANSWER_MARK = ("mqtt-kafka-bridge", "file-result")
 _OK_REASON = "the file is assembled, verified and stored; its reference is in Kafka"
 
 
@@ -34,7 +37,8 @@ class Publish(Protocol):
     """`Daemon.publish`: a QoS 1 PUBLISH on a connected session of `broker`."""
 
     def __call__(self, broker: str, topic: str, payload: bytes, *, content_type: str | None,
-                 correlation_data: bytes | None) -> asyncio.Future[int | None] | None: ...
+                 correlation_data: bytes | None, user_properties: list[tuple[str, str]]
+                 ) -> asyncio.Future[int | None] | None: ...
 
 
 class Results:
@@ -43,11 +47,6 @@ class Results:
 
     def __init__(self, depth: int, publish: Publish, metrics: Metrics) -> None:
         self.depth, self.publish, self.metrics = depth, publish, metrics
-
-    def is_result(self, topic: str) -> bool:
-        """True for PREFIX/{file_id}/result: an answer (the bridge's own, or the device
-        writing where it reads), which the file-transfer stage acks and does not record."""
-        return topic.split("/")[self.depth:] == [RESULT_LEVEL]
 
     def ok(self, fin: Message, file_id: str, stored: StoredFile) -> None:
         self._answer(fin, {"file_id": file_id, "result": "ok", "reason": _OK_REASON,
@@ -81,7 +80,8 @@ class Results:
         topic = self.topic(fin)
         correlation = fin.properties.correlation_data if fin.properties else None
         sent = self.publish(fin.broker, topic, json.dumps(result).encode(),
-                            content_type="application/json", correlation_data=correlation)
+                            content_type="application/json", correlation_data=correlation,
+                            user_properties=[ANSWER_MARK])
         if sent is None:
             self._unsent(topic, result, "not_connected", "no session to the fin's broker is "
                          "connected")

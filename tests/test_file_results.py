@@ -15,8 +15,11 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.devkit import simulate
+from bridge.results import ANSWER_MARK
 from tests.conftest import ROOT, Case
 from tests.test_bridge import publish_as_device, read_until
 from tests.test_large_payloads import Files
@@ -29,6 +32,7 @@ class Listener:
 
     def __init__(self, case: Case, *filters: str) -> None:
         self.got: list[tuple[str, Any, bytes | None]] = []
+        self.user_properties: list[list[tuple[str, str]]] = []  # of each answer in `got`
         self.lock = threading.Lock()
         self.client = simulate.device_client(case.stack.mqtt_url, f"ls-{uuid.uuid4().hex[:8]}")
         self.client.on_message = self._on_message
@@ -43,6 +47,7 @@ class Listener:
         with self.lock:
             self.got.append((message.topic, json.loads(message.payload),
                              getattr(message.properties, "CorrelationData", None)))
+            self.user_properties.append(getattr(message.properties, "UserProperty", []))
 
     def wait(self, count: int, timeout: float = 30) -> list[tuple[str, Any, bytes | None]]:
         """The answers heard, once there are `count` (or the timeout passed)."""
@@ -94,6 +99,34 @@ def test_a_response_topic_and_correlation_data_are_answered_there(case: Case) ->
         time.sleep(1)  # and on no other result topic
         assert [(t, c) for t, _, c in listener.got] == [(inbox, correlation)]
         assert got[0][1]["file_id"] == "clip-2"
+    finally:
+        listener.close()
+
+
+def test_answers_carry_the_mark_and_a_device_writing_a_result_topic_is_a_dead_letter(
+        case: Case) -> None:
+    files = responding(case)
+    bridge = case.bridge(files.config())
+    p = f"{case.prefix}/cam-8/files"
+    listener = Listener(case, f"{p}/+/result")
+    try:
+        upload = files.upload("cam-8", "clip-8", b"marked" * 500, wait_result=30)
+        assert upload.result is not None and upload.result["result"] == "ok"
+        listener.wait(1)
+        assert listener.user_properties == [[ANSWER_MARK]]
+        assert bridge.wait_stat("file_results_ignored", 1) == 1  # its own answer
+        forged = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        forged.UserProperty = [ANSWER_MARK]
+        publish_as_device(case, [
+            (f"{p}/clip-8/result", b'{"result": "ok"}'),  # written where it should read
+            (f"{p}/clip-9/result", b'{"result": "ok"}', forged),  # it only fools itself
+        ])
+        [dead] = files.dead_letters(1)
+        assert (dead["mqtt"]["topic"], dead["error"]["code"], dead["device_id"]) == (
+            f"{p}/clip-8/result", "bad_transfer_topic", "cam-8")
+        assert "answers a transfer" in dead["error"]["reason"]
+        assert bridge.wait_stat("file_results_ignored", 2) == 2
+        assert len(files.references(1)) == 1  # the transfer is left alone
     finally:
         listener.close()
 
