@@ -92,6 +92,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "file_results_ignored": ("Bridges' answers heard on a result topic (they carry the "
                              "answer's user property), acked unrecorded", ()),
     "reloads": ("Config reloads, by outcome", ("outcome",)),
+    "sparkplug_state_reasserted": ("Host STATE births published again after an offline "
+                                   "STATE on the bridge's own host id", ()),
     "sparkplug_messages": ("Sparkplug B messages bridged, by message type", ("message_type",)),
     "sparkplug_stale": ("Sparkplug B messages bridged with names missing or out of turn, by "
                         "issue", ("issue",)),

@@ -163,6 +163,9 @@ class BrokerSession:
         # then the session connects, but neither subscribes nor reads past the CONNACK.
         self.gate = gate
         self.subscriptions = list(subscriptions)
+        # Messages keep the retain flag their publisher set (what the envelope records);
+        # False: only the retained messages sent on subscribing carry it.
+        self.retain_as_published = True
         self.name = config.name
         self.log = log.bind(broker=self.name, client_id=config.client_id)
         self.connection: Connection | None = None
@@ -485,6 +488,19 @@ class BrokerSession:
                                "the bridge to write and read the presence topics "
                                "(mosquitto/acl), or set presence_prefix = \"\"")
 
+    def announce_again(self) -> bool:
+        """Publish this connection's birth once more (the same payload, so it still matches
+        the will); False when there is none or no open connection."""
+        connection = self.connection
+        if self._announcement is None or connection is None or connection.closed or \
+                not self.connected.is_set():
+            return False
+        topic, birth, _ = self._announcement
+        self._send(connection, mqtt5.PublishPacket(
+            topic, birth, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True,
+            packet_id=self._next_packet_id())).add_done_callback(self._announced)
+        return True
+
     def _announced(self, answer: asyncio.Future[int | None]) -> None:
         reason = answer.result()
         if reason is not None and reason >= 0x80:
@@ -516,7 +532,8 @@ class BrokerSession:
         self._requests[packet_id] = filters
         connection.write(mqtt5.SubscribePacket(packet_id, [
             mqtt5.TopicFilter(self._wire(f), max_qos=qos,
-                              retain_handling=mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS)
+                              retain_handling=mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS,
+                              retain_as_published=self.retain_as_published)
             for f in filters]).write())
         self.log.info("mqtt_subscribing", filters=[self._wire(f) for f in filters])
         return packet_id

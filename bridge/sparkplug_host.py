@@ -26,7 +26,7 @@ from bridge.errors import Rejected
 from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
-from bridge.mqtt import BrokerSession
+from bridge.mqtt import BrokerSession, Inflight
 from bridge.pipeline import LOG_TOPIC_MAX, Job, Origin, Pipeline
 from bridge.sparkplug import NAMESPACE, HostState, Limits, Topic, decode, rebirth_request
 
@@ -34,6 +34,7 @@ log = structlog.get_logger("bridge.sparkplug")
 ROUTE_NAME = "sparkplug"  # what lineage calls these messages
 CONTENT_TYPE = "application/x-protobuf; messageType=org.eclipse.tahu.protobuf.Payload"
 Publish = Callable[..., "asyncio.Future[int | None] | None"]
+_STATE_MAX = 1024  # bytes: a STATE payload is {"online": ..., "timestamp": ...}
 
 
 def limits(settings: SparkplugConfig) -> Limits:
@@ -151,19 +152,74 @@ def host_sessions(config: Config, settings: SparkplugConfig,
                   metrics: Metrics) -> list[BrokerSession]:
     """With `host_id`: per broker a session of its own that announces the bridge as a
     Sparkplug 3.0 host application: STATE online (retained, QoS 1) on each connect, and
-    offline as its will, with the same timestamp. It subscribes nothing; its client id is
-    the broker's plus `-sparkplug-host`, and it keeps no session."""
+    offline as its will, with the same timestamp. It subscribes to that STATE topic alone
+    (`OwnState`); its client id is the broker's plus `-sparkplug-host`, it keeps no session
+    and joins no share group."""
     topic = f"{NAMESPACE}/STATE/{settings.host_id}"
 
     def announce() -> tuple[str, bytes, bytes]:
         now = time.time_ns() // 1_000_000
         return topic, state_payload(True, now), state_payload(False, now)
 
-    return [BrokerSession(dataclasses.replace(
-        broker, client_id=f"{broker.client_id}-sparkplug-host", presence_prefix="",
-        session_expiry=0), [], _nothing, metrics, "sparkplug-host", None,
-        config.bridge.instance, announce) for broker in config.brokers]
+    sessions = []
+    for broker in config.brokers:
+        watch = OwnState(topic, metrics)
+        session = BrokerSession(dataclasses.replace(
+            broker, client_id=f"{broker.client_id}-sparkplug-host", presence_prefix="",
+            session_expiry=0, share_group=None), [topic], watch, metrics, "sparkplug-host",
+            None, config.bridge.instance, announce)
+        session.retain_as_published = False  # so a retained STATE is one that predates it
+        watch.session = session
+        sessions.append(session)
+    return sessions
 
 
-def _nothing(_message: Message, _inflight: object) -> None:
-    """The host session subscribes nothing: no message comes."""
+class OwnState:
+    """The host session's handler: what is said on its own STATE topic. An offline STATE
+    heard while connected (the will of an older connection of ours, which the broker
+    publishes when this one takes over; another process with the same host_id; anyone the
+    ACL lets write it) would leave edge nodes believing the host is gone, so the birth is
+    published again (Sparkplug 3.0, 5.3), at most once per `interval` seconds, the last
+    one delayed rather than dropped. The retained STATE sent on subscribing predates this
+    connection's birth and is left alone; so is the session's own birth, heard back."""
+
+    def __init__(self, topic: str, metrics: Metrics, interval: float = 1.0) -> None:
+        self.topic, self.metrics, self.interval = topic, metrics, interval
+        self.session: BrokerSession | None = None
+        self._last = float("-inf")
+        self._pending: asyncio.TimerHandle | None = None
+
+    def __call__(self, message: Message, inflight: Inflight | None) -> None:
+        if inflight is not None:
+            inflight()
+        if message.retain or message.topic != self.topic or self._pending is not None or \
+                says_online(message.payload) is not False:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last + self.interval - loop.time()
+        if wait > 0:
+            self._pending = loop.call_later(wait, self._again)
+        else:
+            self._again()
+
+    def _again(self) -> None:
+        self._pending = None
+        self._last = asyncio.get_running_loop().time()
+        if self.session is not None and self.session.announce_again():
+            self.metrics.inc("sparkplug_state_reasserted")
+            log.warning("sparkplug_state_reasserted", topic=self.topic[:LOG_TOPIC_MAX],
+                        why="an offline STATE came on the bridge's own host id while it is "
+                            "connected: its online STATE is published again")
+
+
+def says_online(payload: bytes) -> bool | None:
+    """The `online` of a STATE payload; None when it is not a STATE object (an empty
+    payload clearing the retained one, anything else): nothing to answer."""
+    if len(payload) > _STATE_MAX:
+        return None
+    try:
+        state = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    online = state.get("online") if isinstance(state, dict) else None
+    return online if isinstance(online, bool) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import tomllib
 from typing import Any
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from bridge import config
 from bridge.errors import ConfigError, Rejected
+from bridge.message import Message
+from bridge.metrics import Metrics
 from bridge.sparkplug import (
     REBIRTH,
     Decoded,
@@ -23,6 +26,7 @@ from bridge.sparkplug import (
     decode,
     rebirth_request,
 )
+from bridge.sparkplug_host import OwnState
 from bridge.sparkplug_pb import Payload
 from tests.test_config import GOOD
 
@@ -317,3 +321,42 @@ def test_a_boolean_array_cannot_grow_the_bridge_eight_times_its_payload() -> Non
     small, large = (metric.record() for metric in decode(pb.SerializeToString(), 10).metrics)
     assert small["value"] == [True] * 64
     assert large["value"] is None and "more than 1048576" in large["value_error"]
+
+
+# ------------------------------------------------------------- the host's own STATE topic
+
+class _Session:
+    """Stands in for the host session: counts the births published again."""
+
+    def __init__(self) -> None:
+        self.again = 0
+
+    def announce_again(self) -> bool:
+        self.again += 1
+        return True
+
+
+def _state(payload: bytes, retain: bool = False) -> Message:
+    return Message("b", "spBv1.0/STATE/h1", payload, 1, retain, False, 0, (), None)
+
+
+def test_only_a_live_offline_state_is_answered_and_a_flood_at_most_once_a_second() -> None:
+    async def body() -> tuple[int, int, int]:
+        metrics = Metrics()
+        watch = OwnState("spBv1.0/STATE/h1", metrics, interval=0.2)
+        session = _Session()
+        watch.session = session  # type: ignore[assignment]
+        offline = b'{"online":false,"timestamp":1}'
+        for message in [_state(offline, retain=True),  # predates the birth
+                        _state(b'{"online":true,"timestamp":1}'), _state(b""),
+                        _state(b"[" * 100_000), _state(b"{}"), _state(b'{"online":0}'),
+                        Message("b", "spBv1.0/STATE/h2", offline, 1, False, False, 0, ())]:
+            watch(message, None)
+        quiet = session.again
+        for _ in range(100):  # a flood: one now, one when the interval is over
+            watch(_state(offline), None)
+        at_once = session.again
+        await asyncio.sleep(0.4)
+        return quiet, at_once, session.again
+
+    assert asyncio.run(body()) == (0, 1, 2)

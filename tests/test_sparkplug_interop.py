@@ -225,6 +225,57 @@ host_id = "{host}"
         reader.disconnect()
 
 
+def test_an_offline_state_on_its_host_id_is_answered_with_its_online_state(
+        case: Case) -> None:
+    """Sparkplug 3.0, 5.3: an offline STATE delivered on the host's own id while it is
+    connected (here written by another client, as the will of a taken-over connection
+    would be) is answered at once with the online STATE, its timestamp unchanged."""
+    host = f"h{case.prefix}"
+    path = case.config(extra=f"""
+[sparkplug]
+kafka_topic = "{case.topic}"
+group_id = "{case.prefix}"
+host_id = "{host}"
+""")
+    topic = f"spBv1.0/STATE/{host}"
+    url = urlsplit(case.stack.mqtt_url)
+    states: list[spb.State] = []
+    writer = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-w")
+    writer.on_message = lambda _c, _u, m: b"timestamp" in m.payload and states.append(
+        spb.State.decode(m.payload))  # the STATEs, not the junk below
+    writer.connect(url.hostname or "", url.port or 1883)
+    writer.loop_start()
+    try:
+        writer.subscribe(topic, qos=1)
+        bridge = case.bridge(path)
+        _wait(lambda: any(s.online for s in states), "STATE online")
+        born = next(s for s in states if s.online)
+        for payload in (b"", b"not json", b'{"online": "no"}', b"[" * 5000):  # no STATE
+            writer.publish(topic, payload, qos=1).wait_for_publish(5)
+        writer.publish(topic, f'{{"online": false, "timestamp": {born.timestamp}}}',
+                       qos=1, retain=True).wait_for_publish(5)
+        assert bridge.wait_stat("sparkplug_state_reasserted", 1) == 1
+        _wait(lambda: states[-1].online, "STATE online again")
+        assert states[-1].timestamp == born.timestamp  # still the will's timestamp
+        retained: list[spb.State] = []
+        fresh = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-f")
+        fresh.on_message = lambda _c, _u, m: retained.append(spb.State.decode(m.payload))
+        fresh.connect(url.hostname or "", url.port or 1883)
+        fresh.loop_start()
+        fresh.subscribe(topic, qos=1)
+        _wait(lambda: retained, "the retained STATE")
+        fresh.loop_stop()
+        fresh.disconnect()
+        assert retained[0].online  # what an edge node that comes now reads
+        time.sleep(1)
+        assert bridge.stats()[-1]["sparkplug_state_reasserted"] == 1  # once, nothing else
+        assert bridge.terminate() == 0
+    finally:
+        writer.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        writer.loop_stop()
+        writer.disconnect()
+
+
 def test_a_payload_that_does_not_decode_is_a_dead_letter_with_its_body(case: Case) -> None:
     case.bridge(config(case))
     url = urlsplit(case.stack.mqtt_url)
