@@ -28,7 +28,7 @@ MESSAGE_TYPES = NODE_TYPES + DEVICE_TYPES
 BD_SEQ = "bdSeq"
 REBIRTH = "Node Control/Rebirth"
 _BOOLEAN = 11
-_ENTRY_BYTES = 160  # what one alias or datatype entry costs besides its name, estimated
+_ENTRY_BYTES = 160  # what one node, device, alias or datatype costs besides its name, estimated
 _SIGNED = {1: 8, 2: 16, 3: 32, 4: 64}  # Int8..Int64: width of the two's complement
 _BOOLEANS_MAX = 1 << 20  # elements of one BooleanArray the bridge decodes (8 MiB of list)
 _ARRAYS = {22: "b", 23: "h", 24: "i", 25: "q", 26: "B", 27: "H", 28: "I", 29: "Q",
@@ -190,7 +190,7 @@ class Node:
     aliases: dict[int, tuple[str, str]] = field(default_factory=dict)  # -> (device, name)
     datatypes: dict[tuple[str, str], int] = field(default_factory=dict)  # (device, name)
     devices: set[str] = field(default_factory=set)  # born and not dead
-    cost: int = 0  # estimated bytes of the tables
+    cost: int = 0  # estimated bytes of the node's names and tables
     full: bool = False  # a birth had more than the tables take: unknown aliases are expected
 
 
@@ -214,7 +214,9 @@ class HostState:
         self.limits = limits
         self.nodes: OrderedDict[tuple[str, str], Node] = OrderedDict()  # least recent first
         self.bytes = 0
-        self._asked: OrderedDict[tuple[str, str], float] = OrderedDict()  # rebirth requests
+        # when each node was last asked for a rebirth, by the hash of its key: nodes that
+        # never sent a birth are asked too, so their names must not be kept
+        self._asked: OrderedDict[int, float] = OrderedDict()
 
     def observe(self, topic: Topic, decoded: Decoded, now: float) -> Verdict:
         """Update the state with one message and fill in its metrics' names and datatypes."""
@@ -229,6 +231,7 @@ class HostState:
             self._drop(key)
             node = Node(decoded.bd_seq, _next(decoded.seq))
             self.nodes[key] = node
+            self._charge(node, _node_cost(key))
             self._learn(node, "", decoded.metrics, issues)
             online = True
             evicted = self._shrink(keep=key)
@@ -253,6 +256,7 @@ class HostState:
                 if kind == "DBIRTH":
                     self._forget_device(node, device)
                     node.devices.add(device)
+                    self._charge(node, _ENTRY_BYTES + len(device))
                     self._learn(node, device, decoded.metrics, issues)
                     online = True
                     evicted = self._shrink(keep=key)
@@ -286,14 +290,17 @@ class HostState:
                 issues.append("tables_full")
                 break
             cost = _ENTRY_BYTES + len(metric.name)
-            if metric.datatype is not None:
-                node.datatypes[(device, metric.name)] = metric.datatype
-                node.cost += cost
-                self.bytes += cost
+            entry = (device, metric.name)
+            if metric.datatype is not None:  # a repeat replaces its entry: charged once
+                if entry not in node.datatypes:
+                    self._charge(node, cost)
+                node.datatypes[entry] = metric.datatype
             if metric.alias is not None:
-                node.aliases[metric.alias] = (device, metric.name)
-                node.cost += cost
-                self.bytes += cost
+                replaced = node.aliases.get(metric.alias)
+                if replaced is not None:
+                    self._charge(node, -_ENTRY_BYTES - len(replaced[1]))
+                node.aliases[metric.alias] = entry
+                self._charge(node, cost)
 
     def _fill(self, node: Node, device: str, metrics: list[Metric], issues: list[str]) -> None:
         for metric in metrics:
@@ -306,17 +313,19 @@ class HostState:
             if metric.datatype is None and metric.name is not None:
                 metric.datatype = node.datatypes.get((device, metric.name))
 
+    def _charge(self, node: Node, cost: int) -> None:
+        node.cost += cost
+        self.bytes += cost
+
     def _forget_device(self, node: Node, device: str) -> None:
-        node.devices.discard(device)
+        if device in node.devices:
+            node.devices.discard(device)
+            self._charge(node, -_ENTRY_BYTES - len(device))
         for alias in [a for a, (d, _) in node.aliases.items() if d == device]:
-            cost = _ENTRY_BYTES + len(node.aliases.pop(alias)[1])
-            node.cost -= cost
-            self.bytes -= cost
+            self._charge(node, -_ENTRY_BYTES - len(node.aliases.pop(alias)[1]))
         for name in [k for k in node.datatypes if k[0] == device]:
             del node.datatypes[name]
-            cost = _ENTRY_BYTES + len(name[1])
-            node.cost -= cost
-            self.bytes -= cost
+            self._charge(node, -_ENTRY_BYTES - len(name[1]))
 
     def _drop(self, key: tuple[str, str]) -> None:
         node = self.nodes.pop(key, None)
@@ -332,8 +341,8 @@ class HostState:
             if oldest == keep:
                 if len(self.nodes) == 1:
                     node = self.nodes[keep]
-                    self.bytes -= node.cost
-                    node.aliases, node.datatypes, node.cost, node.full = {}, {}, 0, True
+                    self._charge(node, _node_cost(keep) - node.cost)
+                    node.aliases, node.datatypes, node.devices, node.full = {}, {}, set(), True
                     break
                 self.nodes.move_to_end(keep)
                 continue
@@ -345,14 +354,21 @@ class HostState:
         reason = next((issue for issue in _REPAIRABLE if issue in issues), None)
         if reason is None:
             return None
-        asked = self._asked.get(key)
+        slot = hash(key)
+        asked = self._asked.get(slot)
         if asked is not None and now - asked < self.limits.rebirth_interval:
             return None
-        self._asked[key] = now
-        self._asked.move_to_end(key)
+        self._asked[slot] = now
+        self._asked.move_to_end(slot)
         while len(self._asked) > self.limits.max_nodes:
             self._asked.popitem(last=False)
         return reason
+
+
+def _node_cost(key: tuple[str, str]) -> int:
+    """What a node costs before its tables: its group and edge node names are the device's
+    choice, up to 64 KB."""
+    return _ENTRY_BYTES + len(key[0]) + len(key[1])
 
 
 def _next(seq: int | None) -> int | None:

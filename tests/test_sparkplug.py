@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import struct
 import tomllib
+import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import pysparkplug as spb
@@ -175,6 +178,54 @@ def test_the_state_stays_within_its_bounds_whatever_arrives(
         assert len(state.nodes) <= limits.max_nodes
         assert state.bytes == sum(n.cost for n in state.nodes.values()) <= 3000 + 2000
         assert all(len(n.aliases) <= 20 for n in state.nodes.values())
+
+
+def retained_by(work: Callable[[], object]) -> int:
+    """Bytes that `work` allocated and that are still held when it is done."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        work()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kinds", [("NDATA",), ("NBIRTH",), ("DBIRTH",)])
+def test_names_a_device_chooses_stay_within_max_state_bytes(kinds: tuple[str, ...]) -> None:
+    """Node and device names are topic levels of up to 64 KB: every copy the state keeps
+    of them (nodes, devices born, rebirth requests asked) counts against its budget."""
+    budget = 1 << 20
+    state = HostState(Limits(max_state_bytes=budget))
+    state.observe(NODE, birth(), 0)
+
+    def flood() -> None:
+        for i in range(400):
+            name = f"{i}-" + "x" * 50_000
+            if kinds == ("DBIRTH",):  # one node, ever more devices
+                state.observe(topic("DBIRTH", name), Decoded(1, None, [], None), 0)
+            elif kinds == ("NBIRTH",):
+                state.observe(topic("NBIRTH", edge=name), birth(aliases=0), 0)
+            else:  # no birth: each asks for a rebirth
+                assert state.observe(topic("NDATA", edge=name), data(1), 0).rebirth
+    held = retained_by(flood)  # 400 names are 20 MB
+    assert held < 2 * budget
+    assert state.bytes <= budget
+
+
+def test_a_birth_repeating_an_alias_or_name_costs_what_it_keeps() -> None:
+    """A birth that names one metric a thousand times keeps one entry: charging each
+    repeat would let one node's births push every other node out of the budget."""
+    state = HostState(Limits(max_state_bytes=100_000))
+    state.observe(topic("NBIRTH", edge="other"), birth(), 0)
+    state.observe(NODE, birth(), 0)
+    repeats = Decoded(1, None, [metric("m", 0, 10) for _ in range(1000)], None)
+    for _ in range(50):
+        state.observe(topic("DBIRTH", "d"), repeats, 0)
+    node = state.nodes[("g", "e")]
+    assert len(node.aliases) == 2 and len(node.datatypes) == 4  # alias 0 is now d's
+    assert state.bytes < 5_000 and ("g", "other") in state.nodes
 
 
 # -- decoding -------------------------------------------------------------------------------
