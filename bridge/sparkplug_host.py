@@ -28,7 +28,15 @@ from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.mqtt import BrokerSession
 from bridge.pipeline import LOG_TOPIC_MAX, Job, Origin, Pipeline
-from bridge.sparkplug import NAMESPACE, HostState, Limits, Topic, decode, rebirth_request
+from bridge.sparkplug import (
+    NAMESPACE,
+    HostState,
+    Limits,
+    Topic,
+    decode,
+    rebirth_request,
+    records,
+)
 
 log = structlog.get_logger("bridge.sparkplug")
 ROUTE_NAME = "sparkplug"  # what lineage calls these messages
@@ -98,7 +106,7 @@ class Sparkplug:
             "group": topic.group, "edge_node": topic.edge_node, "device": topic.device,
             "message_type": topic.message_type, "seq": decoded.seq,
             "timestamp": decoded.timestamp, "bd_seq": decoded.bd_seq,
-            "metrics": [metric.record() for metric in decoded.metrics],
+            "metrics": records(decoded.metrics),
             "stale": bool(verdict.issues), "issues": list(verdict.issues),
             "rebirth_requested": requested}
         if verdict.online is not None:
