@@ -158,12 +158,12 @@ def mqtt_fields(properties: Properties) -> dict[str, Any]:
 
 def weight(message: Message, limits: Limits, device_id: str = "",
            drop_signature: bool = False) -> int:
-    """The bytes a message's properties add to its record (headers and envelope keys), or
-    Rejected `properties_too_large` (see `copy`)."""
+    """The bytes a message's properties add to its record (headers and envelope keys, in
+    UTF-8: a character may be four), or Rejected `properties_too_large` (see `copy`)."""
     size = copy(message.user_properties, limits, device_id, drop_signature).size if \
         message.user_properties else 0
     p = message.properties
     if p is not None:
-        size += _MQTT_FIELD_OVERHEAD + len(p.content_type or "") + \
-            len(p.response_topic or "") + len(p.correlation_data or b"")
+        size += _MQTT_FIELD_OVERHEAD + len(_utf8(p.content_type or "")) + \
+            len(_utf8(p.response_topic or "")) + len(p.correlation_data or b"")
     return size

@@ -289,6 +289,15 @@ def test_properties_count_against_the_record_size() -> None:
         "iot.telemetry"
 
 
+def test_properties_count_in_bytes_not_characters() -> None:
+    """A content type of 4-byte characters is four times its length in the record."""
+    lane = pipeline('"message.max.bytes" = 20000')
+    sent = message(props=Properties(content_type="\U0001f600" * 3_000), payload=b"x" * 9_000)
+    got = settled(lane.prepare(sent, None))
+    assert got.topic == "iot.deadletter"
+    assert envelope.decode(got.value)["error"]["code"] == "record_too_large"
+
+
 def test_a_dead_letter_sent_again_smaller_leaves_the_properties_out() -> None:
     lane = pipeline()
     sent = message((("a", "1"),), Properties(response_topic="r" * 60_000,
