@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import struct
 import time
@@ -15,8 +16,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import config
+from bridge import config, envelope
 from bridge.errors import ConfigError, Rejected
+from bridge.kafka import Delivery
+from bridge.message import Message
+from bridge.metrics import Metrics
+from bridge.pipeline import Pipeline
 from bridge.sparkplug import (
     REBIRTH,
     Decoded,
@@ -28,6 +33,7 @@ from bridge.sparkplug import (
     rebirth_request,
     records,
 )
+from bridge.sparkplug_host import REBIRTHS_UNANSWERED_MAX, Sparkplug
 from bridge.sparkplug_pb import Payload
 from tests.test_config import GOOD
 
@@ -394,3 +400,40 @@ def test_nested_values_cost_bounded_work_on_the_event_loop() -> None:
     assert got[0]["value"] == {"num_of_columns": "1", "columns": ["c"]}
     assert got[1]["value"] is None and "nested values" in got[1]["value_error"]
     assert got[2]["value"] is None and "nested values" in got[2]["value_error"]
+
+
+def test_rebirth_requests_waiting_for_their_puback_are_bounded() -> None:
+    """Each node is asked once per interval, but a device can name a new node per message:
+    every one was a QoS 1 NCMD, unanswered ones without bound, past the broker's Receive
+    Maximum (a protocol error that costs the session). Past a few, none is sent until the
+    broker answers; the node is asked at its next message after the interval."""
+    loaded = parsed('[sparkplug]\nkafka_topic = "sp"\n')
+    assert loaded.sparkplug is not None
+    sent: list[asyncio.Future[int | None]] = []
+
+    def publish(_broker: str, _topic: str, _payload: bytes) -> asyncio.Future[int | None]:
+        sent.append(asyncio.get_running_loop().create_future())
+        return sent[-1]
+
+    async def flood() -> list[bool]:
+        metrics = Metrics()
+        sparkplug = Sparkplug(loaded, loaded.sparkplug, Pipeline(loaded, "bulk", metrics),
+                              metrics, publish)
+        payload = Payload(seq=0).SerializeToString()
+        asked = []
+        for i in range(100):
+            outcome = sparkplug.prepare(Message("b", f"spBv1.0/g/NDATA/node{i}", payload, 1,
+                                                False, False, 1), None)
+            assert isinstance(outcome, Delivery)
+            asked.append(envelope.decode(outcome.value)["sparkplug"]["rebirth_requested"])
+        sent[0].set_result(0)
+        await asyncio.sleep(0)
+        outcome = sparkplug.prepare(Message("b", "spBv1.0/g/NDATA/late", payload, 1, False,
+                                            False, 1), None)
+        assert isinstance(outcome, Delivery)
+        return [*asked, envelope.decode(outcome.value)["sparkplug"]["rebirth_requested"]]
+
+    asked = asyncio.run(flood())
+    assert len(sent) == REBIRTHS_UNANSWERED_MAX + 1
+    assert asked == [True] * REBIRTHS_UNANSWERED_MAX + \
+        [False] * (100 - REBIRTHS_UNANSWERED_MAX) + [True]
