@@ -30,6 +30,10 @@ RESERVED = ("mqtt.topic", "device_id", "mqtt.broker", "bridge.instance", "error.
 # version-traceid-parentid-flags, lowercase hex (W3C Trace Context, 3.2); ids not all zero
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _MQTT_FIELD_OVERHEAD = 40  # the keys of the mqtt map's property fields, at most
+# The longest tracestate W3C allows (3.3.1: 32 members of a 256-character key, '=' and a
+# 256-character value, ',' between): a longer one is not propagated, so no record, not even
+# a dead letter, carries megabytes of a device's text in a header.
+TRACESTATE_MAX = 32 * (256 + 1 + 256) + 31
 
 
 class Limits(NamedTuple):
@@ -64,15 +68,19 @@ def valid_traceparent(value: str) -> bool:
 def trace_context(user_properties: tuple[tuple[str, str], ...]
                   ) -> tuple[str | None, str | None, bool]:
     """(traceparent, tracestate, invalid): a valid traceparent, the tracestate that goes
-    with it (several are joined with ',', as the HTTP binding does), and whether the device
-    sent a traceparent that is invalid (or more than one, which is ambiguous)."""
+    with it (several are joined with ',', as the HTTP binding does; none when longer than
+    W3C allows), and whether the device sent a traceparent that is invalid (or more than
+    one, which is ambiguous)."""
     parents = [value for name, value in user_properties if name == TRACEPARENT]
     if not parents:
         return None, None, False
     if len(parents) > 1 or not valid_traceparent(parents[0]):
         return None, None, True
     states = [value for name, value in user_properties if name == TRACESTATE]
-    return parents[0], ",".join(states) if states else None, False
+    state = ",".join(states) if states else None
+    if state is not None and len(state) > TRACESTATE_MAX:
+        state = None
+    return parents[0], state, False
 
 
 def trace_headers(traceparent: str | None, tracestate: str | None) -> list[tuple[str, bytes]]:
@@ -150,12 +158,12 @@ def mqtt_fields(properties: Properties) -> dict[str, Any]:
 
 def weight(message: Message, limits: Limits, device_id: str = "",
            drop_signature: bool = False) -> int:
-    """The bytes a message's properties add to its record (headers and envelope keys), or
-    Rejected `properties_too_large` (see `copy`)."""
+    """The bytes a message's properties add to its record (headers and envelope keys, in
+    UTF-8: a character may be four), or Rejected `properties_too_large` (see `copy`)."""
     size = copy(message.user_properties, limits, device_id, drop_signature).size if \
         message.user_properties else 0
     p = message.properties
     if p is not None:
-        size += _MQTT_FIELD_OVERHEAD + len(p.content_type or "") + \
-            len(p.response_topic or "") + len(p.correlation_data or b"")
+        size += _MQTT_FIELD_OVERHEAD + len(_utf8(p.content_type or "")) + \
+            len(_utf8(p.response_topic or "")) + len(p.correlation_data or b"")
     return size

@@ -28,13 +28,24 @@ from bridge.message import Message
 from bridge.metrics import Metrics
 from bridge.mqtt import BrokerSession, Inflight
 from bridge.pipeline import LOG_TOPIC_MAX, Job, Origin, Pipeline
-from bridge.sparkplug import NAMESPACE, HostState, Limits, Topic, decode, rebirth_request
+from bridge.sparkplug import (
+    NAMESPACE,
+    HostState,
+    Limits,
+    Topic,
+    decode,
+    rebirth_request,
+    records,
+)
 
 log = structlog.get_logger("bridge.sparkplug")
 ROUTE_NAME = "sparkplug"  # what lineage calls these messages
 CONTENT_TYPE = "application/x-protobuf; messageType=org.eclipse.tahu.protobuf.Payload"
 Publish = Callable[..., "asyncio.Future[int | None] | None"]
 _STATE_MAX = 1024  # bytes: a STATE payload is {"online": ..., "timestamp": ...}
+# NCMDs sent and not yet answered: a device can name a new node per message, and a client
+# past the broker's Receive Maximum (Mosquitto: 20) commits a protocol error.
+REBIRTHS_UNANSWERED_MAX = 8
 
 
 def limits(settings: SparkplugConfig) -> Limits:
@@ -54,6 +65,7 @@ class Sparkplug:
             else HostState(limits(settings))
         self.lineage = envelope.Lineage(config.bridge.instance, ROUTE_NAME, config.version)
         self._record_max = config.record_max(settings.lane)
+        self._unanswered = 0  # NCMDs sent whose PUBACK has not come
         group = settings.group_id
         self._prefix = f"{NAMESPACE}/" if group == "+" else f"{NAMESPACE}/{group}/"
 
@@ -99,7 +111,7 @@ class Sparkplug:
             "group": topic.group, "edge_node": topic.edge_node, "device": topic.device,
             "message_type": topic.message_type, "seq": decoded.seq,
             "timestamp": decoded.timestamp, "bd_seq": decoded.bd_seq,
-            "metrics": [metric.record() for metric in decoded.metrics],
+            "metrics": records(decoded.metrics),
             "stale": bool(verdict.issues), "issues": list(verdict.issues),
             "rebirth_requested": requested}
         if verdict.online is not None:
@@ -119,7 +131,11 @@ class Sparkplug:
                         self.pipeline.sink)
 
     def _request_rebirth(self, broker: str, topic: Topic, reason: str) -> bool:
-        """Publish NCMD Node Control/Rebirth to the node (QoS 1); True if it was sent."""
+        """Publish NCMD Node Control/Rebirth to the node (QoS 1); True if it was sent. With
+        REBIRTHS_UNANSWERED_MAX waiting for their PUBACK, none (counted as a failure)."""
+        if self._unanswered >= REBIRTHS_UNANSWERED_MAX:
+            self.metrics.inc("sparkplug_rebirth_failures")
+            return False
         ncmd = f"{NAMESPACE}/{topic.group}/NCMD/{topic.edge_node}"
         answer = self._publish(broker, ncmd, rebirth_request(time.time_ns() // 1_000_000))
         node = f"{topic.group}/{topic.edge_node}"
@@ -129,12 +145,14 @@ class Sparkplug:
                         why="no connected session to that broker; the next message asks again")
             return False
         self.metrics.inc("sparkplug_rebirth_requests", reason=reason)
+        self._unanswered += 1
         log.info("sparkplug_rebirth_requested", node=node[:LOG_TOPIC_MAX], reason=reason)
         answer.add_done_callback(lambda done: self._answered(done, node))
         return True
 
     def _answered(self, answer: asyncio.Future[int | None], node: str) -> None:
-        reason = answer.result()
+        self._unanswered -= 1
+        reason = None if answer.cancelled() else answer.result()
         if reason is not None and reason >= 0x80:
             self.metrics.inc("sparkplug_rebirth_failures")
             log.error("sparkplug_rebirth_refused", node=node, reason_code=reason,

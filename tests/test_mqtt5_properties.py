@@ -125,7 +125,11 @@ def test_too_many_or_too_large_properties_are_refused_with_a_code() -> None:
         copy((("k", "v" * 70_000),), Limits())
     assert large.value.code == "properties_too_large"
     with pytest.raises(Rejected):  # the trace context counts when copying is off
-        copy((("traceparent", TRACEPARENT), ("tracestate", "s" * 70_000)), Limits(prefix=None))
+        copy((("traceparent", TRACEPARENT), ("tracestate", "s" * 10_000)),
+             Limits(prefix=None, max_bytes=5_000))
+    # a tracestate longer than W3C allows is not propagated (nor counted)
+    assert copy((("traceparent", TRACEPARENT), ("tracestate", "s" * 70_000)),
+                Limits(prefix=None)).trace == [("traceparent", TRACEPARENT.encode())]
     # off: any number of properties that are not copied
     assert copy(tuple(("k", "v") for _ in range(5000)), Limits(prefix=None)).size == 0
 
@@ -285,6 +289,15 @@ def test_properties_count_against_the_record_size() -> None:
         "iot.telemetry"
 
 
+def test_properties_count_in_bytes_not_characters() -> None:
+    """A content type of 4-byte characters is four times its length in the record."""
+    lane = pipeline('"message.max.bytes" = 20000')
+    sent = message(props=Properties(content_type="\U0001f600" * 3_000), payload=b"x" * 9_000)
+    got = settled(lane.prepare(sent, None))
+    assert got.topic == "iot.deadletter"
+    assert envelope.decode(got.value)["error"]["code"] == "record_too_large"
+
+
 def test_a_dead_letter_sent_again_smaller_leaves_the_properties_out() -> None:
     lane = pipeline()
     sent = message((("a", "1"),), Properties(response_topic="r" * 60_000,
@@ -296,6 +309,22 @@ def test_a_dead_letter_sent_again_smaller_leaves_the_properties_out() -> None:
                               Rejected("record_too_large", "x"), None, shrunk=True)
     assert "response_topic" not in envelope.decode(shrunk.value)["mqtt"]
     assert len(shrunk.value) < 1000
+
+
+def test_a_dead_letter_never_carries_a_trace_context_past_the_w3c_bounds() -> None:
+    """A tracestate is the device's text: a dead letter's headers must not carry megabytes
+    of it, or Kafka refuses that record too, even sent again smaller, and the message
+    is retried forever behind every later ack."""
+    lane = pipeline()
+    huge = tuple(("tracestate", "k=" + "v" * 60_000) for _ in range(40))
+    sent = message((("traceparent", TRACEPARENT), *huge))
+    got = settled(lane.prepare(sent, None))
+    assert envelope.decode(got.value)["error"]["code"] == "properties_too_large"
+    assert got.headers == [*LINEAGE, ("error.code", b"properties_too_large"),
+                           ("traceparent", TRACEPARENT.encode())]
+    shrunk = lane.dead_letter(sent, "d1", lane.no_route_lineage,
+                              Rejected("record_too_large", "x"), None, shrunk=True)
+    assert sum(len(n) + len(v or b"") for n, v in shrunk.headers) < 1000
 
 
 # ------------------------------------------------------------------ spans

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import struct
+import time
 import tomllib
+import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import pysparkplug as spb
@@ -12,10 +16,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import config
+from bridge import config, envelope
 from bridge.errors import ConfigError, Rejected
+from bridge.kafka import Delivery
 from bridge.message import Message
 from bridge.metrics import Metrics
+from bridge.pipeline import Pipeline
 from bridge.sparkplug import (
     REBIRTH,
     Decoded,
@@ -25,8 +31,9 @@ from bridge.sparkplug import (
     Topic,
     decode,
     rebirth_request,
+    records,
 )
-from bridge.sparkplug_host import OwnState
+from bridge.sparkplug_host import REBIRTHS_UNANSWERED_MAX, OwnState, Sparkplug
 from bridge.sparkplug_pb import Payload
 from tests.test_config import GOOD
 
@@ -181,6 +188,54 @@ def test_the_state_stays_within_its_bounds_whatever_arrives(
         assert all(len(n.aliases) <= 20 for n in state.nodes.values())
 
 
+def retained_by(work: Callable[[], object]) -> int:
+    """Bytes that `work` allocated and that are still held when it is done."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        work()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kinds", [("NDATA",), ("NBIRTH",), ("DBIRTH",)])
+def test_names_a_device_chooses_stay_within_max_state_bytes(kinds: tuple[str, ...]) -> None:
+    """Node and device names are topic levels of up to 64 KB: every copy the state keeps
+    of them (nodes, devices born, rebirth requests asked) counts against its budget."""
+    budget = 1 << 20
+    state = HostState(Limits(max_state_bytes=budget))
+    state.observe(NODE, birth(), 0)
+
+    def flood() -> None:
+        for i in range(400):
+            name = f"{i}-" + "x" * 50_000
+            if kinds == ("DBIRTH",):  # one node, ever more devices
+                state.observe(topic("DBIRTH", name), Decoded(1, None, [], None), 0)
+            elif kinds == ("NBIRTH",):
+                state.observe(topic("NBIRTH", edge=name), birth(aliases=0), 0)
+            else:  # no birth: each asks for a rebirth
+                assert state.observe(topic("NDATA", edge=name), data(1), 0).rebirth
+    held = retained_by(flood)  # 400 names are 20 MB
+    assert held < 2 * budget
+    assert state.bytes <= budget
+
+
+def test_a_birth_repeating_an_alias_or_name_costs_what_it_keeps() -> None:
+    """A birth that names one metric a thousand times keeps one entry: charging each
+    repeat would let one node's births push every other node out of the budget."""
+    state = HostState(Limits(max_state_bytes=100_000))
+    state.observe(topic("NBIRTH", edge="other"), birth(), 0)
+    state.observe(NODE, birth(), 0)
+    repeats = Decoded(1, None, [metric("m", 0, 10) for _ in range(1000)], None)
+    for _ in range(50):
+        state.observe(topic("DBIRTH", "d"), repeats, 0)
+    node = state.nodes[("g", "e")]
+    assert len(node.aliases) == 2 and len(node.datatypes) == 4  # alias 0 is now d's
+    assert state.bytes < 5_000 and ("g", "other") in state.nodes
+
+
 # -- decoding -------------------------------------------------------------------------------
 
 
@@ -321,6 +376,67 @@ def test_a_boolean_array_cannot_grow_the_bridge_eight_times_its_payload() -> Non
     small, large = (metric.record() for metric in decode(pb.SerializeToString(), 10).metrics)
     assert small["value"] == [True] * 64
     assert large["value"] is None and "more than 1048576" in large["value_error"]
+
+
+def test_nested_values_cost_bounded_work_on_the_event_loop() -> None:
+    """DataSets and Templates become maps element by element in Python (~3 µs each): 1 MiB
+    of empty DataSet elements took seconds of the event loop every lane shares. One message
+    decodes a bounded share of them; the rest say why (the raw body keeps them)."""
+    pb = Payload(timestamp=1, seq=0)
+    small = pb.metrics.add()
+    small.name, small.datatype = "small", 16  # DataSet
+    small.dataset_value.num_of_columns = 1
+    small.dataset_value.columns.append("c")
+    for name in ("rows", "more"):
+        m = pb.metrics.add()
+        m.name, m.datatype = name, 16
+        for _ in range(250_000):
+            m.dataset_value.rows.add().elements.add()
+    raw = pb.SerializeToString()
+    assert len(raw) > 2_000_000
+    started = time.perf_counter()
+    got = records(decode(raw, 10).metrics)
+    assert time.perf_counter() - started < 1.0
+    assert got[0]["value"] == {"num_of_columns": "1", "columns": ["c"]}
+    assert got[1]["value"] is None and "nested values" in got[1]["value_error"]
+    assert got[2]["value"] is None and "nested values" in got[2]["value_error"]
+
+
+def test_rebirth_requests_waiting_for_their_puback_are_bounded() -> None:
+    """Each node is asked once per interval, but a device can name a new node per message:
+    every one was a QoS 1 NCMD, unanswered ones without bound, past the broker's Receive
+    Maximum (a protocol error that costs the session). Past a few, none is sent until the
+    broker answers; the node is asked at its next message after the interval."""
+    loaded = parsed('[sparkplug]\nkafka_topic = "sp"\n')
+    assert loaded.sparkplug is not None
+    sent: list[asyncio.Future[int | None]] = []
+
+    def publish(_broker: str, _topic: str, _payload: bytes) -> asyncio.Future[int | None]:
+        sent.append(asyncio.get_running_loop().create_future())
+        return sent[-1]
+
+    async def flood() -> list[bool]:
+        metrics = Metrics()
+        sparkplug = Sparkplug(loaded, loaded.sparkplug, Pipeline(loaded, "bulk", metrics),
+                              metrics, publish)
+        payload = Payload(seq=0).SerializeToString()
+        asked = []
+        for i in range(100):
+            outcome = sparkplug.prepare(Message("b", f"spBv1.0/g/NDATA/node{i}", payload, 1,
+                                                False, False, 1), None)
+            assert isinstance(outcome, Delivery)
+            asked.append(envelope.decode(outcome.value)["sparkplug"]["rebirth_requested"])
+        sent[0].set_result(0)
+        await asyncio.sleep(0)
+        outcome = sparkplug.prepare(Message("b", "spBv1.0/g/NDATA/late", payload, 1, False,
+                                            False, 1), None)
+        assert isinstance(outcome, Delivery)
+        return [*asked, envelope.decode(outcome.value)["sparkplug"]["rebirth_requested"]]
+
+    asked = asyncio.run(flood())
+    assert len(sent) == REBIRTHS_UNANSWERED_MAX + 1
+    assert asked == [True] * REBIRTHS_UNANSWERED_MAX + \
+        [False] * (100 - REBIRTHS_UNANSWERED_MAX) + [True]
 
 
 # ------------------------------------------------------------- the host's own STATE topic
