@@ -471,16 +471,18 @@ class Pipeline:
         log.warning("dead_letter", code=rejected.code,
                     reason=envelope.printable(rejected.reason)[:500],
                     topic=message.topic[:LOG_TOPIC_MAX], broker=message.broker)
+        # Shrunk (Kafka refused it as too large): no body inline, and nothing optional
+        # (MQTT properties, up to 128 KiB; trace headers), so this attempt is the last.
         body_max = 0 if shrunk else self._dead_letter_body_max
-        if shrunk and message.properties is not None:  # up to 128 KiB more: left out too
+        if shrunk and message.properties is not None:
             message = message._replace(properties=None)
         value = envelope.encode_dead_letter(message, device_id, lineage, rejected.code,
                                             rejected.reason, body_max, reference, sha256, size)
         try:
+            trace = () if shrunk else properties.trace_headers(
+                *properties.trace_context(message.user_properties)[:2])
             headers = [*envelope.headers(message, device_id, lineage),
-                       ("error.code", rejected.code.encode()),
-                       *properties.trace_headers(*properties.trace_context(
-                           message.user_properties)[:2])]
+                       ("error.code", rejected.code.encode()), *trace]
         except Exception:  # text a header cannot carry: the value still says it all
             headers = [("error.code", rejected.code.encode())]
         origin = Origin(message, device_id, lineage, reference, sha256, size, rejected, shrunk)

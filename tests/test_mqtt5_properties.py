@@ -327,6 +327,20 @@ def test_a_dead_letter_never_carries_a_trace_context_past_the_w3c_bounds() -> No
     assert sum(len(n) + len(v or b"") for n, v in shrunk.headers) < 1000
 
 
+def test_a_dead_letter_sent_again_smaller_carries_nothing_optional() -> None:
+    """Kafka refused a dead letter as too large: its last attempt has no body inline, no
+    MQTT properties and no trace headers, only lineage and the error code."""
+    lane = pipeline()
+    sent = message((("traceparent", TRACEPARENT), ("tracestate", "k=v")))._replace(
+        properties=Properties(content_type="text/plain", response_topic="r" * 60_000))
+    shrunk = lane.dead_letter(sent, "d1", lane.no_route_lineage,
+                              Rejected("record_too_large", "x"), None, shrunk=True)
+    assert shrunk.headers == [*envelope.headers(sent, "d1", lane.no_route_lineage),
+                              ("error.code", b"record_too_large")]
+    record = envelope.decode(shrunk.value)
+    assert record["body"] == b"" and "response_topic" not in record["mqtt"]
+
+
 # ------------------------------------------------------------------ spans
 
 @pytest.fixture(scope="module")
