@@ -53,6 +53,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                            "messages queued meanwhile are gone", ("broker",)),
     "mqtt_session_crashes": ("Sessions that ended on a bug (and reconnected)", ()),
     "mqtt_malformed_packets": ("Packets from a broker that could not be decoded", ()),
+    "mqtt_publishes_held_back": ("Messages of the bridge's own (answers, commands) not "
+                                 "sent: the broker's Receive Maximum of them awaited a "
+                                 "PUBACK", ("broker",)),
     "mqtt_window_full": ("Times a session stopped reading: its receive window was full", ()),
     "mqtt_subscribe_failures": ("Topic filters a broker refused to subscribe", ()),
     "mqtt_unsubscribe_failures": ("Topic filters a broker refused to unsubscribe", ()),

@@ -39,6 +39,9 @@ _PUBCOMP = 0x70
 _PACK_ACK = struct.Struct(">BBH").pack
 _PINGREQ = mqtt5.PingReqPacket().write()
 _READ_SIZE = 256 * 1024
+# The bridge's own QoS 1 PUBLISHes (answers, commands) awaiting a PUBACK, at most: fewer
+# when the broker's Receive Maximum says so; this bound keeps packet ids to spare.
+_OWN_PUBLISHES_MAX = 1024
 # Topics (as bytes) mqtt5 decoded once: a PUBLISH on one of them, without properties, is
 # read straight from the buffer. Bounded: a full table starts over.
 _TOPICS_MAX = 4096
@@ -187,6 +190,7 @@ class BrokerSession:
         # The bridge's own QoS 1 PUBLISHes (presence, answers to devices), by packet id,
         # until their PUBACK: its reason code, or None when the connection went first.
         self._published: dict[int, asyncio.Future[int | None]] = {}
+        self._send_quota = _OWN_PUBLISHES_MAX  # the broker's Receive Maximum (its CONNACK)
 
     async def run(self) -> None:
         """Keep a connection up until `stop_reading`; each failure is logged and retried."""
@@ -335,6 +339,7 @@ class BrokerSession:
         self.log.info("mqtt_connected", session_present=connack.session_present,
                       keepalive=keepalive, receive_max=self.config.receive_max)
         self.session_present = connack.session_present
+        self._send_quota = min(connack.receive_max or _OWN_PUBLISHES_MAX, _OWN_PUBLISHES_MAX)
         self.metrics.inc("mqtt_connects", broker=self.name, lane=self.lane)
         if not connack.session_present:
             self._session_not_present()
@@ -447,15 +452,26 @@ class BrokerSession:
         """A message of the bridge's own at QoS 1 (an answer to a device, a command to an
         edge node), on the open connection: a future of the PUBACK's reason code (None when
         the connection was lost first: the caller decides whether to send it again), or
-        None at once while not connected. Nothing is queued: the broker's session is for
-        what the bridge receives."""
+        None at once while not connected or while as many of them as the broker's Receive
+        Maximum await their PUBACK (more would be a protocol error that costs the
+        connection). Nothing is queued: the broker's session is for what the bridge
+        receives."""
         connection = self.connection
-        if connection is None or connection.closed or not self.connected.is_set():
+        if connection is None or connection.closed or not self.connected.is_set() or \
+                not self._may_send():
             return None
         return self._send(connection, mqtt5.PublishPacket(
             topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=retain,
             packet_id=self._next_packet_id(), content_type=content_type,
             correlation_data=correlation_data, user_properties=user_properties or []))
+
+    def _may_send(self) -> bool:
+        """Whether one more QoS 1 PUBLISH of the bridge's own stays within the Receive
+        Maximum the broker's CONNACK gave (MQTT 5, 3.3.4)."""
+        if len(self._published) < self._send_quota:
+            return True
+        self.metrics.inc("mqtt_publishes_held_back", broker=self.name)
+        return False
 
     def _send(self, connection: Connection,
               packet: mqtt5.PublishPacket) -> asyncio.Future[int | None]:
@@ -493,7 +509,7 @@ class BrokerSession:
         the will); False when there is none or no open connection."""
         connection = self.connection
         if self._announcement is None or connection is None or connection.closed or \
-                not self.connected.is_set():
+                not self.connected.is_set() or not self._may_send():
             return False
         topic, birth, _ = self._announcement
         self._send(connection, mqtt5.PublishPacket(
@@ -549,8 +565,14 @@ class BrokerSession:
         self.log.info("mqtt_unsubscribing", filters=[self._wire(f) for f in self._removed])
 
     def _next_packet_id(self) -> int:
-        self._packet_id = self._packet_id % 65535 + 1
-        return self._packet_id
+        """The next packet id not in use by a PUBLISH, SUBSCRIBE or UNSUBSCRIBE of ours
+        still waiting for its answer (MQTT 5, 2.2.1): one long unanswered must not have
+        its answer taken by a newer packet."""
+        while True:
+            self._packet_id = self._packet_id % 65535 + 1
+            if self._packet_id not in self._published and self._packet_id not in \
+                    self._requests:
+                return self._packet_id
 
     async def _keepalive(self, connection: Connection, keepalive: int) -> None:
         loop = asyncio.get_running_loop()

@@ -84,7 +84,8 @@ class Results:
                             user_properties=[ANSWER_MARK])
         if sent is None:
             self._unsent(topic, result, "not_connected", "no session to the fin's broker is "
-                         "connected")
+                         "connected, or the broker's Receive Maximum of the bridge's own "
+                         "messages await their PUBACK")
             return
         sent.add_done_callback(lambda answer: self._acked(answer, topic, result))
 

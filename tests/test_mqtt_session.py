@@ -27,6 +27,7 @@ import pytest
 
 import bridge.mqtt
 from bridge.config import MQTT_MAX_PACKET_SIZE, BrokerConfig
+from bridge.errors import MalformedPacket
 from bridge.message import Message, Properties
 from bridge.metrics import Metrics
 from bridge.mqtt import BrokerSession, Inflight, packet_length
@@ -80,28 +81,43 @@ class BrokerConn:
         self.times: list[float] = []  # loop time each packet arrived
         self.eof = False              # the client closed (or reset) the connection
         self.connack_at: float | None = None
-        self._held: list[bytes] | None = None  # answers that wait for a piecewise send
+        self._partial = bytearray()  # a packet the test has begun to write, not finished
+        self._held: list[bytes] = []  # the broker's answers meanwhile
 
     def send(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held.append(data)
-            return
-        if data[:1] == b"\x20":  # CONNACK
+        """Write bytes as the broker: whole packets, or part of one the test finishes
+        with a later send."""
+        if data[:1] == b"\x20" and not self._partial:  # CONNACK
             self.connack_at = asyncio.get_running_loop().time()
         self.writer.write(data)
+        self._track(data)
+
+    def answer(self, data: bytes) -> None:
+        """The broker's own answer (SUBACK, UNSUBACK, PINGRESP). It waits while the test is
+        in the middle of a packet: a real broker never puts one packet inside another."""
+        if self._partial:
+            self._held.append(data)
+        else:
+            self.send(data)
 
     async def send_in_pieces(self, data: bytes, size: int, pause: float = 0.0) -> None:
-        """Write `data` in pieces of `size` bytes, draining (and pausing) after each.
-        The broker's own answers meanwhile (a SUBACK, a PINGRESP) wait until the last
-        piece is written: a real broker never puts a packet inside another one."""
-        self._held = []
+        """Write `data` in pieces of `size` bytes, draining (and pausing) after each."""
+        for i in range(0, len(data), size):
+            self.send(data[i:i + size])
+            await self.writer.drain()
+            await asyncio.sleep(pause)
+
+    def _track(self, data: bytes) -> None:
+        """Follow packet boundaries in what was written; at one, send the held answers."""
+        self._partial += data
         try:
-            for i in range(0, len(data), size):
-                self.writer.write(data[i:i + size])
-                await self.writer.drain()
-                await asyncio.sleep(pause)
-        finally:
-            held, self._held = self._held, None
+            while (n := packet_length(self._partial, 0)) is not None and \
+                    len(self._partial) >= n:
+                del self._partial[:n]
+        except MalformedPacket:  # garbage the test writes on purpose: no packet to finish
+            self._partial.clear()
+        if not self._partial and self._held:
+            held, self._held = self._held, []
             for answer in held:
                 self.send(answer)
 
@@ -185,15 +201,15 @@ class ScriptedBroker:
         if isinstance(packet, mqtt5.ConnectPacket):
             self.on_connect(conn, packet)
         elif isinstance(packet, mqtt5.SubscribePacket):
-            conn.send(self.suback(packet) if self.suback else mqtt5.SubAckPacket(
+            conn.answer(self.suback(packet) if self.suback else mqtt5.SubAckPacket(
                 packet.packet_id,
                 [mqtt5.SubAckReasonCode.GRANTED_QOS_EXACTLY_ONCE] * len(packet.topic_filters),
             ).write())
         elif isinstance(packet, mqtt5.UnsubscribePacket):
-            conn.send(mqtt5.UnsubAckPacket(packet.packet_id, [
+            conn.answer(mqtt5.UnsubAckPacket(packet.packet_id, [
                 mqtt5.UnsubAckReasonCode.SUCCESS] * len(packet.patterns)).write())
         elif isinstance(packet, mqtt5.PingReqPacket) and self.answer_pings:
-            conn.send(mqtt5.PingRespPacket().write())
+            conn.answer(mqtt5.PingRespPacket().write())
 
     async def connection(self, index: int, timeout: float = 2.0) -> BrokerConn:
         """The index-th connection, once its CONNECT has arrived."""
@@ -949,6 +965,37 @@ def test_the_bridges_own_publish_answers_with_the_puback_or_none() -> None:
             await until(lambda: not c.session.connected.is_set(), "disconnected")
             await broker.connection(1)  # it tries again, and waits for a CONNACK
             assert c.session.publish("devices/d1/x", b"") is None
+
+    run(body)
+
+
+def test_the_bridges_own_publishes_stay_within_the_brokers_receive_maximum() -> None:
+    """MQTT 5, 3.3.4: no more unanswered QoS 1 PUBLISHes than the CONNACK's Receive Maximum
+    (more is a protocol error that costs the connection); past it, None at once (counted),
+    and a PUBACK makes room. A packet id still awaiting its answer is never reused."""
+    async def body() -> None:
+        def receive_max_2(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
+            conn.send(connack(receive_max=2))
+
+        async with ScriptedBroker(receive_max_2) as broker, client(broker) as c:
+            conn = await broker.connection(0)
+            await until(c.session.connected.is_set, "connected")
+            first, second = (c.session.publish(f"devices/d1/r{i}", b"") for i in (1, 2))
+            assert first is not None and second is not None
+            assert c.session.publish("devices/d1/r3", b"") is None
+            assert c.metrics.value("mqtt_publishes_held_back", broker=c.session.name) == 1
+            await until(lambda: len(conn.of(mqtt5.PublishPacket)) == 2, "two PUBLISHes")
+            [one, two] = conn.of(mqtt5.PublishPacket)
+            conn.send(mqtt5.PubAckPacket(two.packet_id).write())
+            assert await asyncio.wait_for(second, 5) == 0
+            c.session._packet_id = one.packet_id - 1  # ids come round to one still unanswered
+            third = c.session.publish("devices/d1/r3", b"")
+            assert third is not None
+            await until(lambda: len(conn.of(mqtt5.PublishPacket)) == 3, "the third PUBLISH")
+            assert conn.of(mqtt5.PublishPacket)[2].packet_id != one.packet_id
+            conn.send(mqtt5.PubAckPacket(one.packet_id).write())
+            assert await asyncio.wait_for(first, 5) == 0
+            assert not third.done()  # its PUBACK has not come: the first's was not taken
 
     run(body)
 

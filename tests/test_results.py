@@ -10,7 +10,7 @@ import pytest
 
 from bridge.message import Message, Properties
 from bridge.metrics import Metrics
-from bridge.results import Results
+from bridge.results import ANSWER_MARK, Results
 
 # prefix = "sites/{site}/{device_id}/up": the {file_id} level is the 5th
 FIN = "sites/s1/cam-1/up/clip-1/fin/10"
@@ -24,9 +24,11 @@ class Sent:
         self.futures: list[asyncio.Future[int | None]] = []
 
     def __call__(self, broker: str, topic: str, payload: bytes, *, content_type: str | None,
-                 correlation_data: bytes | None) -> asyncio.Future[int | None] | None:
-        self.calls.append((broker, topic, json.loads(payload),
-                           {"content_type": content_type, "correlation_data": correlation_data}))
+                 correlation_data: bytes | None, user_properties: list[tuple[str, str]]
+                 ) -> asyncio.Future[int | None] | None:
+        self.calls.append((broker, topic, json.loads(payload), {
+            "content_type": content_type, "correlation_data": correlation_data,
+            "user_properties": user_properties}))
         if not self.connected:
             return None
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -85,7 +87,8 @@ def test_a_failure_carries_the_code_and_the_correlation_data_as_sent() -> None:
     assert sent.calls == [("edge", OWN, {"file_id": "clip-1", "result": "missing_segments",
                                          "reason": "a gap"},
                            {"content_type": "application/json",
-                            "correlation_data": b"\x00id"})]
+                            "correlation_data": b"\x00id",
+                            "user_properties": [ANSWER_MARK]})]
     assert counter(metrics, "file_results", outcome="sent") == 1
 
 
@@ -101,10 +104,3 @@ def test_every_fate_of_an_answer_is_counted(sent: Sent, outcome: str) -> None:
         return metrics
 
     assert counter(asyncio.run(go()), "file_results", outcome=outcome) == 1
-
-
-def test_result_topics_are_recognised() -> None:
-    answer, _ = results(Sent())
-    assert answer.is_result(OWN)
-    assert not answer.is_result(FIN)
-    assert not answer.is_result("sites/s1/cam-1/up/clip-1/0")
