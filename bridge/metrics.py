@@ -56,6 +56,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mqtt_publishes_held_back": ("Messages of the bridge's own (answers, commands) not "
                                  "sent: the broker's Receive Maximum of them awaited a "
                                  "PUBACK", ("broker",)),
+    "mqtt_publishes_too_large": ("Messages of the bridge's own (answers, commands) not "
+                                 "sent: larger than the broker's Maximum Packet Size",
+                                 ("broker",)),
     "mqtt_window_full": ("Times a session stopped reading: its receive window was full", ()),
     "mqtt_subscribe_failures": ("Topic filters a broker refused to subscribe", ()),
     "mqtt_unsubscribe_failures": ("Topic filters a broker refused to unsubscribe", ()),

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import mqtt5
 import structlog
@@ -190,7 +191,10 @@ class BrokerSession:
         # The bridge's own QoS 1 PUBLISHes (presence, answers to devices), by packet id,
         # until their PUBACK: its reason code, or None when the connection went first.
         self._published: dict[int, asyncio.Future[int | None]] = {}
-        self._send_quota = _OWN_PUBLISHES_MAX  # the broker's Receive Maximum (its CONNACK)
+        # What the broker's CONNACK allows the bridge's own PUBLISHes: how many may await
+        # their PUBACK (its Receive Maximum; none at a Maximum QoS of 0), and their size.
+        self._send_quota = _OWN_PUBLISHES_MAX
+        self._send_max_bytes: int | None = None
 
     async def run(self) -> None:
         """Keep a connection up until `stop_reading`; each failure is logged and retried."""
@@ -264,9 +268,10 @@ class BrokerSession:
                 if cleared is connection and connection.publishes == seen:
                     break  # nothing arrived since the quiet that cleared it: end it now
                 if loop.time() - idle >= quiet:
-                    cleared, seen = connection, connection.publishes
-                    await self._clear_presence(connection)
-                    continue
+                    publishes = connection.publishes
+                    if await self._clear_presence(connection):
+                        cleared, seen = connection, publishes
+                        continue
             await asyncio.sleep(quiet / 4)
         # No await from the check above to the DISCONNECT: nothing unacked can arrive
         # in between and be forgotten with the session.
@@ -339,7 +344,9 @@ class BrokerSession:
         self.log.info("mqtt_connected", session_present=connack.session_present,
                       keepalive=keepalive, receive_max=self.config.receive_max)
         self.session_present = connack.session_present
-        self._send_quota = min(connack.receive_max or _OWN_PUBLISHES_MAX, _OWN_PUBLISHES_MAX)
+        self._send_quota = 0 if connack.max_qos == mqtt5.QoS.AT_MOST_ONCE else \
+            min(connack.receive_max or _OWN_PUBLISHES_MAX, _OWN_PUBLISHES_MAX)
+        self._send_max_bytes = connack.max_packet_size
         self.metrics.inc("mqtt_connects", broker=self.name, lane=self.lane)
         if not connack.session_present:
             self._session_not_present()
@@ -354,11 +361,7 @@ class BrokerSession:
             self._now_subscribed()
         self._unsubscribe_removed(connection)
         self._publish_presence(connection, self._presence("online"))
-        if self._announcement is not None:
-            topic, birth, _ = self._announcement
-            self._send(connection, mqtt5.PublishPacket(
-                topic, birth, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True,
-                packet_id=self._next_packet_id())).add_done_callback(self._announced)
+        self._announce_on(connection)
         self.connected.set()
         reading = asyncio.create_task(self._read_loop(reader, connection, buffer))
         tasks = {reading}
@@ -457,28 +460,33 @@ class BrokerSession:
         connection). Nothing is queued: the broker's session is for what the bridge
         receives."""
         connection = self.connection
-        if connection is None or connection.closed or not self.connected.is_set() or \
-                not self._may_send():
+        if connection is None or connection.closed or not self.connected.is_set():
             return None
-        return self._send(connection, mqtt5.PublishPacket(
-            topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=retain,
-            packet_id=self._next_packet_id(), content_type=content_type,
-            correlation_data=correlation_data, user_properties=user_properties or []))
+        return self._send(connection, topic, payload, retain, content_type=content_type,
+                          correlation_data=correlation_data,
+                          user_properties=user_properties or [])
 
-    def _may_send(self) -> bool:
-        """Whether one more QoS 1 PUBLISH of the bridge's own stays within the Receive
-        Maximum the broker's CONNACK gave (MQTT 5, 3.3.4)."""
-        if len(self._published) < self._send_quota:
-            return True
-        self.metrics.inc("mqtt_publishes_held_back", broker=self.name)
-        return False
-
-    def _send(self, connection: Connection,
-              packet: mqtt5.PublishPacket) -> asyncio.Future[int | None]:
-        assert packet.packet_id is not None
+    def _send(self, connection: Connection, topic: str, payload: bytes, retain: bool,
+              **properties: Any) -> asyncio.Future[int | None] | None:
+        """The one way out for a QoS 1 PUBLISH of the bridge's own: sent only within what
+        the broker's CONNACK allows (its Receive Maximum, MQTT 5, 3.3.4; its Maximum Packet
+        Size, 3.1.2.25: a device chooses the correlation data an answer echoes), since more
+        is a protocol error that costs the connection; else None, counted."""
+        if len(self._published) >= self._send_quota:
+            self.metrics.inc("mqtt_publishes_held_back", broker=self.name)
+            return None
+        packet_id = self._next_packet_id()
+        data = mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
+                                   retain=retain, packet_id=packet_id, **properties).write()
+        if self._send_max_bytes is not None and len(data) > self._send_max_bytes:
+            self.metrics.inc("mqtt_publishes_too_large", broker=self.name)
+            self.log.warning("mqtt_publish_too_large", topic=topic[:200], size=len(data),
+                             maximum=self._send_max_bytes,
+                             why="larger than the broker's Maximum Packet Size: not sent")
+            return None
         answer: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._published[packet.packet_id] = answer
-        connection.write(packet.write())
+        self._published[packet_id] = answer
+        connection.write(data)
         return answer
 
     def _publish_presence(self, connection: Connection,
@@ -488,10 +496,9 @@ class BrokerSession:
         topic = self.config.presence_topic
         if topic is None:
             return None
-        answer = self._send(connection, mqtt5.PublishPacket(
-            topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True,
-            packet_id=self._next_packet_id()))
-        answer.add_done_callback(self._presence_answered)
+        answer = self._send(connection, topic, payload, True)
+        if answer is not None:
+            answer.add_done_callback(self._presence_answered)
         return answer
 
     def _presence_answered(self, answer: asyncio.Future[int | None]) -> None:
@@ -508,14 +515,18 @@ class BrokerSession:
         """Publish this connection's birth once more (the same payload, so it still matches
         the will); False when there is none or no open connection."""
         connection = self.connection
-        if self._announcement is None or connection is None or connection.closed or \
-                not self.connected.is_set() or not self._may_send():
+        if connection is None or connection.closed or not self.connected.is_set():
+            return False
+        return self._announce_on(connection)
+
+    def _announce_on(self, connection: Connection) -> bool:
+        if self._announcement is None:
             return False
         topic, birth, _ = self._announcement
-        self._send(connection, mqtt5.PublishPacket(
-            topic, birth, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True,
-            packet_id=self._next_packet_id())).add_done_callback(self._announced)
-        return True
+        answer = self._send(connection, topic, birth, True)
+        if answer is not None:
+            answer.add_done_callback(self._announced)
+        return answer is not None
 
     def _announced(self, answer: asyncio.Future[int | None]) -> None:
         reason = answer.result()
@@ -527,13 +538,18 @@ class BrokerSession:
             self.log.info("mqtt_announced",
                           topic=self._announcement[0] if self._announcement else None)
 
-    async def _clear_presence(self, connection: Connection) -> None:
+    async def _clear_presence(self, connection: Connection) -> bool:
         """A session that ends leaves no presence behind (and, disconnecting normally, no
-        will): wait a moment for the broker to take that."""
+        will): wait a moment for the broker to take that. False when it could not be sent
+        yet (the broker's Receive Maximum of our PUBLISHes await their PUBACK)."""
+        if self.config.presence_topic is None:
+            return True
         answer = self._publish_presence(connection, b"")
-        if answer is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(answer), _PRESENCE_ACK_WAIT)
+        if answer is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(answer), _PRESENCE_ACK_WAIT)
+        return True
 
     def _wire(self, topic_filter: str) -> str:
         group = self.config.share_group

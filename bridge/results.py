@@ -85,7 +85,8 @@ class Results:
         if sent is None:
             self._unsent(topic, result, "not_connected", "no session to the fin's broker is "
                          "connected, or the broker's Receive Maximum of the bridge's own "
-                         "messages await their PUBACK")
+                         "messages await their PUBACK, or the answer is larger than the "
+                         "broker's Maximum Packet Size (mqtt_publishes_too_large)")
             return
         sent.add_done_callback(lambda answer: self._acked(answer, topic, result))
 

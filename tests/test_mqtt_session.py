@@ -1023,3 +1023,90 @@ def test_publish_properties_travel_with_the_message() -> None:
             assert second.properties is None and third.properties is None
 
     run(body)
+
+
+def test_presence_and_announce_at_connect_stay_within_the_receive_maximum() -> None:
+    """The presence and the birth a connect publishes go through the same Receive Maximum
+    as every other PUBLISH of the bridge's own: with room for one, only one is sent, and
+    nothing more until its PUBACK."""
+    async def body() -> None:
+        def receive_max_1(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
+            conn.send(connack(receive_max=1))
+
+        async with ScriptedBroker(receive_max_1) as broker:
+            metrics = Metrics()
+            session = BrokerSession(
+                broker_config(broker.port, presence_prefix="mkb/sessions"), SUBSCRIPTIONS,
+                Recorder(ack_at_once=True), metrics,
+                announce=lambda: ("spBv1.0/STATE/h", b"online", b"offline"))
+            task = asyncio.create_task(session.run())
+            try:
+                conn = await broker.connection(0)
+                await until(session.connected.is_set, "connected")
+                await broker.fence(conn)
+                assert len(conn.of(mqtt5.PublishPacket)) == 1
+                assert session.publish("devices/d1/x", b"") is None
+                assert not session.announce_again()
+            finally:
+                session.stop_reading()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await session.close()
+
+    run(body)
+
+
+def test_retire_clears_presence_only_within_the_receive_maximum() -> None:
+    """A retire that clears its presence while an answer to a device still awaits its
+    PUBACK, with room for one, waits for that PUBACK first (a second unanswered PUBLISH is
+    a protocol error that costs the connection), then clears it and ends the session."""
+    async def body() -> None:
+        def receive_max_1(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
+            conn.send(connack(receive_max=1))
+
+        async with ScriptedBroker(receive_max_1) as broker, \
+                client(broker, presence_prefix="mkb/sessions") as c:
+            conn = await broker.connection(0)
+            await until(lambda: conn.of(mqtt5.PublishPacket), "the presence PUBLISH")
+            conn.send(mqtt5.PubAckPacket(conn.of(mqtt5.PublishPacket)[0].packet_id).write())
+            await until(lambda: not c.session._published, "the presence's PUBACK")
+            answer = c.session.publish("devices/d1/files/f1/result", b"{}")
+            assert answer is not None
+            retiring = asyncio.create_task(c.session.retire(quiet=0.1))
+            await asyncio.sleep(0.5)  # quiet several times over
+            await broker.fence(conn)
+            assert len(conn.of(mqtt5.PublishPacket)) == 2, "cleared past the maximum"
+            conn.send(mqtt5.PubAckPacket(conn.of(mqtt5.PublishPacket)[1].packet_id).write())
+            await until(lambda: len(conn.of(mqtt5.PublishPacket)) == 3, "presence cleared")
+            cleared = conn.of(mqtt5.PublishPacket)[2]
+            assert (cleared.topic, cleared.payload) == ("mkb/sessions/mkb-test-1", b"")
+            conn.send(mqtt5.PubAckPacket(cleared.packet_id).write())
+            await asyncio.wait_for(retiring, 5)
+
+    run(body)
+
+
+def test_a_publish_larger_than_the_brokers_maximum_packet_size_is_not_sent() -> None:
+    """MQTT 5, 3.1.2.25: a client never sends a packet larger than the CONNACK's Maximum
+    Packet Size (the broker disconnects with 0x95). A device controls the correlation data
+    an answer echoes: sent, it cost the connection before the fin's PUBACK, and the
+    redelivered fin's answer cost it again, for ever. Not sent, counted; the session goes on."""
+    async def body() -> None:
+        def small_packets(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
+            conn.send(connack(max_packet_size=200))
+
+        async with ScriptedBroker(small_packets) as broker, client(broker) as c:
+            conn = await broker.connection(0)
+            await until(c.session.connected.is_set, "connected")
+            assert c.session.publish("devices/d1/files/f1/result", b"{}",
+                                     correlation_data=b"c" * 300) is None
+            assert c.metrics.value("mqtt_publishes_too_large", broker=c.session.name) == 1
+            fits = c.session.publish("devices/d1/files/f1/result", b"{}",
+                                     correlation_data=b"c" * 20)
+            assert fits is not None
+            await broker.fence(conn)
+            assert [len(p.correlation_data) for p in conn.of(mqtt5.PublishPacket)] == [20]
+            c.assert_alive()
+
+    run(body)
+
