@@ -126,6 +126,12 @@ class Connection:
         if not self.closed:
             self.writer.write(data)
 
+    def disconnect(self, packet: bytes) -> None:
+        """Write the DISCONNECT; nothing may follow it on this connection (MQTT 5, 3.14.4),
+        so from now on it is closed to every writer, though its bytes still drain."""
+        self.write(packet)
+        self.closed = True
+
     def close(self) -> None:
         self.closed = True
         self.writer.close()
@@ -304,8 +310,8 @@ class BrokerSession:
         reason = mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION
         if session_expiry is None and (self.config.presence_topic or self._announce):
             reason = mqtt5.DisconnectReasonCode.DISCONNECT_WITH_WILL_MESSAGE
-        connection.write(mqtt5.DisconnectPacket(reason_code=reason,
-                                                session_expiry_interval=session_expiry).write())
+        connection.disconnect(mqtt5.DisconnectPacket(
+            reason_code=reason, session_expiry_interval=session_expiry).write())
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(connection.writer.drain(), 5)
         connection.close()

@@ -1110,3 +1110,20 @@ def test_a_publish_larger_than_the_brokers_maximum_packet_size_is_not_sent() -> 
 
     run(body)
 
+
+def test_nothing_is_published_after_the_disconnect() -> None:
+    """MQTT 5, 3.14.4: nothing follows a DISCONNECT on its connection. While `close` waits
+    for the DISCONNECT to be written, a late answer or a STATE again is not sent."""
+    async def body() -> None:
+        async with ScriptedBroker() as broker, client(broker) as c:
+            conn = await broker.connection(0)
+            await until(c.session.connected.is_set, "connected")
+            c.session.stop_reading()
+            closing = asyncio.create_task(c.session.close())
+            await asyncio.sleep(0)  # close wrote its DISCONNECT and waits for the drain
+            assert c.session.publish("devices/d1/files/f1/result", b"{}") is None
+            await closing
+            await until(lambda: conn.eof, "the connection closed")
+            assert isinstance(conn.packets[-1], mqtt5.DisconnectPacket)
+
+    run(body)
