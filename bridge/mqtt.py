@@ -461,10 +461,10 @@ class BrokerSession:
         """A message of the bridge's own at QoS 1 (an answer to a device, a command to an
         edge node), on the open connection: a future of the PUBACK's reason code (None when
         the connection was lost first: the caller decides whether to send it again), or
-        None at once while not connected or while as many of them as the broker's Receive
-        Maximum await their PUBACK (more would be a protocol error that costs the
-        connection). Nothing is queued: the broker's session is for what the bridge
-        receives."""
+        None at once while not connected, while as many of them as the broker's Receive
+        Maximum await their PUBACK, or when it is larger than the broker's Maximum Packet
+        Size (either would be a protocol error that costs the connection; see `_send`).
+        Nothing is queued: the broker's session is for what the bridge receives."""
         connection = self.connection
         if connection is None or connection.closed or not self.connected.is_set():
             return None
