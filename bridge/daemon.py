@@ -486,11 +486,17 @@ class Daemon:
                 return
             kept = [name for name in _RESTART_ONLY
                     if getattr(config, name) != getattr(self.config, name)]
+            running_host = _host_id(self.config)
+            if _host_id(config) != running_host:  # its STATE sessions were made at start
+                kept.append("sparkplug.host_id")
             if kept:
                 log.warning("reload_needs_restart", sections=kept,
                             why="sessions keep running with these settings until a restart")
                 config = dataclasses.replace(config, bridge=self.config.bridge,
                                              brokers=self.config.brokers)
+                if config.sparkplug is not None:
+                    config = dataclasses.replace(config, sparkplug=dataclasses.replace(
+                        config.sparkplug, host_id=running_host))
             if self._winding_down():
                 return
             sinks = self._new_sinks(config)
@@ -665,3 +671,8 @@ def _same_cluster(old: KafkaSink, sinks: Iterable[KafkaSink]) -> KafkaSink | Non
     take what jobs begun before the reload still produce."""
     servers = old.properties.get("bootstrap.servers")
     return next((s for s in sinks if s.properties.get("bootstrap.servers") == servers), None)
+
+
+def _host_id(config: Config) -> str:
+    """The Sparkplug host id a config announces ("" for none)."""
+    return config.sparkplug.host_id if config.sparkplug is not None else ""

@@ -10,6 +10,7 @@ method paho 2 removed, `message_retry_set` (a no-op since paho 1.5), is put back
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -274,6 +275,48 @@ host_id = "{host}"
         writer.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
         writer.loop_stop()
         writer.disconnect()
+
+
+def test_a_reload_that_changes_the_host_id_says_it_needs_a_restart(case: Case) -> None:
+    """The STATE sessions are made at start: a new host_id is refused by the reload (the
+    rest of it applies) with reload_needs_restart, and the running host stays online."""
+    def config(host: str) -> Any:
+        return case.config(extra=f"""
+[sparkplug]
+kafka_topic = "{case.topic}"
+group_id = "{case.prefix}"
+host_id = "{host}"
+""")
+
+    path = config(f"a{case.prefix}")
+    bridge = case.bridge(path)
+    bridge.wait_for("mqtt_announced")
+    assert config(f"b{case.prefix}") == path
+    before = bridge.events_count()
+    assert bridge.proc is not None
+    bridge.proc.send_signal(signal.SIGHUP)
+    warned = bridge.wait_for("reload_needs_restart", after=before)
+    assert warned["sections"] == ["sparkplug.host_id"]
+    bridge.wait_for("reload_applied", after=before)
+    url = urlsplit(case.stack.mqtt_url)
+    retained: dict[str, spb.State] = {}
+    reader = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-r")
+    reader.on_message = lambda _c, _u, m: m.payload and retained.__setitem__(
+        m.topic, spb.State.decode(m.payload))
+    reader.connect(url.hostname or "", url.port or 1883)
+    reader.loop_start()
+    try:
+        reader.subscribe("spBv1.0/STATE/+", qos=1)
+        _wait(lambda: f"spBv1.0/STATE/a{case.prefix}" in retained, "the running STATE")
+        time.sleep(0.5)
+        assert retained[f"spBv1.0/STATE/a{case.prefix}"].online
+        assert f"spBv1.0/STATE/b{case.prefix}" not in retained
+        assert bridge.terminate() == 0
+    finally:
+        reader.publish(f"spBv1.0/STATE/a{case.prefix}", b"", qos=1,
+                       retain=True).wait_for_publish(5)
+        reader.loop_stop()
+        reader.disconnect()
 
 
 def test_a_payload_that_does_not_decode_is_a_dead_letter_with_its_body(case: Case) -> None:
