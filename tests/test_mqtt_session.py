@@ -148,6 +148,14 @@ def accept(conn: BrokerConn, connect: mqtt5.ConnectPacket) -> None:
     conn.send(connack(session_present=False))
 
 
+def answering(**fields: Any) -> OnConnect:
+    """An `on_connect` that accepts each CONNECT with a CONNACK carrying `fields` (a Server
+    Keep Alive, a Receive Maximum, a Maximum Packet Size...)."""
+    def on_connect(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
+        conn.send(connack(**fields))
+    return on_connect
+
+
 class ScriptedBroker:
     """An MQTT 5 'broker' whose every answer is chosen by the test.
 
@@ -783,10 +791,8 @@ def test_keepalive_timeout_drops_a_silent_broker_and_reconnects() -> None:
     # keepalive=2 in the config would need > 3 s of silence; the broker's Server Keep Alive
     # (which the client must adopt, MQTT 5 3.2.2.3.14) brings it to 1 s: timeout after 1.5 s.
     async def body() -> None:
-        def short_keepalive(conn: BrokerConn, connect: mqtt5.ConnectPacket) -> None:
-            conn.send(connack(server_keep_alive=1))
-
-        async with ScriptedBroker(short_keepalive) as broker, client(broker, keepalive=2) as c:
+        async with ScriptedBroker(answering(server_keep_alive=1)) as broker, \
+                client(broker, keepalive=2) as c:
             broker.answer_pings = False
             first = await broker.connection(0)
             await until(lambda: first.eof, "the client to give up the silent connection", 3.0)
@@ -803,10 +809,8 @@ def test_keepalive_timeout_drops_a_silent_broker_and_reconnects() -> None:
 
 def test_answered_pings_keep_the_connection() -> None:
     async def body() -> None:
-        def short_keepalive(conn: BrokerConn, connect: mqtt5.ConnectPacket) -> None:
-            conn.send(connack(server_keep_alive=1))
-
-        async with ScriptedBroker(short_keepalive) as broker, client(broker, keepalive=2) as c:
+        async with ScriptedBroker(answering(server_keep_alive=1)) as broker, \
+                client(broker, keepalive=2) as c:
             conn = await broker.connection(0)
             await until(lambda: len(conn.of(mqtt5.PingReqPacket)) >= 4, "4 PINGREQs", 2.8)
             assert len(broker.connections) == 1 and not conn.eof
@@ -974,10 +978,7 @@ def test_the_bridges_own_publishes_stay_within_the_brokers_receive_maximum() -> 
     (more is a protocol error that costs the connection); past it, None at once (counted),
     and a PUBACK makes room. A packet id still awaiting its answer is never reused."""
     async def body() -> None:
-        def receive_max_2(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
-            conn.send(connack(receive_max=2))
-
-        async with ScriptedBroker(receive_max_2) as broker, client(broker) as c:
+        async with ScriptedBroker(answering(receive_max=2)) as broker, client(broker) as c:
             conn = await broker.connection(0)
             await until(c.session.connected.is_set, "connected")
             first, second = (c.session.publish(f"devices/d1/r{i}", b"") for i in (1, 2))
@@ -1030,10 +1031,7 @@ def test_presence_and_announce_at_connect_stay_within_the_receive_maximum() -> N
     as every other PUBLISH of the bridge's own: with room for one, only one is sent, and
     nothing more until its PUBACK."""
     async def body() -> None:
-        def receive_max_1(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
-            conn.send(connack(receive_max=1))
-
-        async with ScriptedBroker(receive_max_1) as broker:
+        async with ScriptedBroker(answering(receive_max=1)) as broker:
             metrics = Metrics()
             session = BrokerSession(
                 broker_config(broker.port, presence_prefix="mkb/sessions"), SUBSCRIPTIONS,
@@ -1061,10 +1059,7 @@ def test_retire_clears_presence_only_within_the_receive_maximum() -> None:
     PUBACK, with room for one, waits for that PUBACK first (a second unanswered PUBLISH is
     a protocol error that costs the connection), then clears it and ends the session."""
     async def body() -> None:
-        def receive_max_1(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
-            conn.send(connack(receive_max=1))
-
-        async with ScriptedBroker(receive_max_1) as broker, \
+        async with ScriptedBroker(answering(receive_max=1)) as broker, \
                 client(broker, presence_prefix="mkb/sessions") as c:
             conn = await broker.connection(0)
             await until(lambda: conn.of(mqtt5.PublishPacket), "the presence PUBLISH")
@@ -1092,10 +1087,7 @@ def test_a_publish_larger_than_the_brokers_maximum_packet_size_is_not_sent() -> 
     an answer echoes: sent, it cost the connection before the fin's PUBACK, and the
     redelivered fin's answer cost it again, for ever. Not sent, counted; the session goes on."""
     async def body() -> None:
-        def small_packets(conn: BrokerConn, _connect: mqtt5.ConnectPacket) -> None:
-            conn.send(connack(max_packet_size=200))
-
-        async with ScriptedBroker(small_packets) as broker, client(broker) as c:
+        async with ScriptedBroker(answering(max_packet_size=200)) as broker, client(broker) as c:
             conn = await broker.connection(0)
             await until(c.session.connected.is_set, "connected")
             assert c.session.publish("devices/d1/files/f1/result", b"{}",

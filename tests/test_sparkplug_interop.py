@@ -10,6 +10,7 @@ method paho 2 removed, `message_retry_set` (a no-op since paho 1.5), is put back
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -191,39 +192,57 @@ def test_a_lost_connection_is_an_offline_record_and_a_graceful_one_is_stale(
     assert graceful["issues"] == ["stale_death"] and "online" not in graceful
 
 
-def test_the_bridge_announces_itself_as_a_host_application(case: Case) -> None:
-    """STATE online, retained, on connect; offline (same timestamp) when it stops and when it
-    dies: its will. Read with pysparkplug's State payload."""
-    host = f"h{case.prefix}"
-    path = case.config(extra=f"""
+def host_config(case: Case, host: str) -> Any:
+    """A [sparkplug] config that announces the bridge as host application `host`."""
+    return case.config(extra=f"""
 [sparkplug]
 kafka_topic = "{case.topic}"
 group_id = "{case.prefix}"
 host_id = "{host}"
 """)
+
+
+@contextlib.contextmanager
+def mqtt_client(case: Case, name: str,
+                on_message: Callable[[Any, Any, paho.MQTTMessage], Any] | None = None
+                ) -> Iterator[paho.Client]:
+    """A plain paho client on the local broker, connected and looping until the end."""
     url = urlsplit(case.stack.mqtt_url)
-    states: list[spb.State] = []
-    reader = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-r")
-    reader.on_message = lambda _c, _u, m: m.payload and states.append(
-        spb.State.decode(m.payload))  # the clean-up at the end is empty
-    reader.connect(url.hostname or "", url.port or 1883)
-    reader.loop_start()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-{name}")
+    if on_message is not None:
+        client.on_message = on_message
+    client.connect(url.hostname or "", url.port or 1883)
+    client.loop_start()
     try:
-        reader.subscribe(f"spBv1.0/STATE/{host}", qos=1)
-        bridge = case.bridge(path)
-        _wait(lambda: any(s.online for s in states), "STATE online")
-        born = next(s for s in states if s.online)
-        assert bridge.terminate() == 0
-        _wait(lambda: not states[-1].online, "STATE offline after SIGTERM")
-        assert states[-1].timestamp == born.timestamp
-        bridge = case.bridge(path)
-        _wait(lambda: states[-1].online, "STATE online again")
-        bridge.kill9()
-        _wait(lambda: not states[-1].online, "STATE offline by the will")
+        yield client
     finally:
-        reader.publish(f"spBv1.0/STATE/{host}", b"", qos=1, retain=True).wait_for_publish(5)
-        reader.loop_stop()
-        reader.disconnect()
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_the_bridge_announces_itself_as_a_host_application(case: Case) -> None:
+    """STATE online, retained, on connect; offline (same timestamp) when it stops and when it
+    dies: its will. Read with pysparkplug's State payload."""
+    host = f"h{case.prefix}"
+    path = host_config(case, host)
+    states: list[spb.State] = []
+    with mqtt_client(case, "r", lambda _c, _u, m: m.payload and states.append(
+            spb.State.decode(m.payload))) as reader:  # the clean-up at the end is empty
+        try:
+            reader.subscribe(f"spBv1.0/STATE/{host}", qos=1)
+            bridge = case.bridge(path)
+            _wait(lambda: any(s.online for s in states), "STATE online")
+            born = next(s for s in states if s.online)
+            assert bridge.terminate() == 0
+            _wait(lambda: not states[-1].online, "STATE offline after SIGTERM")
+            assert states[-1].timestamp == born.timestamp
+            bridge = case.bridge(path)
+            _wait(lambda: states[-1].online, "STATE online again")
+            bridge.kill9()
+            _wait(lambda: not states[-1].online, "STATE offline by the will")
+        finally:
+            reader.publish(f"spBv1.0/STATE/{host}", b"", qos=1,
+                           retain=True).wait_for_publish(5)
 
 
 def test_an_offline_state_on_its_host_id_is_answered_with_its_online_state(
@@ -232,105 +251,69 @@ def test_an_offline_state_on_its_host_id_is_answered_with_its_online_state(
     connected (here written by another client, as the will of a taken-over connection
     would be) is answered at once with the online STATE, its timestamp unchanged."""
     host = f"h{case.prefix}"
-    path = case.config(extra=f"""
-[sparkplug]
-kafka_topic = "{case.topic}"
-group_id = "{case.prefix}"
-host_id = "{host}"
-""")
+    path = host_config(case, host)
     topic = f"spBv1.0/STATE/{host}"
-    url = urlsplit(case.stack.mqtt_url)
     states: list[spb.State] = []
-    writer = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-w")
-    writer.on_message = lambda _c, _u, m: b"timestamp" in m.payload and states.append(
-        spb.State.decode(m.payload))  # the STATEs, not the junk below
-    writer.connect(url.hostname or "", url.port or 1883)
-    writer.loop_start()
-    try:
-        writer.subscribe(topic, qos=1)
-        bridge = case.bridge(path)
-        _wait(lambda: any(s.online for s in states), "STATE online")
-        born = next(s for s in states if s.online)
-        for payload in (b"", b"not json", b'{"online": "no"}', b"[" * 5000):  # no STATE
-            writer.publish(topic, payload, qos=1).wait_for_publish(5)
-        writer.publish(topic, f'{{"online": false, "timestamp": {born.timestamp}}}',
-                       qos=1, retain=True).wait_for_publish(5)
-        assert bridge.wait_stat("sparkplug_state_reasserted", 1) == 1
-        _wait(lambda: states[-1].online, "STATE online again")
-        assert states[-1].timestamp == born.timestamp  # still the will's timestamp
-        retained: list[spb.State] = []
-        fresh = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-f")
-        fresh.on_message = lambda _c, _u, m: retained.append(spb.State.decode(m.payload))
-        fresh.connect(url.hostname or "", url.port or 1883)
-        fresh.loop_start()
-        fresh.subscribe(topic, qos=1)
-        _wait(lambda: retained, "the retained STATE")
-        fresh.loop_stop()
-        fresh.disconnect()
-        assert retained[0].online  # what an edge node that comes now reads
-        time.sleep(1)
-        assert bridge.stats()[-1]["sparkplug_state_reasserted"] == 1  # once, nothing else
-        assert bridge.terminate() == 0
-    finally:
-        writer.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-        writer.loop_stop()
-        writer.disconnect()
+    with mqtt_client(case, "w", lambda _c, _u, m: b"timestamp" in m.payload and states.append(
+            spb.State.decode(m.payload))) as writer:  # the STATEs, not the junk below
+        try:
+            writer.subscribe(topic, qos=1)
+            bridge = case.bridge(path)
+            _wait(lambda: any(s.online for s in states), "STATE online")
+            born = next(s for s in states if s.online)
+            for payload in (b"", b"not json", b'{"online": "no"}', b"[" * 5000):  # no STATE
+                writer.publish(topic, payload, qos=1).wait_for_publish(5)
+            writer.publish(topic, f'{{"online": false, "timestamp": {born.timestamp}}}',
+                           qos=1, retain=True).wait_for_publish(5)
+            assert bridge.wait_stat("sparkplug_state_reasserted", 1) == 1
+            _wait(lambda: states[-1].online, "STATE online again")
+            assert states[-1].timestamp == born.timestamp  # still the will's timestamp
+            retained: list[spb.State] = []
+            with mqtt_client(case, "f", lambda _c, _u, m: retained.append(
+                    spb.State.decode(m.payload))) as fresh:
+                fresh.subscribe(topic, qos=1)
+                _wait(lambda: retained, "the retained STATE")
+            assert retained[0].online  # what an edge node that comes now reads
+            time.sleep(1)
+            assert bridge.stats()[-1]["sparkplug_state_reasserted"] == 1  # once, nothing else
+            assert bridge.terminate() == 0
+        finally:
+            writer.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
 
 
 def test_a_reload_that_changes_the_host_id_says_it_needs_a_restart(case: Case) -> None:
     """The STATE sessions are made at start: a new host_id is refused by the reload (the
     rest of it applies) with reload_needs_restart, and the running host stays online."""
-    def config(host: str) -> Any:
-        return case.config(extra=f"""
-[sparkplug]
-kafka_topic = "{case.topic}"
-group_id = "{case.prefix}"
-host_id = "{host}"
-""")
-
-    path = config(f"a{case.prefix}")
+    path = host_config(case, f"a{case.prefix}")
     bridge = case.bridge(path)
     bridge.wait_for("mqtt_announced")
-    assert config(f"b{case.prefix}") == path
+    assert host_config(case, f"b{case.prefix}") == path
     before = bridge.events_count()
     assert bridge.proc is not None
     bridge.proc.send_signal(signal.SIGHUP)
     warned = bridge.wait_for("reload_needs_restart", after=before)
     assert warned["sections"] == ["sparkplug.host_id"]
     bridge.wait_for("reload_applied", after=before)
-    url = urlsplit(case.stack.mqtt_url)
     retained: dict[str, spb.State] = {}
-    reader = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-r")
-    reader.on_message = lambda _c, _u, m: m.payload and retained.__setitem__(
-        m.topic, spb.State.decode(m.payload))
-    reader.connect(url.hostname or "", url.port or 1883)
-    reader.loop_start()
-    try:
-        reader.subscribe("spBv1.0/STATE/+", qos=1)
-        _wait(lambda: f"spBv1.0/STATE/a{case.prefix}" in retained, "the running STATE")
-        time.sleep(0.5)
-        assert retained[f"spBv1.0/STATE/a{case.prefix}"].online
-        assert f"spBv1.0/STATE/b{case.prefix}" not in retained
-        assert bridge.terminate() == 0
-    finally:
-        reader.publish(f"spBv1.0/STATE/a{case.prefix}", b"", qos=1,
-                       retain=True).wait_for_publish(5)
-        reader.loop_stop()
-        reader.disconnect()
+    with mqtt_client(case, "r", lambda _c, _u, m: m.payload and retained.__setitem__(
+            m.topic, spb.State.decode(m.payload))) as reader:
+        try:
+            reader.subscribe("spBv1.0/STATE/+", qos=1)
+            _wait(lambda: f"spBv1.0/STATE/a{case.prefix}" in retained, "the running STATE")
+            time.sleep(0.5)
+            assert retained[f"spBv1.0/STATE/a{case.prefix}"].online
+            assert f"spBv1.0/STATE/b{case.prefix}" not in retained
+            assert bridge.terminate() == 0
+        finally:
+            reader.publish(f"spBv1.0/STATE/a{case.prefix}", b"", qos=1,
+                           retain=True).wait_for_publish(5)
 
 
 def test_a_payload_that_does_not_decode_is_a_dead_letter_with_its_body(case: Case) -> None:
     case.bridge(config(case))
-    url = urlsplit(case.stack.mqtt_url)
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{case.client_id}-x")
-    client.connect(url.hostname or "", url.port or 1883)
-    client.loop_start()
-    try:
+    with mqtt_client(case, "x") as client:
         client.publish(f"spBv1.0/{case.prefix}/NDATA/n1", b"\xff\xfe\xfd", qos=1) \
             .wait_for_publish(5)
-    finally:
-        client.loop_stop()
-        client.disconnect()
     deadline = time.monotonic() + 60
     while not (dead := case.read(case.dead_letter)) and time.monotonic() < deadline:
         time.sleep(0.5)
