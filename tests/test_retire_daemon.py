@@ -27,6 +27,19 @@ def daemon_config(port: int, routes: list[dict[str, Any]], version: bytes) -> co
     }, source=version)
 
 
+def without_kafka(monkeypatch: pytest.MonkeyPatch, reload_max: float | None = None) -> None:
+    """A daemon with no Kafka behind it: priming gives up after 0.1 s (a reload's after
+    `reload_max`, if given) and the check of the Kafka topics is skipped."""
+    monkeypatch.setattr(bridge.daemon, "_PRIME_MAX", 0.1)
+    if reload_max is not None:
+        monkeypatch.setattr(bridge.daemon, "_PRIME_RELOAD_MAX", reload_max)
+
+    async def no_check(self: Daemon) -> None:
+        return None
+
+    monkeypatch.setattr(Daemon, "_check_topics", no_check)
+
+
 BULK = {"name": "t", "filter": "devices/{device_id}/telemetry", "kafka_topic": "t"}
 MORE = [BULK, {"name": "a", "filter": "devices/{device_id}/alerts", "kafka_topic": "t"},
         {"name": "f", "filter": "devices/{device_id}/fast", "kafka_topic": "t", "lane": "fast"}]
@@ -41,13 +54,7 @@ def test_a_retire_or_stop_during_a_reload_is_not_undone_by_it(
     lane that nothing retires: the daemon exits 0 'retired' leaving that session, subscribed,
     on the broker, where what it queues waits for a bridge that never comes back. A SIGTERM
     during a reload did the same: the reload applied after `bridge_stopped`."""
-    monkeypatch.setattr(bridge.daemon, "_PRIME_MAX", 0.1)
-    monkeypatch.setattr(bridge.daemon, "_PRIME_RELOAD_MAX", 0.5)
-
-    async def no_check(self: Daemon) -> None:
-        return None
-
-    monkeypatch.setattr(Daemon, "_check_topics", no_check)
+    without_kafka(monkeypatch, reload_max=0.5)
 
     async def body() -> None:
         async with ScriptedBroker() as broker:
@@ -107,13 +114,7 @@ def test_a_retire_waits_for_the_sessions_a_reload_removed(
     sessions: once bulk ended it stopped, cancelled the fast lane's retire and closed that
     session keeping it, with what it still queued, for a bridge that is not coming back
     (exit 0: not restarted), and said bridge_retired."""
-    monkeypatch.setattr(bridge.daemon, "_PRIME_MAX", 0.1)
-    monkeypatch.setattr(bridge.daemon, "_PRIME_RELOAD_MAX", 0.1)
-
-    async def no_check(self: Daemon) -> None:
-        return None
-
-    monkeypatch.setattr(Daemon, "_check_topics", no_check)
+    without_kafka(monkeypatch, reload_max=0.1)
 
     async def body() -> None:
         async with SlowUnsubscribe("mkb-retire-fast") as broker:
@@ -150,12 +151,7 @@ def test_a_retire_after_a_stop_leaves_the_sessions_subscribed(
     """SIGTERM (a restart), then SIGUSR1 while the shutdown waits for Kafka: on main the
     retire unsubscribed every session, which the shutdown then kept: until the restarted
     bridge subscribed again, nothing published was queued for it (lost)."""
-    monkeypatch.setattr(bridge.daemon, "_PRIME_MAX", 0.1)
-
-    async def no_check(self: Daemon) -> None:
-        return None
-
-    monkeypatch.setattr(Daemon, "_check_topics", no_check)
+    without_kafka(monkeypatch)
 
     async def body() -> None:
         async with ScriptedBroker() as broker:
