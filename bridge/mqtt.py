@@ -236,8 +236,8 @@ class BrokerSession:
                          if f not in filters]
         added = [f for f in filters if f not in self.subscriptions]
         self.subscriptions = list(filters)
-        connection = self.connection
-        if connection is None or connection.closed or not self.connected.is_set():
+        connection = self._open_connection()
+        if connection is None:
             return
         if added:
             self._subscribe(connection, added)
@@ -286,8 +286,8 @@ class BrokerSession:
         self.log.info("mqtt_session_ended", why="retired: the broker forgets this session")
 
     def _say_why_retire_waits(self, now: float) -> None:
-        connection = self.connection
-        if connection is None or connection.closed or not self.connected.is_set():
+        connection = self._open_connection()
+        if connection is None:
             owed, idle, why = None, None, "not connected"
         else:
             owed = len(connection.owed)
@@ -465,8 +465,8 @@ class BrokerSession:
         Maximum await their PUBACK, or when it is larger than the broker's Maximum Packet
         Size (either would be a protocol error that costs the connection; see `_send`).
         Nothing is queued: the broker's session is for what the bridge receives."""
-        connection = self.connection
-        if connection is None or connection.closed or not self.connected.is_set():
+        connection = self._open_connection()
+        if connection is None:
             return None
         return self._send(connection, topic, payload, retain, content_type=content_type,
                           correlation_data=correlation_data,
@@ -517,11 +517,18 @@ class BrokerSession:
                                "the bridge to write and read the presence topics "
                                "(mosquitto/acl), or set presence_prefix = \"\"")
 
+    def _open_connection(self) -> Connection | None:
+        """The connection, while it is open and CONNACK'd; else None."""
+        connection = self.connection
+        if connection is None or connection.closed or not self.connected.is_set():
+            return None
+        return connection
+
     def announce_again(self) -> bool:
         """Publish this connection's birth once more (the same payload, so it still matches
         the will); False when there is none or no open connection."""
-        connection = self.connection
-        if connection is None or connection.closed or not self.connected.is_set():
+        connection = self._open_connection()
+        if connection is None:
             return False
         return self._announce_on(connection)
 
